@@ -1,0 +1,118 @@
+"""Checkpoints: DeepSpeed's engine state plus a small client state, written so a crash never damages the last one.
+
+Layout under <output_dir>/checkpoints/:
+    step_00000100/          DeepSpeed files + config.json + rng_rank<R>.pt (each rank's random streams)
+    latest                  the tag of the newest COMPLETE checkpoint (replaced atomically after the rename)
+A save goes to `.tmp-<tag>/` first; only a finished folder is renamed to its tag, and only then `latest` moves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import engine as eng
+
+LATEST = "latest"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    """Every random stream of this rank, as tensors and plain values (loadable with weights_only=True)."""
+    state = {
+        "torch": torch.get_rng_state(),
+        "generator": generator.get_state(),
+        "numpy": _numpy_state_to_tensors(np.random.get_state()),
+        "python": repr(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict, generator: torch.Generator) -> None:
+    import ast
+
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    np.random.set_state(_numpy_state_from_tensors(state["numpy"]))
+    random.setstate(ast.literal_eval(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _numpy_state_to_tensors(st) -> dict:
+    return {"keys": torch.from_numpy(st[1].astype(np.int64)), "pos": st[2], "has_gauss": st[3], "gauss": st[4]}
+
+
+def _numpy_state_from_tensors(d) -> tuple:
+    return ("MT19937", d["keys"].numpy().astype(np.uint32), int(d["pos"]), int(d["has_gauss"]), float(d["gauss"]))
+
+
+def save(engine, root: Path, *, step: int, client_state: dict, config: dict, generator, rank: int) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint folder."""
+    root.mkdir(parents=True, exist_ok=True)
+    tag = tag_for(step)
+    tmp_tag = f".tmp-{tag}"
+    if rank == 0 and (root / tmp_tag).exists():
+        shutil.rmtree(root / tmp_tag)  # debris of an earlier crashed save
+    eng.barrier()
+    eng.save_checkpoint(engine, root, tmp_tag, client_state)
+    torch.save(rng_state(generator), root / tmp_tag / f"rng_rank{rank}.pt")
+    eng.barrier()
+    final = root / tag
+    if rank == 0:
+        (root / tmp_tag / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if final.exists():  # re-saving the same step (e.g. after a resume): the new one replaces it
+            shutil.rmtree(final)
+        os.replace(root / tmp_tag, final)
+        _write_atomic(root / LATEST, tag)
+    eng.barrier()
+    return final
+
+
+def latest_tag(root: Path) -> str | None:
+    path = root / LATEST
+    return path.read_text().strip() if path.is_file() else None
+
+
+def resolve(resume: str, default_root: Path) -> tuple[Path, str]:
+    """'latest' -> (root, tag from the latest file); a checkpoint folder -> (its parent, its name)."""
+    if resume == "latest":
+        tag = latest_tag(default_root)
+        if tag is None:
+            raise FileNotFoundError(f"--resume latest: no complete checkpoint in {default_root} (no '{LATEST}' file)")
+        return default_root, tag
+    path = Path(resume)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (expected {path / 'config.json'})")
+    return path.parent, path.name
+
+
+def load(engine, root: Path, tag: str, *, generator, rank: int) -> dict:
+    """Restore the engine, this rank's random streams, and return the client state."""
+    saved_ranks = len(list((root / tag).glob("rng_rank*.pt")))
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if saved_ranks != world_size:
+        raise RuntimeError(
+            f"{root / tag} was written by {saved_ranks} rank(s), this run has {world_size}: exact resume needs the "
+            "same world size (per-rank random streams and data shards); relaunch with the original rank count"
+        )
+    client_state = eng.load_checkpoint(engine, root, tag)
+    restore_rng_state(torch.load(root / tag / f"rng_rank{rank}.pt", weights_only=True), generator)
+    return client_state

@@ -1,0 +1,45 @@
+"""Checks before step 1: accelerator, ranks, dtype support, module placement. Clear messages, not tracebacks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class DeviceCheckError(RuntimeError):
+    """The run cannot start on this machine as configured; the message says what to change."""
+
+
+def check_precision(accelerator: str, dtype: torch.dtype, *, bf16_ok: bool, fp16_ok: bool, ds_path) -> None:
+    if dtype == torch.float16 and (accelerator == "cpu" or not fp16_ok):
+        raise DeviceCheckError(
+            f"{ds_path}: fp16.enabled is true but the {accelerator} accelerator cannot train in fp16; "
+            "use a config with bf16 (ds_configs/cpu.json on CPU)"
+        )
+    if dtype == torch.bfloat16 and not bf16_ok:
+        raise DeviceCheckError(
+            f"{ds_path}: bf16.enabled is true but this {accelerator} device has no bf16 support "
+            "(e.g. pre-Ampere NVIDIA GPUs); switch the config to fp16 ('fp16': {'enabled': true}) and bf16 off"
+        )
+
+
+def check_module_devices(modules: dict[str, nn.Module], device: torch.device) -> None:
+    """Every parameter and buffer of every module on `device` (ZeRO-3 partitions are placeholders: skipped)."""
+    wrong = []
+    for name, module in modules.items():
+        for pname, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if hasattr(t, "ds_id"):  # a ZeRO-3 partitioned parameter; DeepSpeed places it
+                continue
+            if t.device.type != device.type:
+                wrong.append(f"{name}.{pname} on {t.device}")
+    if wrong:
+        head = ", ".join(wrong[:5]) + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+        raise DeviceCheckError(f"modules not on the training device {device}: {head}")
+
+
+def describe(accelerator: str, world_size: int, dtype: torch.dtype, stage: int, geometry) -> str:
+    return (
+        f"accelerator={accelerator} ranks={world_size} dtype={str(dtype).replace('torch.', '')} zero_stage={stage} "
+        f"micro_batch={geometry.micro_batch} accumulation={geometry.accumulation} "
+        f"effective_batch={geometry.effective_batch}"
+    )

@@ -1,0 +1,307 @@
+"""Typed run configuration: one dataclass per concern, loaded from YAML/JSON, overridable by dotted keys.
+
+Micro-batch, gradient accumulation, precision, ZeRO stage, offload and clipping are NOT here: they live in
+the DeepSpeed JSON (`train.ds_config`) and are read from there (see `engine.read_ds_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration file, key or value is wrong; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    size: Literal["tiny", "full"] = "tiny"
+    """Architecture built from configs in code: 'tiny' (tests, default run) or 'full' (real SD1.5 shapes)."""
+    base: Optional[str] = None
+    """Local SD1.5 weights to start from; None builds random weights from `size`."""
+    variant: Literal["fc", "fbc"] = "fc"
+    """fc: UNet input = noisy + foreground latent (8 ch); fbc: + background latent (12 ch)."""
+    env_tokens: int = 4
+    """FC only: cross-attention tokens the environment-map encoder appends to the text tokens."""
+    env_shape: tuple[int, int] = (16, 32)
+    """Equirectangular environment map size (H, W) the encoder takes."""
+    merger_hidden: int = 64
+    """Width of the latent-space consistency MLP (per latent pixel, 8 -> hidden -> ... -> 4)."""
+    merger_layers: int = 5
+    """Number of linear layers in the consistency MLP."""
+    gradient_checkpointing: bool = True
+    """Recompute UNet activations in backward: ~1/3 more compute for most of the activation memory."""
+    attention: Literal["auto", "xformers", "sdpa"] = "auto"
+    """auto: xformers when it imports and the device is CUDA, else PyTorch SDPA."""
+    frozen_dtype: Literal["bf16", "fp16", "fp32", "auto"] = "auto"
+    """dtype of the frozen VAE and text encoder; auto = the engine's training dtype."""
+
+    @property
+    def in_channels(self) -> int:
+        return 8 if self.variant == "fc" else 12
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None
+    """Dataset folder with manifest.jsonl; None generates the synthetic set into <output_dir>/data."""
+    resolution: int = 64
+    """Training resolution in pixels (square; resize short side, centre-crop)."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank."""
+    synth_samples: int = 256
+    """Synthetic samples generated when `path` is None."""
+    synth_seed: int = 0
+    """Seed of the synthetic generator."""
+    skip_bad: bool = False
+    """Skip samples whose files fail to decode (counted and reported) instead of stopping."""
+
+
+@dataclass
+class ObjectiveConfig:
+    lambda_vanilla: float = 1.0
+    """Weight of the noise-prediction loss (paper: lambda_v)."""
+    lambda_consistency: float = 0.1
+    """Weight of the light-transport consistency loss (paper: lambda_c); 0 trains vanilla only."""
+    noise_offset: float = 0.0
+    """Offset noise (the FCON recipe); 0 disables."""
+    split_cells: int = 4
+    """The random complementary split of the illumination is drawn on a split_cells x (2*split_cells) grid."""
+
+
+@dataclass
+class TrainConfig:
+    ds_config: str = "auto"
+    """DeepSpeed JSON; 'auto' = ds_configs/cpu.json without a GPU, ds_configs/zero2.json with one."""
+    output_dir: str = "runs/default"
+    """Run folder: metrics.jsonl, checkpoints/, unet.safetensors, resolved config."""
+    steps: int = 300
+    """Optimizer steps to train (each = gradient_accumulation_steps micro-batches per rank)."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    warmup_steps: int = 20
+    """Linear warm-up, in optimizer steps."""
+    schedule: Literal["constant", "cosine"] = "cosine"
+    """LR after warm-up: constant, or cosine decay to 10% of the peak at `steps`."""
+    optimizer: Literal["adamw8bit", "adamw", "cpu_adam"] = "adamw8bit"
+    """adamw8bit: bitsandbytes AdamW8bit; adamw: torch AdamW; cpu_adam: DeepSpeedCPUAdam (offload)."""
+    weight_decay: float = 1e-2
+    """Decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    seed: int = 0
+    """One seed from which every random stream is derived (per rank)."""
+    checkpoint_every: int = 0
+    """Save a checkpoint every N optimizer steps (0: only at the end)."""
+    resume: Optional[str] = None
+    """'latest' or a checkpoint folder to continue from."""
+    export: bool = True
+    """Export <output_dir>/unet.safetensors at the end."""
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    """Log metrics every N optimizer steps (the only place the device is synchronised)."""
+    wandb: bool = True
+    """Log to Weights & Biases; offline (WANDB_MODE=offline) unless the user sets WANDB_MODE."""
+    wandb_project: str = "iclight-ds"
+    """wandb project name."""
+    progress: bool = True
+    """tqdm progress bar on rank 0."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Conversion and checking of values
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Return `value` converted to the type `hint`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _section_hints(section_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def _apply(cfg: RunConfig, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    sections = {f.name for f in dataclasses.fields(RunConfig)}
+    if len(parts) != 2 or parts[0] not in sections:
+        raise ConfigError(f"unknown config key {dotted!r}: keys look like <section>.<name>, sections: {sorted(sections)}")
+    section = getattr(cfg, parts[0])
+    hints = _section_hints(type(section))
+    if parts[1] not in hints:
+        raise ConfigError(f"unknown config key {dotted!r}; valid keys in '{parts[0]}': {sorted(hints)}")
+    setattr(section, parts[1], _coerce(value, hints[parts[1]], dotted))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(_flatten(v, key + "."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Read a YAML or JSON config file into a nested dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            tree = json.loads(text)
+        else:
+            import yaml
+
+            tree = yaml.safe_load(text) or {}
+    except Exception as e:  # the parser's own message says where
+        raise ConfigError(f"{path}: cannot parse: {e}") from e
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return tree
+
+
+def parse_overrides(argv: list[str]) -> dict[str, str]:
+    """`['--train.lr', '1e-5', '--model.variant=fbc']` -> {'train.lr': '1e-5', 'model.variant': 'fbc'}."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.key VALUE")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"override {arg} has no value")
+            value = argv[i + 1]
+            i += 2
+        out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults <- file <- overrides, then one validation step."""
+    cfg = RunConfig()
+    if path is not None:
+        for key, value in _flatten(read_config_file(path)).items():
+            _apply(cfg, key, value)
+    for key, value in (overrides or {}).items():
+        _apply(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Reject bad values and bad combinations, naming the keys."""
+    problems = []
+    if cfg.data.resolution % 8 != 0 or cfg.data.resolution < 32:
+        problems.append(f"data.resolution={cfg.data.resolution}: must be a multiple of 8 and >= 32")
+    if cfg.train.steps < 1:
+        problems.append(f"train.steps={cfg.train.steps}: must be >= 1")
+    if cfg.train.lr <= 0:
+        problems.append(f"train.lr={cfg.train.lr}: must be > 0")
+    if cfg.train.warmup_steps < 0:
+        problems.append("train.warmup_steps: must be >= 0")
+    if cfg.objective.lambda_vanilla < 0 or cfg.objective.lambda_consistency < 0:
+        problems.append("objective.lambda_vanilla / objective.lambda_consistency: must be >= 0")
+    if cfg.objective.lambda_vanilla == 0 and cfg.objective.lambda_consistency == 0:
+        problems.append("objective.lambda_vanilla and objective.lambda_consistency are both 0: nothing to train")
+    if cfg.model.merger_layers < 1 or cfg.model.merger_hidden < 1:
+        problems.append("model.merger_layers / model.merger_hidden: must be >= 1")
+    if cfg.model.variant == "fc" and cfg.model.env_tokens < 1:
+        problems.append("model.env_tokens: FC needs >= 1 environment token (it is how the model sees the light)")
+    if cfg.objective.split_cells < 1:
+        problems.append("objective.split_cells: must be >= 1")
+    if cfg.logging.every < 1:
+        problems.append("logging.every: must be >= 1")
+    if cfg.data.num_workers < 0:
+        problems.append("data.num_workers: must be >= 0")
+    if cfg.model.size == "full" and cfg.model.base is None and cfg.data.resolution < 256:
+        problems.append("model.size=full with data.resolution < 256: the full SD1.5 UNet expects >= 256 px")
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    """Nested plain dict (tuples as lists): what is saved beside every checkpoint."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    tmp.replace(path)

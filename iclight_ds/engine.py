@@ -1,0 +1,245 @@
+"""DeepSpeed engine setup: the only module that imports deepspeed.
+
+Everything DeepSpeed decides (micro-batch, accumulation, precision, ZeRO stage, offload, clipping) is read
+from the DeepSpeed JSON; `batch_geometry` derives the effective batch from it in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+REPO_DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
+# Keys the trainer owns: a DeepSpeed JSON that sets them would give one number two sources of truth.
+_TRAINER_OWNED = {
+    "optimizer": "train.optimizer / train.lr / train.weight_decay / train.betas",
+    "scheduler": "train.warmup_steps / train.schedule",
+}
+_REQUIRED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+class EngineConfigError(ValueError):
+    """The DeepSpeed JSON cannot drive this trainer; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class BatchGeometry:
+    micro_batch: int  # samples per rank per forward/backward
+    accumulation: int  # micro-batches per optimizer step
+    world_size: int
+
+    @property
+    def effective_batch(self) -> int:
+        """Samples per optimizer step across all ranks."""
+        return self.micro_batch * self.accumulation * self.world_size
+
+
+def resolve_ds_config_path(name: str) -> Path:
+    """'auto' -> cpu.json or zero2.json by accelerator; a bare name -> ds_configs/<name>(.json); else a path."""
+    if name == "auto":
+        name = "zero2.json" if torch.cuda.is_available() else "cpu.json"
+    path = Path(name)
+    if not path.is_file():
+        for candidate in (REPO_DS_CONFIGS / name, REPO_DS_CONFIGS / f"{name}.json"):
+            if candidate.is_file():
+                return candidate
+        shipped = sorted(p.name for p in REPO_DS_CONFIGS.glob("*.json"))
+        raise EngineConfigError(f"train.ds_config: {name} not found (shipped configs: {shipped})")
+    return path
+
+
+def read_ds_config(path: str | Path) -> dict:
+    """Load and check a DeepSpeed JSON. Keys starting with '_' (comments) are dropped."""
+    path = Path(path)
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise EngineConfigError(f"{path}: not valid JSON: {e}") from e
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    for key, owner in _TRAINER_OWNED.items():
+        if key in cfg:
+            raise EngineConfigError(f"{path}: key '{key}' is set by the trainer's config ({owner}); remove it here")
+    for key in _REQUIRED:
+        if key not in cfg:
+            raise EngineConfigError(f"{path}: missing required key '{key}'")
+    if cfg.get("bf16", {}).get("enabled") and cfg.get("fp16", {}).get("enabled"):
+        raise EngineConfigError(f"{path}: bf16.enabled and fp16.enabled are both true; choose one")
+    return cfg
+
+
+def batch_geometry(ds_cfg: dict, world_size: int) -> BatchGeometry:
+    """The one place the effective batch is derived: micro x accumulation x world size."""
+    geo = BatchGeometry(
+        micro_batch=int(ds_cfg["train_micro_batch_size_per_gpu"]),
+        accumulation=int(ds_cfg["gradient_accumulation_steps"]),
+        world_size=world_size,
+    )
+    if "train_batch_size" in ds_cfg and int(ds_cfg["train_batch_size"]) != geo.effective_batch:
+        raise EngineConfigError(
+            f"train_batch_size={ds_cfg['train_batch_size']} != train_micro_batch_size_per_gpu x "
+            f"gradient_accumulation_steps x world size = {geo.micro_batch} x {geo.accumulation} x {world_size}"
+        )
+    return geo
+
+
+def training_dtype(ds_cfg: dict) -> torch.dtype:
+    if ds_cfg.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_cfg.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def zero_stage(ds_cfg: dict) -> int:
+    return int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_optimizer(ds_cfg: dict) -> bool:
+    dev = ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return dev not in (None, "none")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Process group and accelerator
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    name: str  # "cuda", "cpu", ...
+    device: torch.device  # this rank's device
+    rank: int
+    local_rank: int
+    world_size: int
+    bf16: bool
+    fp16: bool
+
+
+def init_distributed() -> Accelerator:
+    """Join (or create, for a plain single process) the process group on DeepSpeed's accelerator."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    for var, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(var, default)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    acc = get_accelerator()
+    deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
+    local_rank = int(os.environ["LOCAL_RANK"])
+    name = acc.device_name()
+    device = torch.device(acc.device_name(local_rank)) if name != "cpu" else torch.device("cpu")
+    if name != "cpu":
+        acc.set_device(local_rank)
+    return Accelerator(
+        name=name,
+        device=device,
+        rank=torch.distributed.get_rank(),
+        local_rank=local_rank,
+        world_size=torch.distributed.get_world_size(),
+        bf16=bool(acc.is_bf16_supported()),
+        fp16=bool(acc.is_fp16_supported()),
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        values = values.clone()
+        torch.distributed.all_reduce(values)
+        values /= torch.distributed.get_world_size()
+    return values
+
+
+def shutdown() -> None:
+    """Destroy the process group; without it a rank may abort at interpreter teardown (gloo)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optimizer and engine
+
+
+def build_optimizer(name: str, params, *, lr: float, weight_decay: float, betas: tuple[float, float]):
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    if name == "cpu_adam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=lr, betas=betas, weight_decay=weight_decay, adamw_mode=True)
+    raise EngineConfigError(f"train.optimizer: unknown optimizer {name!r}")
+
+
+def initialize(model: torch.nn.Module, optimizer, lr_scheduler, ds_cfg: dict, *, optimizer_name: str):
+    """`deepspeed.initialize` on the trainable model only (frozen encoders never enter ZeRO)."""
+    import deepspeed
+
+    ds_cfg = dict(ds_cfg)
+    if optimizer_name != "cpu_adam":
+        # A client optimizer is the user's explicit choice (train.optimizer); these flags only let DeepSpeed accept it.
+        ds_cfg.setdefault("zero_allow_untested_optimizer", True)
+        ds_cfg.setdefault("zero_force_ds_cpu_optimizer", False)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        config=ds_cfg,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+    )
+    return engine
+
+
+def save_checkpoint(engine, save_dir: str | Path, tag: str, client_state: dict) -> None:
+    """Every rank must call this (each saves its own partition)."""
+    engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
+
+
+def load_checkpoint(engine, load_dir: str | Path, tag: str) -> dict:
+    """Our own checkpoints only: DeepSpeed unpickles its optimizer files (trusted, written by this trainer)."""
+    path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
+    if path is None:
+        raise FileNotFoundError(f"checkpoint {Path(load_dir) / tag} could not be loaded")
+    return client_state or {}
+
+
+def gathered_state_dict(engine) -> dict[str, torch.Tensor]:
+    """Full module state dict (training dtype) on every rank, ZeRO-3 partitions gathered."""
+    import deepspeed
+
+    module = engine.module
+    params = list(module.parameters())
+    if engine.zero_optimization_stage() == 3:
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def fp32_state_dict_from_checkpoint(checkpoint_dir: str | Path, tag: str) -> dict[str, torch.Tensor]:
+    """Consolidate a ZeRO-1/2/3 checkpoint's fp32 master weights into one state dict (any world size)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)

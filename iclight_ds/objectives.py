@@ -1,0 +1,89 @@
+"""The IC-Light objectives as pure functions: (model, batch, noise, timesteps) -> dict of named loss terms.
+
+The caller samples noise and timesteps, calls backward once on `terms["loss"]`, and steps.
+Losses are computed in fp32 whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ConditionedBatch:
+    """One micro-batch after the frozen encoders (see conditioning.py). h, w = latent size; B = batch."""
+
+    latents: torch.Tensor  # (B, 4, h, w) VAE latent of the relit target I_L, scaled
+    foreground: torch.Tensor  # (B, 4, h, w) latent of the degraded foreground I_d over grey
+    text: torch.Tensor  # (B, 77, D) text-encoder hidden states
+    mask: torch.Tensor  # (B, 1, h, w) foreground mask at latent size, in [0, 1]
+    background: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # FBC: latents of bg under L, L1, L2
+    env: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # FC: env maps L, L1, L2, each (B, 3, He, We)
+
+    @property
+    def batch_size(self) -> int:
+        return self.latents.shape[0]
+
+
+def add_noise(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor):
+    """z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps (DDPM forward process)."""
+    abar = alphas_cumprod.to(latents.device)[timesteps].float().view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    return abar.sqrt() * latents.float() + (1 - abar).sqrt() * noise.float()
+
+
+def vanilla_loss(eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """L_vanilla = || eps - eps_theta(z_t, t, E(I_d), L, text) ||^2, mean over all elements."""
+    return torch.mean((noise.float() - eps_pred.float()) ** 2)
+
+
+def consistency_loss(merged: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L_consistency = || M * (eps - phi(eps_1, eps_2)) ||^2, averaged over the foreground (latent-size M).
+
+    merged, noise: (B, 4, h, w); mask: (B, 1, h, w). Background pixels do not contribute at all.
+    """
+    sq = mask.float() * (noise.float() - merged.float()) ** 2  # (B, 4, h, w)
+    denom = (mask.float().sum() * noise.shape[1]).clamp_min(1.0)
+    return sq.sum() / denom
+
+
+def _concat_conditions(batch: ConditionedBatch, part: int) -> torch.Tensor:
+    """Channel-concatenated conditions for illumination `part` (0: L, 1: L1, 2: L2): (B, 4 or 8, h, w)."""
+    if batch.background is None:
+        return batch.foreground
+    return torch.cat([batch.foreground, batch.background[part]], dim=1)
+
+
+def iclight_losses(
+    model,
+    batch: ConditionedBatch,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    alphas_cumprod: torch.Tensor,
+    lambda_vanilla: float = 1.0,
+    lambda_consistency: float = 0.1,
+) -> dict[str, torch.Tensor]:
+    """Vanilla + light-transport consistency (paper Sec. 3), the three UNet evaluations as ONE batched forward.
+
+    `model(noisy, t, concat, text, env)` predicts noise; `model.merge(eps_1, eps_2)` is the latent MLP phi.
+    Returns {"loss", "loss_vanilla", "loss_consistency"}; only "loss" carries the graph the caller backprops.
+    """
+    noisy = add_noise(batch.latents, noise, timesteps, alphas_cumprod)  # (B, 4, h, w)
+    parts = 3 if lambda_consistency > 0 else 1
+    # Rows [0:B] see L, [B:2B] see L1, [2B:3B] see L2; the noisy target and timestep are the same for all three.
+    concat = torch.cat([_concat_conditions(batch, p) for p in range(parts)], dim=0)
+    env = torch.cat(batch.env[:parts], dim=0) if batch.env is not None else None
+    eps_all = model(
+        noisy.repeat(parts, 1, 1, 1), timesteps.repeat(parts), concat, batch.text.repeat(parts, 1, 1), env
+    ).float()  # (parts * B, 4, h, w)
+    eps_full = eps_all[: batch.batch_size]
+    terms = {"loss_vanilla": vanilla_loss(eps_full, noise)}
+    if parts == 3:
+        eps_1, eps_2 = eps_all[batch.batch_size :].chunk(2, dim=0)
+        terms["loss_consistency"] = consistency_loss(model.merge(eps_1, eps_2).float(), noise, batch.mask)
+    else:
+        terms["loss_consistency"] = torch.zeros((), device=noise.device)
+    terms["loss"] = lambda_vanilla * terms["loss_vanilla"] + lambda_consistency * terms["loss_consistency"]
+    return terms

@@ -1,0 +1,377 @@
+"""The training loop: train() (cadence) -> train_step() (one optimizer step) -> forward_backward() (one micro-batch).
+
+`python -m iclight_ds.train [--config FILE] [--section.key VALUE ...]`, normally started by launch/train.sh
+under the deepspeed launcher (or torchrun, or a plain single process).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from . import checkpoint as ckpt
+from . import engine as eng
+from .checks import check_module_devices, check_precision, describe
+from .conditioning import condition_batch
+from .config import RunConfig, load_config, parse_overrides, save_config, to_dict
+from .models import (
+    build_iclight_model,
+    build_text_encoder,
+    build_vae,
+    configure_attention,
+    count_parameters,
+    freeze,
+)
+from .objectives import iclight_losses
+
+log = logging.getLogger("iclight_ds")
+
+# The SD1.5 noise schedule (IC-Light keeps it): 1000 steps, scaled_linear, beta 0.00085 -> 0.012, epsilon.
+NUM_TIMESTEPS = 1000
+
+
+def alphas_cumprod() -> torch.Tensor:
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(
+        num_train_timesteps=NUM_TIMESTEPS, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
+    return sched.alphas_cumprod.clone()
+
+
+def lr_lambda(train_cfg):
+    """Multiplier of the peak LR at optimizer step s: linear warm-up, then constant or cosine to 10%."""
+
+    def f(s: int) -> float:
+        if s < train_cfg.warmup_steps:
+            return (s + 1) / (train_cfg.warmup_steps + 1)
+        if train_cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (s - train_cfg.warmup_steps) / max(1, train_cfg.steps - train_cfg.warmup_steps))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start mid-epoch (exact resume: no sample seen twice or skipped)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.start = 0  # index into this rank's shard for the current epoch
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        start, self.start = self.start, 0
+        return iter(indices[start:])
+
+
+def generator_seed(seed: int, rank: int) -> int:
+    """Per-rank stream for noise, timesteps and light splits, derived from the one run seed."""
+    return seed * 1_000_003 + rank
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.acc = eng.init_distributed()
+        self.is_main = self.acc.rank == 0
+        self._setup_logging()
+        self.out_dir = Path(cfg.train.output_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+
+        self.ds_path = eng.resolve_ds_config_path(cfg.train.ds_config)
+        self.ds_cfg = eng.read_ds_config(self.ds_path)
+        self.geometry = eng.batch_geometry(self.ds_cfg, self.acc.world_size)
+        self.dtype = eng.training_dtype(self.ds_cfg)
+        check_precision(self.acc.name, self.dtype, bf16_ok=self.acc.bf16, fp16_ok=self.acc.fp16, ds_path=self.ds_path)
+        log.info("%s (ds_config=%s)", describe(self.acc.name, self.acc.world_size, self.dtype,
+                                                eng.zero_stage(self.ds_cfg), self.geometry), self.ds_path)
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out_dir / "config.json")
+
+        self.dataset = self._build_dataset()
+        self._build_models()
+        self.loader, self.sampler = self._build_loader()
+        self.alphas_cumprod = alphas_cumprod().to(self.acc.device)
+        self.generator = torch.Generator().manual_seed(generator_seed(cfg.train.seed, self.acc.rank))
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self._batches = None
+        if cfg.train.resume:
+            self._resume(cfg.train.resume)
+
+    # ----------------------------------------------------------------------------------------------------- setup
+
+    def _setup_logging(self) -> None:
+        level = logging.INFO if self.is_main else logging.WARNING
+        logging.basicConfig(level=level, format=f"[rank{self.acc.rank}] %(asctime)s %(levelname)s %(message)s")
+        log.setLevel(level)
+
+    def _build_dataset(self):
+        from .data.dataset import RelightDataset
+        from .data.tokenizer import build_char_tokenizer
+
+        data_cfg, model_cfg = self.cfg.data, self.cfg.model
+        root = Path(data_cfg.path) if data_cfg.path else self.out_dir / "data"
+        if data_cfg.path is None and self.is_main and not (root / "manifest.jsonl").is_file():
+            from .data.synth import generate
+
+            log.info("generating %d synthetic relighting samples into %s", data_cfg.synth_samples, root)
+            generate(root, data_cfg.synth_samples, size=data_cfg.resolution, seed=data_cfg.synth_seed,
+                     env_shape=model_cfg.env_shape)
+        eng.barrier()
+        self.tokenizer = build_char_tokenizer()
+        return RelightDataset(
+            root,
+            data_cfg.resolution,
+            self.tokenizer,
+            env_shape=model_cfg.env_shape,
+            require_background=model_cfg.variant == "fbc",
+            require_env=model_cfg.variant == "fc",
+            skip_bad=data_cfg.skip_bad,
+        )
+
+    def _build_models(self) -> None:
+        cfg, device = self.cfg, self.acc.device
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        model = build_iclight_model(cfg.model)
+        if cfg.model.gradient_checkpointing:
+            model.unet.enable_gradient_checkpointing()
+        attention = configure_attention(model.unet, cfg.model.attention, self.acc.name)
+        log.info("attention: %s; trainable parameters: %.2fM", attention, count_parameters(model) / 1e6)
+        frozen_dtype = self.dtype if cfg.model.frozen_dtype == "auto" else _DTYPES[cfg.model.frozen_dtype]
+        self.vae = freeze(build_vae(cfg.model.size), frozen_dtype, device)
+        self.text_encoder = freeze(build_text_encoder(cfg.model.size, self.tokenizer), frozen_dtype, device)
+
+        optimizer = eng.build_optimizer(
+            cfg.train.optimizer,
+            [p for p in model.parameters() if p.requires_grad],
+            lr=cfg.train.lr,
+            weight_decay=cfg.train.weight_decay,
+            betas=cfg.train.betas,
+        )
+        schedule = lr_lambda(cfg.train)
+        self.engine = eng.initialize(
+            model,
+            optimizer,
+            lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+            self.ds_cfg,
+            optimizer_name=cfg.train.optimizer,
+        )
+        check_module_devices({"model": self.engine.module, "vae": self.vae, "text_encoder": self.text_encoder},
+                             device)
+
+    def _build_loader(self):
+        sampler = ResumableSampler(
+            self.dataset,
+            num_replicas=self.acc.world_size,
+            rank=self.acc.rank,
+            shuffle=True,
+            seed=self.cfg.train.seed,
+            drop_last=True,
+        )
+        if len(sampler) < self.geometry.micro_batch:
+            raise ValueError(
+                f"dataset has {len(self.dataset)} samples: fewer than one micro-batch "
+                f"({self.geometry.micro_batch}) per rank over {self.acc.world_size} rank(s)"
+            )
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.geometry.micro_batch,
+            sampler=sampler,
+            num_workers=self.cfg.data.num_workers,
+            drop_last=True,
+            persistent_workers=self.cfg.data.num_workers > 0,
+        )
+        return loader, sampler
+
+    def _resume(self, resume: str) -> None:
+        root, tag = ckpt.resolve(resume, self.ckpt_root)
+        state = ckpt.load(self.engine, root, tag, generator=self.generator, rank=self.acc.rank)
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", root / tag, self.step, self.epoch,
+                 self.batch_in_epoch)
+
+    # ------------------------------------------------------------------------------------------------ the loop
+
+    def _next_batch(self) -> dict:
+        """Endless iteration over epochs, tracking the sampler position for exact resume."""
+        while True:
+            if self._batches is None:
+                self.sampler.set_epoch(self.epoch)
+                self.sampler.start = self.batch_in_epoch * self.geometry.micro_batch
+                self._batches = iter(self.loader)
+            batch = next(self._batches, None)
+            if batch is not None:
+                self.batch_in_epoch += 1
+                return batch
+            self._batches, self.epoch, self.batch_in_epoch = None, self.epoch + 1, 0
+
+    def forward_backward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """One micro-batch: conditions, noise, losses, ONE backward and ONE engine step (DeepSpeed accumulates)."""
+        cfg = self.cfg
+        cond = condition_batch(
+            batch,
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            variant=cfg.model.variant,
+            split_cells=cfg.objective.split_cells,
+            with_split=cfg.objective.lambda_consistency > 0,
+            generator=self.generator,
+            device=self.acc.device,
+        )
+        shape = cond.latents.shape  # (B, 4, h, w)
+        noise = torch.randn(shape, generator=self.generator)
+        if cfg.objective.noise_offset > 0:
+            noise += cfg.objective.noise_offset * torch.randn(shape[0], shape[1], 1, 1, generator=self.generator)
+        timesteps = torch.randint(0, NUM_TIMESTEPS, (shape[0],), generator=self.generator)
+        terms = iclight_losses(
+            self.engine,
+            cond,
+            noise.to(self.acc.device),
+            timesteps.to(self.acc.device),
+            alphas_cumprod=self.alphas_cumprod,
+            lambda_vanilla=cfg.objective.lambda_vanilla,
+            lambda_consistency=cfg.objective.lambda_consistency,
+        )
+        self.engine.backward(terms["loss"])
+        self.engine.step()
+        return {k: v.detach() for k, v in terms.items()}
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One optimizer step's worth of micro-batches; returns the mean of each loss term (on device)."""
+        totals: dict[str, torch.Tensor] = {}
+        for _ in range(self.geometry.accumulation):
+            for k, v in self.forward_backward(self._next_batch()).items():
+                totals[k] = totals.get(k, 0) + v / self.geometry.accumulation
+        return totals
+
+    def train(self) -> None:
+        cfg = self.cfg
+        writer = MetricsWriter(self.out_dir / "metrics.jsonl", cfg, enabled=self.is_main)
+        progress = None
+        if self.is_main and cfg.logging.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(total=cfg.train.steps, initial=self.step, desc="train", dynamic_ncols=True)
+        window: list[dict[str, torch.Tensor]] = []
+        t_last, steps_last = time.perf_counter(), self.step
+        saved_at = None
+        while self.step < cfg.train.steps:
+            window.append(self.train_step())
+            self.step += 1
+            if progress is not None:
+                progress.update(1)
+            if self.step % cfg.logging.every == 0 or self.step == cfg.train.steps:
+                now = time.perf_counter()
+                rate = self.geometry.effective_batch * (self.step - steps_last) / (now - t_last)
+                record = self._reduce(window, rate)
+                writer.write(record)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                window, t_last, steps_last = [], now, self.step
+            if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+                self.save()
+                saved_at = self.step
+        if progress is not None:
+            progress.close()
+        if saved_at != self.step:
+            self.save()
+        if cfg.train.export and self.is_main:
+            from .export import export_checkpoint
+
+            for path in export_checkpoint(self.ckpt_root, ckpt.tag_for(self.step), self.out_dir):
+                log.info("exported %s", path)
+        eng.barrier()
+        writer.close()
+
+    def _reduce(self, window: list[dict[str, torch.Tensor]], samples_per_s: float) -> dict:
+        """Average the window over steps and ranks: the only device synchronisation in the loop."""
+        keys = ["loss", "loss_vanilla", "loss_consistency"]
+        stacked = torch.stack([torch.stack([w[k].float() for k in keys]) for w in window]).mean(0)
+        values = eng.all_reduce_mean(stacked).tolist()
+        record = {"step": self.step, **dict(zip(keys, values))}
+        record.update(lr=self.engine.get_lr()[0], samples_per_s=samples_per_s, epoch=self.epoch)
+        return record
+
+    def save(self) -> Path:
+        client_state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "world_size": self.acc.world_size,
+        }
+        path = ckpt.save(
+            self.engine,
+            self.ckpt_root,
+            step=self.step,
+            client_state=client_state,
+            config=to_dict(self.cfg),
+            generator=self.generator,
+            rank=self.acc.rank,
+        )
+        log.info("checkpoint %s", path)
+        return path
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class MetricsWriter:
+    """metrics.jsonl (one JSON object per logged step) and wandb, rank 0 only."""
+
+    def __init__(self, path: Path, cfg: RunConfig, *, enabled: bool):
+        self.enabled = enabled
+        self.file = path.open("a") if enabled else None
+        self.wandb = None
+        if enabled and cfg.logging.wandb:
+            os.environ.setdefault("WANDB_MODE", "offline")  # never phone home unless the user asks for it
+            import wandb
+
+            self.wandb = wandb.init(
+                project=cfg.logging.wandb_project, dir=str(path.parent), config=to_dict(cfg), reinit=True
+            )
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["step"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        config_path = argv[i + 1]
+        del argv[i : i + 2]
+    # the deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment carries the same
+    argv = [a for a in argv if not a.startswith("--local_rank")]
+    cfg = load_config(config_path, parse_overrides(argv))
+    try:
+        Trainer(cfg).train()
+    finally:
+        eng.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

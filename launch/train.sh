@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Train an IC-Light model. With no arguments: the built-in default (synthetic relighting data, tiny models,
+# CPU or GPU) into runs/default/.
+#
+#   bash launch/train.sh [--num-gpus N] [--hostfile FILE] [--ds-config NAME|FILE|auto] [--config FILE]
+#                        [--output-dir DIR] [--resume latest|CHECKPOINT_DIR]
+#                        [--launcher deepspeed|torchrun|python] [--master-port P] [--section.key VALUE ...]
+#
+# --num-gpus    ranks on this machine (default: every visible GPU, or 1 on a CPU-only machine; on CPU each
+#               rank is a process, e.g. --num-gpus 2 gives two CPU ranks over gloo)
+# --hostfile    DeepSpeed hostfile for several nodes ("host slots=N" per line); deepspeed launcher only
+# --ds-config   a file in ds_configs/ (name with or without .json), a path, or auto (cpu.json / zero2.json)
+# --launcher    deepspeed (default), torchrun, or python (one process, no launcher)
+# Anything else (--train.steps 100, --model.variant fbc, ...) is passed to the trainer as a config override.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+export WANDB_MODE="${WANDB_MODE:-offline}"
+
+num_gpus=""
+hostfile=""
+launcher="deepspeed"
+master_port="${MASTER_PORT:-29512}"
+passthrough=()
+need_value() { [[ $# -ge 2 && -n "$2" ]] || { echo "launch/train.sh: $1 needs a value" >&2; exit 2; }; }
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --num-gpus) need_value "$@"; num_gpus="$2"; shift 2 ;;
+    --hostfile) need_value "$@"; hostfile="$2"; shift 2 ;;
+    --launcher) need_value "$@"; launcher="$2"; shift 2 ;;
+    --master-port) need_value "$@"; master_port="$2"; shift 2 ;;
+    --ds-config) need_value "$@"; passthrough+=(--train.ds_config "$2"); shift 2 ;;
+    --output-dir) need_value "$@"; passthrough+=(--train.output_dir "$2"); shift 2 ;;
+    --resume) need_value "$@"; passthrough+=(--train.resume "$2"); shift 2 ;;
+    --config) need_value "$@"; passthrough+=(--config "$2"); shift 2 ;;
+    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) passthrough+=("$1"); shift ;;
+  esac
+done
+
+if [[ -z "$num_gpus" ]]; then
+  num_gpus=$(python -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
+fi
+
+case "$launcher" in
+  deepspeed)
+    args=(--num_gpus "$num_gpus" --master_port "$master_port")
+    [[ -n "$hostfile" ]] && args=(--hostfile "$hostfile" --master_port "$master_port")
+    exec deepspeed "${args[@]}" --no_local_rank --module iclight_ds.train "${passthrough[@]}"
+    ;;
+  torchrun)
+    [[ -n "$hostfile" ]] && { echo "launch/train.sh: --hostfile needs --launcher deepspeed" >&2; exit 2; }
+    exec torchrun --nproc_per_node "$num_gpus" --master_port "$master_port" -m iclight_ds.train "${passthrough[@]}"
+    ;;
+  python)
+    [[ "$num_gpus" == 1 && -z "$hostfile" ]] || { echo "launch/train.sh: --launcher python runs one process" >&2; exit 2; }
+    exec python -m iclight_ds.train "${passthrough[@]}"
+    ;;
+  *) echo "launch/train.sh: unknown --launcher $launcher (deepspeed, torchrun, python)" >&2; exit 2 ;;
+esac

@@ -1,0 +1,88 @@
+"""Typed configuration: files, dotted overrides, and errors that name the key."""
+
+import json
+
+import pytest
+
+from iclight_ds.config import ConfigError, load_config, parse_overrides, save_config, to_dict
+from iclight_ds.engine import EngineConfigError, batch_geometry, read_ds_config
+
+
+def test_defaults_file_and_overrides(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("model:\n  variant: fbc\ntrain:\n  lr: 2.0e-5\n  betas: [0.8, 0.99]\n")
+    cfg = load_config(f, parse_overrides(["--train.lr", "1e-5", "--data.resolution=128", "--logging.wandb", "false"]))
+    assert cfg.model.variant == "fbc" and cfg.model.in_channels == 12
+    assert cfg.train.lr == 1e-5  # the command line wins over the file
+    assert cfg.train.betas == (0.8, 0.99)
+    assert cfg.data.resolution == 128 and cfg.logging.wandb is False
+    assert cfg.objective.lambda_vanilla == 1.0 and cfg.objective.lambda_consistency == 0.1
+
+
+def test_json_file_and_saved_config_round_trip(tmp_path):
+    f = tmp_path / "run.json"
+    f.write_text(json.dumps({"objective": {"lambda_consistency": 0.5}, "data": {"path": None}}))
+    cfg = load_config(f)
+    save_config(cfg, tmp_path / "resolved.json")
+    saved = json.loads((tmp_path / "resolved.json").read_text())
+    assert saved == to_dict(cfg)
+    assert load_config(tmp_path / "resolved.json") == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["--train.lrr", "1"], "unknown config key 'train.lrr'"),
+        (["--trian.lr", "1"], "unknown config key 'trian.lr'"),
+        (["--train.lr", "fast"], "train.lr: expected a number"),
+        (["--train.steps", "1.5"], "train.steps: expected an integer"),
+        (["--model.variant", "fcb"], "model.variant: 'fcb' is not one of"),
+        (["--logging.wandb", "maybe"], "logging.wandb: expected true/false"),
+        (["--train.betas", "0.9"], "train.betas: expected 2 values"),
+        (["--data.resolution", "60"], "data.resolution=60"),
+        (["--objective.lambda_vanilla", "0", "--objective.lambda_consistency", "0"], "nothing to train"),
+        (["--train.lr"], "has no value"),
+        (["lr", "1"], "unexpected argument 'lr'"),
+    ],
+)
+def test_bad_overrides_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config(None, parse_overrides(overrides))
+
+
+def test_unknown_key_in_file_is_named(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  stepz: 10\n")
+    with pytest.raises(ConfigError, match="train.stepz"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_ds_config_is_the_source_of_batch_numbers(tmp_path):
+    f = tmp_path / "ds.json"
+    f.write_text(json.dumps({"train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 2,
+                             "_comment": "ignored", "bf16": {"enabled": True}}))
+    geo = batch_geometry(read_ds_config(f), world_size=4)
+    assert (geo.micro_batch, geo.accumulation, geo.effective_batch) == (3, 2, 24)
+    f.write_text(json.dumps({"train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 2,
+                             "train_batch_size": 7}))
+    with pytest.raises(EngineConfigError, match="train_batch_size=7"):
+        batch_geometry(read_ds_config(f), world_size=1)
+    f.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                             "optimizer": {"type": "Adam"}}))
+    with pytest.raises(EngineConfigError, match="'optimizer' is set by the trainer"):
+        read_ds_config(f)
+    f.write_text(json.dumps({"gradient_accumulation_steps": 1}))
+    with pytest.raises(EngineConfigError, match="train_micro_batch_size_per_gpu"):
+        read_ds_config(f)
+
+
+def test_every_shipped_ds_config_reads(tmp_path):
+    from iclight_ds.engine import REPO_DS_CONFIGS, training_dtype
+
+    names = sorted(p.name for p in REPO_DS_CONFIGS.glob("*.json"))
+    assert {"cpu.json", "zero2.json", "zero2_offload.json", "zero3.json", "zero3_offload.json"} <= set(names)
+    for name in names:
+        cfg = read_ds_config(REPO_DS_CONFIGS / name)
+        assert str(training_dtype(cfg)) == "torch.bfloat16", name

@@ -1,0 +1,141 @@
+"""The objectives on known inputs, the batched forward, and the one-backward rule."""
+
+import pytest
+import torch
+
+from iclight_ds.config import ModelConfig
+from iclight_ds.conditioning import linear_to_srgb, split_background, split_masks, srgb_to_linear
+from iclight_ds.models import build_iclight_model
+from iclight_ds.objectives import (
+    ConditionedBatch,
+    add_noise,
+    consistency_loss,
+    iclight_losses,
+    vanilla_loss,
+)
+from iclight_ds.train import alphas_cumprod
+
+
+def test_vanilla_loss_values():
+    noise = torch.ones(2, 4, 3, 3)
+    assert vanilla_loss(noise, noise) == 0
+    assert vanilla_loss(noise * 3, noise).item() == pytest.approx(4.0)
+
+
+def test_consistency_zero_when_merged_equals_noise():
+    noise = torch.randn(2, 4, 5, 5)
+    mask = (torch.rand(2, 1, 5, 5) > 0.5).float()
+    assert consistency_loss(noise.clone(), noise, mask) == 0
+
+
+def test_consistency_ignores_masked_pixels():
+    noise = torch.randn(2, 4, 5, 5)
+    mask = torch.zeros(2, 1, 5, 5)
+    mask[:, :, 1:3, 1:3] = 1
+    merged = noise.clone()
+    merged[:, :, 0, 0] += 100.0  # outside the mask: no contribution
+    assert consistency_loss(merged, noise, mask) == 0
+    merged[:, :, 1, 1] += 2.0  # inside: squared error 4 on 1 of 4 pixels, all 4 channels
+    assert consistency_loss(merged, noise, mask).item() == pytest.approx(4.0 / 4)
+
+
+def test_add_noise_matches_diffusers_scheduler():
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    x, n = torch.randn(3, 4, 4, 4), torch.randn(3, 4, 4, 4)
+    t = torch.tensor([0, 400, 999])
+    torch.testing.assert_close(add_noise(x, n, t, alphas_cumprod()), sched.add_noise(x, n, t))
+
+
+def _batch(variant, b=2):
+    g = torch.Generator().manual_seed(1)
+    lat = lambda: torch.randn(b, 4, 8, 8, generator=g)  # noqa: E731
+    env = torch.rand(b, 3, 16, 32, generator=g)
+    m = split_masks(b, 2, (16, 32), g)
+    return ConditionedBatch(
+        latents=lat(),
+        foreground=lat(),
+        text=torch.randn(b, 77, 32, generator=g),
+        mask=(torch.rand(b, 1, 8, 8, generator=g) > 0.3).float(),
+        background=(lat(), lat(), lat()) if variant == "fbc" else None,
+        env=(env, env * m, env * (1 - m)) if variant == "fc" else None,
+    )
+
+
+class CountingModel(torch.nn.Module):
+    """Wraps an ICLightModel and records the batch size of every forward."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, []
+
+    def forward(self, noisy, t, concat, text, env=None):
+        self.calls.append(noisy.shape[0])
+        return self.inner(noisy, t, concat, text, env)
+
+    def merge(self, a, b):
+        return self.inner.merge(a, b)
+
+
+@pytest.mark.parametrize("variant", ["fc", "fbc"])
+def test_three_evaluations_are_one_batched_forward(variant):
+    torch.manual_seed(0)
+    model = CountingModel(build_iclight_model(ModelConfig(size="tiny", variant=variant)))
+    torch.nn.init.normal_(model.inner.unet.conv_in.weight, std=0.05)  # as after training: conditions matter
+    batch = _batch(variant)
+    noise = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([100, 700])
+    terms = iclight_losses(model, batch, noise, t, alphas_cumprod=alphas_cumprod())
+    assert model.calls == [6]  # 3 x B in ONE forward
+    assert set(terms) == {"loss", "loss_vanilla", "loss_consistency"}
+    assert terms["loss_consistency"] > 0
+    expected = 1.0 * terms["loss_vanilla"] + 0.1 * terms["loss_consistency"]
+    torch.testing.assert_close(terms["loss"], expected)
+
+    # The batched rows equal separate forwards under L, L1 and L2.
+    noisy = add_noise(batch.latents, noise, t, alphas_cumprod())
+    singles = []
+    with torch.no_grad():
+        for part in range(3):
+            concat = batch.foreground if variant == "fc" else torch.cat([batch.foreground, batch.background[part]], 1)
+            env = batch.env[part] if variant == "fc" else None
+            singles.append(model.inner(noisy, t, concat, batch.text, env).float())
+        separate_cons = consistency_loss(model.merge(singles[1], singles[2]), noise, batch.mask)
+    torch.testing.assert_close(vanilla_loss(singles[0], noise), terms["loss_vanilla"].detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(separate_cons, terms["loss_consistency"].detach(), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(singles[1], singles[2])  # the two light parts really differ
+
+    # Vanilla only: one forward of B.
+    model.calls.clear()
+    terms0 = iclight_losses(model, batch, noise, t, alphas_cumprod=alphas_cumprod(), lambda_consistency=0.0)
+    assert model.calls == [2] and terms0["loss_consistency"] == 0
+
+
+def test_one_backward_per_combined_step():
+    """Both terms hang off one graph: one backward fills every gradient, a second backward raises."""
+    torch.manual_seed(0)
+    model = build_iclight_model(ModelConfig(size="tiny", variant="fc"))
+    terms = iclight_losses(model, _batch("fc"), torch.randn(2, 4, 8, 8), torch.tensor([5, 900]),
+                           alphas_cumprod=alphas_cumprod())
+    terms["loss"].backward()
+    assert model.merger.mlp[-1].weight.grad.abs().sum() > 0  # consistency reached phi
+    assert model.env_encoder.head.weight.grad.abs().sum() > 0  # the light condition is seen
+    assert model.unet.conv_in.weight.grad.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        terms["loss_consistency"].backward()
+
+
+def test_split_is_complementary_and_linear():
+    g = torch.Generator().manual_seed(0)
+    m = split_masks(3, 4, (16, 32), g)
+    assert set(m.unique().tolist()) <= {0.0, 1.0}
+    env = torch.rand(3, 3, 16, 32)
+    torch.testing.assert_close(env * m + env * (1 - m), env)
+    bg = torch.rand(2, 3, 16, 16) * 2 - 1
+    mb = split_masks(2, 2, (16, 16), g)
+    b1, b2 = split_background(bg, mb)
+    lin = lambda x: srgb_to_linear((x + 1) / 2)  # noqa: E731
+    torch.testing.assert_close(lin(b1) + lin(b2), lin(bg), rtol=1e-4, atol=1e-5)
+    x = torch.linspace(0, 1, 101)
+    torch.testing.assert_close(srgb_to_linear(linear_to_srgb(x)), x, rtol=1e-5, atol=1e-6)
