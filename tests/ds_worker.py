@@ -1,0 +1,123 @@
+"""Run under the deepspeed launcher by tests/test_distributed.py: real ranks, real engines, recorded facts.
+
+For each DeepSpeed config given, trains a tiny model for a few steps through the real Trainer, recording per
+micro-step the engine's global step, the number of backward calls, and a weight checksum; then checks the
+exported file against the engine's (gathered) weights. Rank 0 writes everything to --out/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from safetensors.torch import load_file  # noqa: E402
+
+from iclight_ds import engine as eng  # noqa: E402
+from iclight_ds.config import load_config  # noqa: E402
+from iclight_ds.train import Trainer  # noqa: E402
+
+
+class ProbedTrainer(Trainer):
+    """The real Trainer, with a record of what happens at every micro-step."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.trace: list[dict] = []
+        self.backward_calls = 0
+        inner_backward = self.engine.backward
+
+        def counting_backward(loss, *a, **k):
+            self.backward_calls += 1
+            return inner_backward(loss, *a, **k)
+
+        self.engine.backward = counting_backward
+
+    def forward_backward(self, batch):
+        before = self.backward_calls
+        terms = super().forward_backward(batch)
+        probe = self.engine.module.unet.conv_out.weight
+        checksum = None if hasattr(probe, "ds_id") else float(probe.float().sum())  # ZeRO-3: partitioned
+        self.trace.append(
+            {
+                "global_steps": int(self.engine.global_steps),
+                "backward_calls": self.backward_calls - before,
+                "checksum": checksum,
+                "loss": float(terms["loss"]),
+            }
+        )
+        return terms
+
+
+def run_one(ds_config: str, args, rank: int) -> dict:
+    out = Path(args.out) / Path(ds_config).stem
+    overrides = {
+        "train.ds_config": ds_config,
+        "train.output_dir": str(out),
+        "train.steps": args.steps,
+        "train.optimizer": args.optimizer,
+        "train.lr": 1e-3,
+        "train.warmup_steps": 0,
+        "data.path": args.data,
+        "data.num_workers": 0,
+        "model.variant": args.variant,
+        "logging.every": 1,
+        "logging.wandb": False,
+        "logging.progress": False,
+    }
+    trainer = ProbedTrainer(load_config(None, overrides))
+    before = eng.gathered_state_dict(trainer.engine)
+    trainer.train()
+    after = eng.gathered_state_dict(trainer.engine)
+    result = {"trace": trainer.trace, "accumulation": trainer.geometry.accumulation}
+    if rank == 0:
+        unchanged = [k for k in before if torch.equal(before[k], after[k])]
+        exported = load_file(str(out / "unet.safetensors"))
+        exported.update({k: v for k, v in load_file(str(out / "iclight_modules.safetensors")).items()})
+        mismatched = [k for k, v in after.items() if not torch.equal(_exported(exported, k).to(v.dtype), v)]
+        result.update(
+            params=len(before),
+            unchanged=unchanged,
+            mismatched=mismatched[:5],
+            n_mismatched=len(mismatched),
+            exported_keys=len(exported),
+            metrics=[json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()],
+            finite=all(math.isfinite(t["loss"]) for t in trainer.trace),
+            checkpoint=sorted(p.name for p in (out / "checkpoints").iterdir()),
+        )
+    return result
+
+
+def _exported(exported: dict, module_key: str) -> torch.Tensor:
+    """ICLightModel key -> tensor in the exported files (UNet keys lose their 'unet.' prefix)."""
+    return exported[module_key[len("unet."):]] if module_key.startswith("unet.") else exported[module_key]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--configs", required=True, help="comma-separated ds_configs names or paths")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--optimizer", default="adamw8bit")
+    p.add_argument("--variant", default="fc")
+    args = p.parse_args()
+    results = {}
+    acc = eng.init_distributed()
+    try:
+        for name in args.configs.split(","):
+            results[name] = run_one(name, args, acc.rank)
+    finally:
+        if acc.rank == 0:
+            Path(args.out, "results.json").write_text(json.dumps(results, indent=1))
+        eng.shutdown()
+
+
+if __name__ == "__main__":
+    main()
