@@ -124,3 +124,21 @@ def test_fp16_refused_on_cpu(synth_data, tmp_path):
            "--data.path", str(synth_data), "--train.output_dir", str(tmp_path / "o"), "--logging.wandb", "false"]
     with pytest.raises(AssertionError, match="fp16.enabled is true but the cpu accelerator"):
         _run(cmd, tmp_path / "log.txt")
+
+
+def test_default_run_learns_and_exports(tmp_path):
+    """The README's main command (shortened): synthetic data, tiny models, loss falls, checkpoint + export."""
+    out = tmp_path / "default"
+    _run(["bash", "launch/train.sh", "--output-dir", str(out), "--train.steps", "80", "--logging.every", "1",
+          "--logging.wandb", "false", "--data.synth_samples", "128", "--master-port", "29561"], tmp_path / "log.txt")
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 81))
+    first = sum(m["loss"] for m in metrics[:8]) / 8
+    last = sum(m["loss"] for m in metrics[-8:]) / 8
+    assert last < 0.6 * first, (first, last)
+    assert all(m["samples_per_s"] > 0 and m["lr"] > 0 for m in metrics)
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000080"
+    unet = load_file(str(out / "unet.safetensors"))
+    assert unet["conv_in.weight"].shape[1] == 8  # FC: noisy + foreground latent
+    assert unet["conv_in.weight"][:, 4:].abs().sum() > 0  # the foreground channels were trained
+    assert (out / "data" / "manifest.jsonl").is_file() and (out / "config.json").is_file()
