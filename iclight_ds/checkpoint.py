@@ -64,26 +64,68 @@ def _numpy_state_from_tensors(d) -> tuple:
     return ("MT19937", d["keys"].numpy().astype(np.uint32), int(d["pos"]), int(d["has_gauss"]), float(d["gauss"]))
 
 
-def save(engine, root: Path, *, step: int, client_state: dict, config: dict, generator, rank: int) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint folder."""
-    root.mkdir(parents=True, exist_ok=True)
+class CheckpointError(RuntimeError):
+    """A save failed (disk full, permission...); the previous checkpoint and `latest` are untouched."""
+
+
+def save(engine, root: Path, *, step: int, client_state: dict, config: dict, generator, rank: int,
+         keep: int = 0) -> Path:
+    """Collective: every rank calls it, and every rank learns whether it succeeded. Returns the final folder.
+
+    Ranks write their parts into `.tmp-<tag>/`; only when all succeeded does rank 0 rename it to `<tag>/` and
+    move `latest`. On any failure the temporary folder is removed and CheckpointError says why.
+    """
     tag = tag_for(step)
-    tmp_tag = f".tmp-{tag}"
-    if rank == 0 and (root / tmp_tag).exists():
-        shutil.rmtree(root / tmp_tag)  # debris of an earlier crashed save
+    tmp, final = root / f".tmp-{tag}", root / tag
+    error = ""
+    try:
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)  # debris of an earlier crashed save
+    except OSError as e:
+        error = f"{e}"
     eng.barrier()
-    eng.save_checkpoint(engine, root, tmp_tag, client_state)
-    torch.save(rng_state(generator), root / tmp_tag / f"rng_rank{rank}.pt")
-    eng.barrier()
-    final = root / tag
-    if rank == 0:
-        (root / tmp_tag / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if final.exists():  # re-saving the same step (e.g. after a resume): the new one replaces it
-            shutil.rmtree(final)
-        os.replace(root / tmp_tag, final)
-        _write_atomic(root / LATEST, tag)
+    try:
+        eng.save_checkpoint(engine, root, tmp.name, client_state)
+        torch.save(rng_state(generator), tmp / f"rng_rank{rank}.pt")
+        if rank == 0:
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    except OSError as e:
+        error = error or f"{e}"
+    failed = eng.all_reduce_max(torch.tensor(1.0 if error else 0.0)).item() > 0
+    if not failed and rank == 0:
+        try:
+            if final.exists():  # re-saving the same step (e.g. after a resume): the new one replaces it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_atomic(root / LATEST, tag)
+        except OSError as e:
+            error = f"{e}"
+    failed = eng.all_reduce_max(torch.tensor(1.0 if error else 0.0)).item() > 0
+    if failed:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        eng.barrier()
+        previous = latest_tag(root)
+        raise CheckpointError(
+            f"saving checkpoint {final} failed ({error or 'on another rank'}); "
+            f"the previous checkpoint is untouched: {root / previous if previous else 'none yet'}"
+        )
+    if rank == 0 and keep > 0:
+        prune(root, keep)
     eng.barrier()
     return final
+
+
+def prune(root: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints; never the one `latest` names."""
+    current = latest_tag(root)
+    tags = sorted(p for p in root.glob("step_*") if p.is_dir())
+    doomed = [p for p in tags[:-keep] if p.name != current]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
 
 
 def latest_tag(root: Path) -> str | None:

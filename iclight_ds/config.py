@@ -103,6 +103,10 @@ class TrainConfig:
     """'latest' or a checkpoint folder to continue from."""
     export: bool = True
     """Export <output_dir>/unet.safetensors at the end."""
+    keep: int = 3
+    """Keep the newest N checkpoints (older ones are deleted after a complete save); 0 keeps all."""
+    max_bad_steps: int = 5
+    """Non-finite losses tolerated in a row (each micro-batch skipped) before stopping with a checkpoint."""
 
 
 @dataclass
@@ -285,6 +289,8 @@ def validate(cfg: RunConfig) -> None:
         problems.append("model.env_tokens: FC needs >= 1 environment token (it is how the model sees the light)")
     if cfg.objective.split_cells < 1:
         problems.append("objective.split_cells: must be >= 1")
+    if cfg.train.keep < 0 or cfg.train.max_bad_steps < 0:
+        problems.append("train.keep / train.max_bad_steps: must be >= 0")
     if cfg.logging.every < 1:
         problems.append("logging.every: must be >= 1")
     if cfg.data.num_workers < 0:

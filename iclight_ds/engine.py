@@ -162,12 +162,28 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def _all_reduce(values: torch.Tensor, op) -> torch.Tensor:
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return values
+    from deepspeed.accelerator import get_accelerator
+
+    # NCCL reduces device tensors only; gloo (CPU) host tensors
+    out = values.detach().to(get_accelerator().current_device_name(), copy=True)
+    torch.distributed.all_reduce(out, op=op)
+    return out.to(values.device)
+
+
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        values = values.clone()
-        torch.distributed.all_reduce(values)
-        values /= torch.distributed.get_world_size()
-    return values
+    return _all_reduce(values.float(), torch.distributed.ReduceOp.SUM) / max(1, _world_size())
+
+
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    """Collective OR / MAX, e.g. 'did any rank see a problem?' (every rank must call it)."""
+    return _all_reduce(values.float(), torch.distributed.ReduceOp.MAX)
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
 def shutdown() -> None:

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -106,6 +107,9 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(generator_seed(cfg.train.seed, self.acc.rank))
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self._batches = None
+        self.bad_steps = 0  # non-finite losses in a row
+        self.skipped_total = 0
+        self.stop_signal: int | None = None
         if cfg.train.resume:
             self._resume(cfg.train.resume)
 
@@ -200,6 +204,8 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         log.info("resumed from %s at step %d (epoch %d, batch %d)", root / tag, self.step, self.epoch,
                  self.batch_in_epoch)
+        if self.is_main:
+            truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
 
     # ------------------------------------------------------------------------------------------------ the loop
 
@@ -243,17 +249,56 @@ class Trainer:
             lambda_vanilla=cfg.objective.lambda_vanilla,
             lambda_consistency=cfg.objective.lambda_consistency,
         )
+        if not self._all_finite(terms["loss"], batch):
+            return {}
         self.engine.backward(terms["loss"])
         self.engine.step()
         return {k: v.detach() for k, v in terms.items()}
 
+    def _all_finite(self, loss: torch.Tensor, batch: dict) -> bool:
+        """NaN/inf guard, decided by all ranks together (a lone rank skipping its backward would hang the rest).
+
+        A non-finite micro-batch is skipped (no backward, no step: the weights stay as they were) and reported;
+        after `train.max_bad_steps` in a row the run stops with a checkpoint of the last good weights.
+        """
+        bad = eng.all_reduce_max((~torch.isfinite(loss.detach())).float()).item() > 0
+        if not bad:
+            self.bad_steps = 0
+            return True
+        self.bad_steps += 1
+        self.skipped_total += 1
+        ids = batch["index"].tolist() if "index" in batch else "?"
+        log.warning("step %d: non-finite loss (%s on this rank; sample indices %s): micro-batch skipped (%d in a "
+                    "row, limit %d)", self.step + 1, loss.item(), ids, self.bad_steps, self.cfg.train.max_bad_steps)
+        if self.bad_steps > self.cfg.train.max_bad_steps:
+            raise NonFiniteError(
+                f"{self.bad_steps} non-finite losses in a row at step {self.step + 1}; stopping. The last good "
+                "weights are saved. Look for corrupt samples (python -m iclight_ds.data.validate), lower train.lr, "
+                "or use bf16 instead of fp16."
+            )
+        return False
+
     def train_step(self) -> dict[str, torch.Tensor]:
         """One optimizer step's worth of micro-batches; returns the mean of each loss term (on device)."""
         totals: dict[str, torch.Tensor] = {}
-        for _ in range(self.geometry.accumulation):
-            for k, v in self.forward_backward(self._next_batch()).items():
-                totals[k] = totals.get(k, 0) + v / self.geometry.accumulation
+        done = 0
+        while done < self.geometry.accumulation:  # a skipped (non-finite) micro-batch is replaced by the next one
+            terms = self.forward_backward(self._next_batch())
+            if terms:
+                done += 1
+                for k, v in terms.items():
+                    totals[k] = totals.get(k, 0) + v / self.geometry.accumulation
+        self._check_fp16_scale()
         return totals
+
+    def _check_fp16_scale(self) -> None:
+        """fp16 only: a loss scale that collapsed means every step overflows; say so instead of training on."""
+        scale = getattr(self.engine.optimizer, "cur_scale", None) if self.dtype == torch.float16 else None
+        if scale is not None and scale < 1.0:
+            raise NonFiniteError(
+                f"fp16 loss scale collapsed to {scale} at step {self.step + 1}: gradients overflow at every step. "
+                "Use a bf16 config (GPUs since Ampere) or lower train.lr."
+            )
 
     def train(self) -> None:
         cfg = self.cfg
@@ -266,8 +311,13 @@ class Trainer:
         window: list[dict[str, torch.Tensor]] = []
         t_last, steps_last = time.perf_counter(), self.step
         saved_at = None
+        self._install_signal_handlers()
         while self.step < cfg.train.steps:
-            window.append(self.train_step())
+            try:
+                window.append(self.train_step())
+            except NonFiniteError:
+                self.save()  # the skipped micro-batches never reached the weights: this is the last good state
+                raise
             self.step += 1
             if progress is not None:
                 progress.update(1)
@@ -280,12 +330,23 @@ class Trainer:
                     progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                 window, t_last, steps_last = [], now, self.step
             if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
-                self.save()
-                saved_at = self.step
+                try:
+                    self.save()
+                    saved_at = self.step
+                except ckpt.CheckpointError as e:  # keep training: the next save may succeed
+                    log.error("%s", e)
+            if self._stop_requested():
+                log.warning("signal %s: saving at step %d and exiting", self.stop_signal, self.step)
+                break
         if progress is not None:
             progress.close()
         if saved_at != self.step:
             self.save()
+        if self.skipped_total:
+            log.warning("%d non-finite micro-batch(es) were skipped in this run", self.skipped_total)
+        if self.stop_signal is not None:
+            writer.close()
+            return
         if cfg.train.export and self.is_main:
             from .export import export_checkpoint
 
@@ -294,13 +355,40 @@ class Trainer:
         eng.barrier()
         writer.close()
 
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT: finish the current step, save, exit 0. A second signal exits at once.
+
+        Signals within 3 s of the first count as the same request: Ctrl-C reaches the ranks directly AND through
+        the deepspeed launcher, which forwards it as SIGTERM a moment later.
+        """
+        first_at: list[float] = []
+
+        def handler(signum, frame):
+            if self.stop_signal is not None and time.monotonic() - first_at[0] > 3.0:
+                os._exit(128 + signum)
+            if self.stop_signal is None:
+                self.stop_signal = signum
+                first_at.append(time.monotonic())
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+
+    def _stop_requested(self) -> bool:
+        """Did any rank get a signal? One scalar all-reduce per step, so that all ranks stop at the same step."""
+        mine = torch.tensor(0.0 if self.stop_signal is None else float(self.stop_signal))
+        any_signal = int(eng.all_reduce_max(mine).item())
+        if any_signal and self.stop_signal is None:
+            self.stop_signal = any_signal
+        return bool(any_signal)
+
     def _reduce(self, window: list[dict[str, torch.Tensor]], samples_per_s: float) -> dict:
         """Average the window over steps and ranks: the only device synchronisation in the loop."""
         keys = ["loss", "loss_vanilla", "loss_consistency"]
         stacked = torch.stack([torch.stack([w[k].float() for k in keys]) for w in window]).mean(0)
         values = eng.all_reduce_mean(stacked).tolist()
         record = {"step": self.step, **dict(zip(keys, values))}
-        record.update(lr=self.engine.get_lr()[0], samples_per_s=samples_per_s, epoch=self.epoch)
+        record.update(lr=self.engine.get_lr()[0], samples_per_s=samples_per_s, epoch=self.epoch,
+                      skipped_micro_batches=self.skipped_total)
         return record
 
     def save(self) -> Path:
@@ -318,12 +406,34 @@ class Trainer:
             config=to_dict(self.cfg),
             generator=self.generator,
             rank=self.acc.rank,
+            keep=self.cfg.train.keep,
         )
         log.info("checkpoint %s", path)
         return path
 
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class NonFiniteError(RuntimeError):
+    """Training cannot go on: losses or the fp16 loss scale stopped being finite."""
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop records past the checkpoint's step (they will be logged again) and any torn last line."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(k + "\n" for k in kept))
+    os.replace(tmp, path)
 
 
 class MetricsWriter:
@@ -368,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(config_path, parse_overrides(argv))
     try:
         Trainer(cfg).train()
+    except NonFiniteError as e:
+        log.error("%s", e)
+        return 3
     finally:
         eng.shutdown()
     return 0

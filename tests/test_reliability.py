@@ -1,0 +1,235 @@
+"""Reliability: kill -9 and resume, kill during a save, SIGTERM, NaN guards, failed saves, refused configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_distributed import REPO, _env, _run
+
+COMMON = ["--logging.every", "1", "--logging.wandb", "false", "--logging.progress", "false", "--train.lr", "1e-3",
+          "--data.num_workers", "1", "--ds-config", "cpu"]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        out[m["step"]] = m["loss"]
+    return out
+
+
+def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early with {proc.returncode}")
+        path = run / "metrics.jsonl"
+        if path.is_file():
+            steps = [json.loads(x)["step"] for x in path.read_text().splitlines() if x.endswith("}")]
+            if steps and steps[-1] >= step:
+                return steps[-1]
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from iclight_ds.data.synth import generate
+
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, 32, size=64, seed=5)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory) -> Path:
+    """An uninterrupted 2-rank run of 6 steps."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    _run(["bash", "launch/train.sh", "--num-gpus", "2", "--data.path", str(data), "--output-dir", str(out),
+          "--train.steps", "6", "--master-port", "29611", *COMMON], out.parent / "log.txt")
+    return out
+
+
+def test_kill9_one_rank_then_resume_matches_uninterrupted(data, reference, tmp_path):
+    import psutil
+
+    kill_at = random.Random().randint(2, 4)
+    print(f"killing rank 1 with SIGKILL after step {kill_at}")
+    out = tmp_path / "run"
+    cmd = ["bash", "launch/train.sh", "--num-gpus", "2", "--data.path", str(data), "--output-dir", str(out),
+           "--train.steps", "6", "--train.checkpoint_every", "1", *COMMON]
+    with (tmp_path / "a.txt").open("w") as log:
+        proc = subprocess.Popen(cmd + ["--master-port", "29612"], cwd=REPO, env=_env(), stdout=log,
+                                stderr=subprocess.STDOUT)
+        _wait_for_step(out, kill_at, proc)
+        launcher = next(p for p in psutil.Process(proc.pid).children(recursive=True)
+                        if "deepspeed.launcher.launch" in p.cmdline())
+        ranks = launcher.children()  # the rank processes (their data-loader workers are one level down)
+        assert len(ranks) == 2, [p.cmdline() for p in ranks]
+        victim = next(p for p in ranks if p.environ().get("RANK") == "1")
+        victim.send_signal(signal.SIGKILL)
+        proc.wait(timeout=120)
+    assert proc.returncode != 0
+    done = json.loads(Path(out / "checkpoints" / (out / "checkpoints" / "latest").read_text()
+                           / "config.json").read_text())
+    assert done["train"]["steps"] == 6
+    _run(cmd + ["--resume", "latest", "--master-port", "29613"], tmp_path / "b.txt")
+    assert _losses(out) == _losses(reference)
+    a, b = load_file(str(reference / "unet.safetensors")), load_file(str(out / "unet.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert kept == ["step_00000004", "step_00000005", "step_00000006"]  # train.keep = 3
+
+
+def test_kill_during_save_keeps_previous_checkpoint(data, reference, tmp_path):
+    """SIGKILL in the middle of writing the step-4 checkpoint: step 3 stays the latest and resumes exactly."""
+    script = tmp_path / "crash.py"
+    script.write_text(
+        "import os, sys\n"
+        "from iclight_ds import engine, train\n"
+        "real = engine.save_checkpoint\n"
+        "def dying_save(eng, root, tag, client_state):\n"
+        "    real(eng, root, tag, client_state)\n"
+        "    if client_state['step'] == 4:\n"
+        "        os.kill(os.getpid(), 9)  # files half written: the optimizer state is there, rng/config are not\n"
+        "engine.save_checkpoint = dying_save\n"
+        "sys.exit(train.main())\n"
+    )
+    out = tmp_path / "run"
+    args = ["--train.ds_config", "cpu", "--data.path", str(data), "--train.output_dir", str(out),
+            "--train.steps", "6", "--train.checkpoint_every", "1", "--logging.every", "1", "--logging.wandb",
+            "false", "--logging.progress", "false", "--train.lr", "1e-3", "--data.num_workers", "1"]
+    proc = subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -9, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000003"
+    assert (ckpts / ".tmp-step_00000004").is_dir() and not (ckpts / "step_00000004").exists()
+    _run([sys.executable, "-m", "iclight_ds.train", *args, "--train.resume", "latest"], tmp_path / "b.txt")
+    assert sorted(_losses(out)) == [1, 2, 3, 4, 5, 6]
+    assert not (ckpts / ".tmp-step_00000004").exists()  # debris cleaned by the next save of that step
+    assert (ckpts / "latest").read_text() == "step_00000006"
+
+
+def test_sigterm_saves_and_exits_zero(data, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "iclight_ds.train", "--train.ds_config", "cpu", "--data.path", str(data),
+           "--train.output_dir", str(out), "--train.steps", "100000", "--logging.every", "1",
+           "--logging.wandb", "false", "--logging.progress", "false"]
+    with (tmp_path / "log.txt").open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+        _wait_for_step(out, 2, proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, (tmp_path / "log.txt").read_text()[-3000:]
+    last = max(_losses(out))
+    assert (out / "checkpoints" / "latest").read_text() == f"step_{last:08d}"
+    assert "signal 15: saving at step" in (tmp_path / "log.txt").read_text()
+
+
+# ------------------------------------------------------------------------------------------------- in-process
+
+
+@pytest.fixture
+def make_trainer(data, tmp_path):
+    from iclight_ds.config import load_config
+    from iclight_ds.train import Trainer
+
+    def make(cls=Trainer, **overrides):
+        base = {"train.ds_config": "cpu", "data.path": str(data), "train.output_dir": str(tmp_path / "run"),
+                "train.steps": 4, "logging.every": 1, "logging.wandb": False, "logging.progress": False,
+                "data.num_workers": 0, "train.lr": 1e-3}
+        base.update(overrides)
+        return cls(load_config(None, base))
+
+    return make
+
+
+class NaNTrainer:
+    """Mixin: poisons the target image of chosen micro-batches (counted from 1)."""
+
+    poison: set[int] = set()
+
+    def _next_batch(self):
+        batch = super()._next_batch()
+        self.micro = getattr(self, "micro", 0) + 1
+        if self.micro in self.poison:
+            batch["target"][0, 0, 0, 0] = float("nan")
+        return batch
+
+
+def test_nan_batch_is_skipped_and_training_continues(make_trainer, caplog):
+    from iclight_ds.train import Trainer
+
+    cls = type("T", (NaNTrainer, Trainer), {"poison": {3}})
+    trainer = make_trainer(cls)
+    with caplog.at_level("WARNING", logger="iclight_ds"):
+        trainer.train()
+    assert trainer.skipped_total == 1 and trainer.step == 4
+    assert "non-finite loss" in caplog.text and "sample indices" in caplog.text
+    metrics = [json.loads(x) for x in (Path(trainer.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert metrics[-1]["skipped_micro_batches"] == 1
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+    weights = load_file(str(Path(trainer.out_dir) / "unet.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_persistent_nan_stops_with_last_good_checkpoint(make_trainer):
+    from iclight_ds.train import NonFiniteError, Trainer
+
+    cls = type("T", (NaNTrainer, Trainer), {"poison": set(range(3, 100))})
+    trainer = make_trainer(cls, **{"train.max_bad_steps": 2})
+    with pytest.raises(NonFiniteError, match="3 non-finite losses in a row at step 3"):
+        trainer.train()
+    ckpts = Path(trainer.out_dir) / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000002"
+    from iclight_ds.engine import fp32_state_dict_from_checkpoint
+
+    state = fp32_state_dict_from_checkpoint(ckpts, "step_00000002")
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_failed_save_leaves_previous_checkpoint(make_trainer, monkeypatch, caplog):
+    from iclight_ds import checkpoint, engine
+
+    real = engine.save_checkpoint
+
+    def flaky(eng, root, tag, client_state):
+        real(eng, root, tag, client_state)
+        if client_state["step"] == 2:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(engine, "save_checkpoint", flaky)
+    trainer = make_trainer(**{"train.checkpoint_every": 1, "train.keep": 0})
+    with caplog.at_level("ERROR", logger="iclight_ds"):
+        trainer.train()
+    ckpts = Path(trainer.out_dir) / "checkpoints"
+    assert "No space left on device" in caplog.text and "previous checkpoint is untouched" in caplog.text
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith(("step", ".tmp"))) == [
+        "step_00000001", "step_00000003", "step_00000004"]
+    assert checkpoint.latest_tag(ckpts) == "step_00000004"
+
+
+def test_refused_configurations(tmp_path, data):
+    from iclight_ds.config import ConfigError, load_config
+    from iclight_ds.engine import EngineConfigError, batch_geometry, read_ds_config
+
+    with pytest.raises(ConfigError, match="train.keep"):
+        load_config(None, {"train.keep": -1})
+    ds = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
+    ds["train_batch_size"] = 5
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    with pytest.raises(EngineConfigError, match="train_batch_size=5 != train_micro_batch_size_per_gpu x "
+                                                 "gradient_accumulation_steps x world size"):
+        batch_geometry(read_ds_config(tmp_path / "ds.json"), world_size=1)
