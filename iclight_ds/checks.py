@@ -23,6 +23,17 @@ def check_precision(accelerator: str, dtype: torch.dtype, *, bf16_ok: bool, fp16
         )
 
 
+def check_optimizer(name: str, *, accelerator: str, stage: int, offload_optimizer: bool, ds_path) -> None:
+    """Optimizer / ZeRO combinations that cannot run, refused before anything is built."""
+    if name == "cpu_adam" and accelerator != "cpu" and not offload_optimizer:
+        raise DeviceCheckError(
+            f"train.optimizer=cpu_adam keeps its states on the CPU, but {ds_path} has no "
+            "zero_optimization.offload_optimizer.device=cpu: use an *_offload config or train.optimizer=adamw8bit"
+        )
+    if name == "cpu_adam" and stage == 0:
+        raise DeviceCheckError(f"train.optimizer=cpu_adam needs ZeRO (stage >= 1) in {ds_path}")
+
+
 def check_module_devices(modules: dict[str, nn.Module], device: torch.device) -> None:
     """Every parameter and buffer of every module on `device` (ZeRO-3 partitions are placeholders: skipped)."""
     wrong = []

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from . import checkpoint as ckpt
 from . import engine as eng
-from .checks import check_module_devices, check_precision, describe
+from .checks import check_module_devices, check_optimizer, check_precision, describe
 from .conditioning import condition_batch
 from .config import RunConfig, load_config, parse_overrides, save_config, to_dict
 from .models import (
@@ -94,6 +94,8 @@ class Trainer:
         self.geometry = eng.batch_geometry(self.ds_cfg, self.acc.world_size)
         self.dtype = eng.training_dtype(self.ds_cfg)
         check_precision(self.acc.name, self.dtype, bf16_ok=self.acc.bf16, fp16_ok=self.acc.fp16, ds_path=self.ds_path)
+        check_optimizer(cfg.train.optimizer, accelerator=self.acc.name, stage=eng.zero_stage(self.ds_cfg),
+                        offload_optimizer=eng.offloads_optimizer(self.ds_cfg), ds_path=self.ds_path)
         log.info("%s (ds_config=%s)", describe(self.acc.name, self.acc.world_size, self.dtype,
                                                 eng.zero_stage(self.ds_cfg), self.geometry), self.ds_path)
         if self.is_main:

@@ -16,15 +16,20 @@ REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted(p.stem for p in (REPO / "ds_configs").glob("*.json"))
 
 
+FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"
+
+
 def _env() -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+               WANDB_API_KEY=FAKE_WANDB_KEY)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
-def _run(cmd: list[str], log: Path, timeout: int = 400) -> None:
+def _run(cmd: list[str], log: Path, timeout: int = 400, **extra_env: str) -> None:
     with log.open("w") as f:
-        proc = subprocess.run(cmd, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=REPO, env={**_env(), **extra_env}, stdout=f, stderr=subprocess.STDOUT,
+                              timeout=timeout)
     if proc.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-40:])
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
@@ -130,7 +135,7 @@ def test_default_run_learns_and_exports(tmp_path):
     """The README's main command (shortened): synthetic data, tiny models, loss falls, checkpoint + export."""
     out = tmp_path / "default"
     _run(["bash", "launch/train.sh", "--output-dir", str(out), "--train.steps", "80", "--logging.every", "1",
-          "--logging.wandb", "false", "--data.synth_samples", "128", "--master-port", "29561"], tmp_path / "log.txt")
+          "--data.synth_samples", "128", "--master-port", "29561"], tmp_path / "log.txt", WANDB_MODE="offline")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 81))
     first = sum(m["loss"] for m in metrics[:8]) / 8
@@ -142,3 +147,8 @@ def test_default_run_learns_and_exports(tmp_path):
     assert unet["conv_in.weight"].shape[1] == 8  # FC: noisy + foreground latent
     assert unet["conv_in.weight"][:, 4:].abs().sum() > 0  # the foreground channels were trained
     assert (out / "data" / "manifest.jsonl").is_file() and (out / "config.json").is_file()
+    # the wandb key in the environment appears in no log, config or metrics file
+    assert list(out.glob("wandb/offline-run-*")), "wandb ran offline into the run folder"
+    for path in [tmp_path / "log.txt", *out.rglob("*.json"), *out.rglob("*.jsonl"), *out.rglob("*.log"),
+                 *out.rglob("*.yaml")]:
+        assert FAKE_WANDB_KEY not in path.read_text(errors="ignore"), path

@@ -221,6 +221,17 @@ def test_failed_save_leaves_previous_checkpoint(make_trainer, monkeypatch, caplo
     assert checkpoint.latest_tag(ckpts) == "step_00000004"
 
 
+def test_optimizer_combinations_refused():
+    from iclight_ds.checks import DeviceCheckError, check_optimizer
+
+    with pytest.raises(DeviceCheckError, match="cpu_adam keeps its states on the CPU.*zero2.json"):
+        check_optimizer("cpu_adam", accelerator="cuda", stage=2, offload_optimizer=False, ds_path="zero2.json")
+    with pytest.raises(DeviceCheckError, match="needs ZeRO"):
+        check_optimizer("cpu_adam", accelerator="cpu", stage=0, offload_optimizer=False, ds_path="x.json")
+    check_optimizer("cpu_adam", accelerator="cuda", stage=2, offload_optimizer=True, ds_path="zero2_offload.json")
+    check_optimizer("adamw8bit", accelerator="cuda", stage=3, offload_optimizer=False, ds_path="zero3.json")
+
+
 def test_refused_configurations(tmp_path, data):
     from iclight_ds.config import ConfigError, load_config
     from iclight_ds.engine import EngineConfigError, batch_geometry, read_ds_config
