@@ -8,18 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .data.imageio import linear_to_srgb, srgb_to_linear
 from .objectives import ConditionedBatch
-
-
-def srgb_to_linear(x: torch.Tensor) -> torch.Tensor:
-    """sRGB in [0, 1] -> linear (IEC 61966-2-1)."""
-    return torch.where(x <= 0.04045, x / 12.92, ((x.clamp_min(0) + 0.055) / 1.055) ** 2.4)
-
-
-def linear_to_srgb(x: torch.Tensor) -> torch.Tensor:
-    """Linear in [0, 1] -> sRGB (IEC 61966-2-1)."""
-    x = x.clamp(0, 1)
-    return torch.where(x <= 0.0031308, x * 12.92, 1.055 * x ** (1 / 2.4) - 0.055)
 
 
 def split_masks(batch: int, cells: int, size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:

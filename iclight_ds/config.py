@@ -61,6 +61,8 @@ class DataConfig:
     """Seed of the synthetic generator."""
     skip_bad: bool = False
     """Skip samples whose files fail to decode (counted and reported) instead of stopping."""
+    validate: bool = True
+    """Decode and check every sample before step 1 (rank 0); a dataset with problems is refused unless skip_bad."""
 
 
 @dataclass

@@ -6,6 +6,7 @@ from the DeepSpeed JSON; `batch_geometry` derives the effective batch from it in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -194,6 +195,24 @@ def shutdown() -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # Optimizer and engine
+
+
+def model_init_context(ds_cfg: dict):
+    """Where to build the trainable model: under ZeRO-3, partitioned at construction (no rank ever holds it all)."""
+    if zero_stage(ds_cfg) == 3:
+        import deepspeed
+
+        return deepspeed.zero.Init(config_dict_or_path=ds_cfg, dtype=training_dtype(ds_cfg))
+    return contextlib.nullcontext()
+
+
+def whole_params(ds_cfg: dict):
+    """A `modify(params)` context for model surgery: under ZeRO-3 it gathers, lets rank 0 write, re-partitions."""
+    if zero_stage(ds_cfg) != 3:
+        return lambda params: contextlib.nullcontext()
+    import deepspeed
+
+    return lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 def build_optimizer(name: str, params, *, lr: float, weight_decay: float, betas: tuple[float, float]):

@@ -5,6 +5,7 @@ Knows nothing of DeepSpeed, data files or the training loop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -97,10 +98,12 @@ def build_text_encoder(size: str, tokenizer):
 
 
 @torch.no_grad()
-def widen_conv_in(unet, channels: int):
+def widen_conv_in(unet, channels: int, modify=contextlib.nullcontext):
     """IC-Light surgery: `conv_in` takes `channels` inputs; the new ones start at zero, the old weights and bias stay.
 
     The widened UNet computes exactly what the original computed, whatever the extra channels hold.
+    `modify(params)` is a context in which `params` are whole and writable (partitioned-parameter schemes
+    such as ZeRO-3 pass one that gathers them); the default does nothing.
     """
     old = unet.conv_in
     if channels < old.in_channels:
@@ -114,9 +117,10 @@ def widen_conv_in(unet, channels: int):
         device=old.weight.device,
         dtype=old.weight.dtype,
     )
-    new.weight.zero_()  # (320, C, 3, 3)
-    new.weight[:, : old.in_channels].copy_(old.weight)
-    new.bias.copy_(old.bias)
+    with modify([old.weight, old.bias, new.weight, new.bias]):
+        new.weight.zero_()  # (320, C, 3, 3)
+        new.weight[:, : old.in_channels].copy_(old.weight)
+        new.bias.copy_(old.bias)
     unet.conv_in = new
     unet.register_to_config(in_channels=channels)
     return unet
@@ -148,6 +152,15 @@ class EnvEncoder(nn.Module):
         return self.norm(x)
 
 
+class _ZeroConv1x1(nn.Conv2d):
+    """A convolution initialised to zero inside its own constructor (so it holds under ZeRO-3's partitioned init,
+    which partitions each module's parameters as its constructor returns)."""
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+
+
 class LatentMerger(nn.Module):
     """phi of the consistency objective: merges two noise predictions per latent pixel, (B,4,h,w) x 2 -> (B,4,h,w).
 
@@ -160,12 +173,11 @@ class LatentMerger(nn.Module):
         dims = [8] + [hidden] * (layers - 1) + [4]
         blocks: list[nn.Module] = []
         for i in range(layers):
-            blocks.append(nn.Conv2d(dims[i], dims[i + 1], 1))
-            if i < layers - 1:
+            last = i == layers - 1
+            blocks.append((_ZeroConv1x1 if last else nn.Conv2d)(dims[i], dims[i + 1], 1))
+            if not last:
                 blocks.append(nn.SiLU())
         self.mlp = nn.Sequential(*blocks)
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, eps_1: torch.Tensor, eps_2: torch.Tensor) -> torch.Tensor:
         return 0.5 * (eps_1 + eps_2) + self.mlp(torch.cat([eps_1, eps_2], dim=1))
@@ -208,11 +220,11 @@ class ICLightModel(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("unet.")}
 
 
-def build_iclight_model(model_cfg, unet=None) -> ICLightModel:
+def build_iclight_model(model_cfg, unet=None, modify=contextlib.nullcontext) -> ICLightModel:
     """The trainable model for `model_cfg` (a config.ModelConfig); `unet` defaults to a random one of its size."""
     unet = unet if unet is not None else build_unet(model_cfg.size, 4)
     if unet.config.in_channels == 4:
-        widen_conv_in(unet, model_cfg.in_channels)
+        widen_conv_in(unet, model_cfg.in_channels, modify)
     elif unet.config.in_channels != model_cfg.in_channels:
         raise ValueError(
             f"model.variant={model_cfg.variant} needs a UNet with 4 or {model_cfg.in_channels} input channels, "
@@ -244,6 +256,17 @@ def configure_attention(unet, choice: str, device_type: str) -> str:
             log.info("xformers unavailable (%s); using PyTorch SDPA", e)
     unet.set_attn_processor(AttnProcessor2_0())
     return "sdpa"
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Build modules directly in `dtype` (no full fp32 replica first: 3.4 GB saved per rank for the SD1.5 UNet)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def freeze(module: nn.Module, dtype: torch.dtype, device) -> nn.Module:

@@ -29,6 +29,7 @@ from .models import (
     build_vae,
     configure_attention,
     count_parameters,
+    default_dtype,
     freeze,
 )
 from .objectives import iclight_losses
@@ -132,8 +133,11 @@ class Trainer:
             from .data.synth import generate
 
             log.info("generating %d synthetic relighting samples into %s", data_cfg.synth_samples, root)
+            # the ground-truth light parts (for evaluation) cost ~9 MB a sample at 512 px: only small sizes keep them
             generate(root, data_cfg.synth_samples, size=data_cfg.resolution, seed=data_cfg.synth_seed,
-                     env_shape=model_cfg.env_shape)
+                     env_shape=model_cfg.env_shape, extras=data_cfg.resolution <= 128)
+        if data_cfg.validate and self.is_main:
+            self._validate_dataset(root)
         eng.barrier()
         self.tokenizer = build_char_tokenizer()
         return RelightDataset(
@@ -146,17 +150,35 @@ class Trainer:
             skip_bad=data_cfg.skip_bad,
         )
 
+    def _validate_dataset(self, root: Path) -> None:
+        from .data.dataset import DatasetError
+        from .data.validate import validate_dataset
+
+        model_cfg = self.cfg.model
+        problems = validate_dataset(root, env_shape=model_cfg.env_shape, require_background=model_cfg.variant == "fbc",
+                                    require_env=model_cfg.variant == "fc")
+        if not problems:
+            return
+        listing = "\n  ".join(p.format() for p in problems[:20]) + (
+            f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        if not self.cfg.data.skip_bad:
+            raise DatasetError(f"{root}: {len(problems)} problem(s); fix them or set data.skip_bad=true:\n  {listing}")
+        lines = len({p.line for p in problems})
+        log.warning("%s: %d sample line(s) have problems and will be skipped as met:\n  %s", root, lines, listing)
+
     def _build_models(self) -> None:
         cfg, device = self.cfg, self.acc.device
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        model = build_iclight_model(cfg.model)
+        with eng.model_init_context(self.ds_cfg), default_dtype(self.dtype):
+            model = build_iclight_model(cfg.model, modify=eng.whole_params(self.ds_cfg))
         if cfg.model.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
         attention = configure_attention(model.unet, cfg.model.attention, self.acc.name)
         log.info("attention: %s; trainable parameters: %.2fM", attention, count_parameters(model) / 1e6)
         frozen_dtype = self.dtype if cfg.model.frozen_dtype == "auto" else _DTYPES[cfg.model.frozen_dtype]
-        self.vae = freeze(build_vae(cfg.model.size), frozen_dtype, device)
-        self.text_encoder = freeze(build_text_encoder(cfg.model.size, self.tokenizer), frozen_dtype, device)
+        with default_dtype(frozen_dtype):  # outside model_init_context: ZeRO-3 never partitions them
+            self.vae = freeze(build_vae(cfg.model.size), frozen_dtype, device)
+            self.text_encoder = freeze(build_text_encoder(cfg.model.size, self.tokenizer), frozen_dtype, device)
 
         optimizer = eng.build_optimizer(
             cfg.train.optimizer,

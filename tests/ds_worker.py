@@ -78,6 +78,13 @@ def run_one(ds_config: str, args, rank: int) -> dict:
     result = {"trace": trainer.trace, "accumulation": trainer.geometry.accumulation}
     if rank == 0:
         unchanged = [k for k in before if torch.equal(before[k], after[k])]
+        last = max(k for k in before if k.startswith("merger.mlp.") and k.endswith(".weight"))
+        # surgery and zero-initialisation hold at step 0 under every stage (ZeRO-3 builds partitioned)
+        result["init_zero"] = {
+            "conv_in_new_channels": float(before["unet.conv_in.weight"][:, 4:].abs().max()),
+            "merger_last": float(before[last].abs().max()),
+            "conv_in_old_channels": float(before["unet.conv_in.weight"][:, :4].abs().max()),
+        }
         exported = load_file(str(out / "unet.safetensors"))
         exported.update({k: v for k, v in load_file(str(out / "iclight_modules.safetensors")).items()})
         mismatched = [k for k, v in after.items() if not torch.equal(_exported(exported, k).to(v.dtype), v)]

@@ -68,6 +68,8 @@ def test_shipped_config_trains_on_two_ranks(worker_results, name):
     assert len(r["unchanged"]) < r["params"] // 4
     # the exported safetensors hold exactly the engine's weights (fp32 master rounds to the bf16 params)
     assert r["n_mismatched"] == 0, r["mismatched"]
+    assert r["init_zero"]["conv_in_new_channels"] == 0 and r["init_zero"]["merger_last"] == 0, r["init_zero"]
+    assert r["init_zero"]["conv_in_old_channels"] > 0
     assert r["exported_keys"] == r["params"]
     assert [m["step"] for m in r["metrics"]] == [1, 2]
     assert all(k in m for m in r["metrics"] for k in ("loss", "loss_vanilla", "loss_consistency", "lr",

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from iclight_ds.config import ModelConfig
-from iclight_ds.conditioning import linear_to_srgb, split_background, split_masks, srgb_to_linear
+from iclight_ds.conditioning import split_background, split_masks
+from iclight_ds.data.imageio import linear_to_srgb, srgb_to_linear
 from iclight_ds.models import build_iclight_model
 from iclight_ds.objectives import (
     ConditionedBatch,

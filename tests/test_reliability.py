@@ -244,3 +244,23 @@ def test_refused_configurations(tmp_path, data):
     with pytest.raises(EngineConfigError, match="train_batch_size=5 != train_micro_batch_size_per_gpu x "
                                                  "gradient_accumulation_steps x world size"):
         batch_geometry(read_ds_config(tmp_path / "ds.json"), world_size=1)
+
+
+def test_training_refuses_a_broken_dataset_unless_skipping(make_trainer, data, tmp_path, caplog):
+    import shutil
+
+    from iclight_ds.data.dataset import DatasetError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(data, broken)
+    first = json.loads((broken / "manifest.jsonl").read_text().splitlines()[0])
+    png = broken / first["target"]
+    png.write_bytes(png.read_bytes()[: len(png.read_bytes()) // 2])  # truncated PNG
+    with pytest.raises(DatasetError, match=rf"(?s)set data.skip_bad=true.*manifest.jsonl:1: {first['target']}: "
+                                           "cannot decode"):
+        make_trainer(**{"data.path": str(broken)})
+    with caplog.at_level("WARNING"):
+        trainer = make_trainer(**{"data.path": str(broken), "data.skip_bad": True, "train.steps": 8})
+        trainer.train()
+    assert "1 sample line(s) have problems and will be skipped" in caplog.text
+    assert trainer.step == 8 and trainer.dataset.skipped >= 1  # 8 steps x 8 samples visit every one of the 32
