@@ -21,17 +21,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 from . import checkpoint as ckpt
 from . import engine as eng
 from .checks import check_module_devices, check_optimizer, check_precision, describe
-from .conditioning import condition_batch
+from .conditioning import build_frozen, condition_batch, condition_cached_batch
 from .config import RunConfig, load_config, parse_overrides, save_config, to_dict
-from .models import (
-    build_iclight_model,
-    build_text_encoder,
-    build_vae,
-    configure_attention,
-    count_parameters,
-    default_dtype,
-    freeze,
-)
+from .models import build_iclight_model, configure_attention, count_parameters, default_dtype
 from .objectives import iclight_losses
 
 log = logging.getLogger("iclight_ds")
@@ -90,7 +82,8 @@ class Trainer:
         self.out_dir = Path(cfg.train.output_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
 
-        self.ds_path = eng.resolve_ds_config_path(cfg.train.ds_config)
+        self.ds_path = self._choose_ds_config() if cfg.train.ds_config == "auto" else eng.resolve_ds_config_path(
+            cfg.train.ds_config)
         self.ds_cfg = eng.read_ds_config(self.ds_path)
         self.geometry = eng.batch_geometry(self.ds_cfg, self.acc.world_size)
         self.dtype = eng.training_dtype(self.ds_cfg)
@@ -118,6 +111,20 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------------- setup
 
+    def _choose_ds_config(self) -> Path:
+        """train.ds_config=auto: the planner's choice on rank 0, broadcast so every rank (node) agrees."""
+        from .plan import choose_config
+
+        choice = [None]
+        if self.is_main:
+            cfg = self.cfg
+            choice[0] = str(choose_config(cfg.data.resolution, cfg.model.variant, cfg.objective.lambda_consistency > 0,
+                                          cfg.model.size, cfg.train.optimizer))
+        if torch.distributed.is_initialized():
+            torch.distributed.broadcast_object_list(choice, src=0)
+        log.info("train.ds_config=auto: the planner chose %s", choice[0])
+        return Path(choice[0])
+
     def _setup_logging(self) -> None:
         level = logging.INFO if self.is_main else logging.WARNING
         logging.basicConfig(level=level, format=f"[rank{self.acc.rank}] %(asctime)s %(levelname)s %(message)s")
@@ -128,6 +135,11 @@ class Trainer:
         from .data.tokenizer import build_char_tokenizer
 
         data_cfg, model_cfg = self.cfg.data, self.cfg.model
+        if data_cfg.cache:  # latents and text made by `python -m iclight_ds.cache`, checked against this run
+            from .cache import CachedDataset, run_expectations
+
+            self.tokenizer = None
+            return CachedDataset(data_cfg.cache, run_expectations(self.cfg, self.dtype))
         root = Path(data_cfg.path) if data_cfg.path else self.out_dir / "data"
         if data_cfg.path is None and self.is_main and not (root / "manifest.jsonl").is_file():
             from .data.synth import generate
@@ -176,9 +188,11 @@ class Trainer:
         attention = configure_attention(model.unet, cfg.model.attention, self.acc.name)
         log.info("attention: %s; trainable parameters: %.2fM", attention, count_parameters(model) / 1e6)
         frozen_dtype = self.dtype if cfg.model.frozen_dtype == "auto" else _DTYPES[cfg.model.frozen_dtype]
-        with default_dtype(frozen_dtype):  # outside model_init_context: ZeRO-3 never partitions them
-            self.vae = freeze(build_vae(cfg.model.size), frozen_dtype, device)
-            self.text_encoder = freeze(build_text_encoder(cfg.model.size, self.tokenizer), frozen_dtype, device)
+        if cfg.data.cache:  # the cache holds their outputs: not built at all
+            self.vae = self.text_encoder = None
+        else:  # outside model_init_context: ZeRO-3 never partitions them
+            self.vae, self.text_encoder = build_frozen(cfg.model.size, seed=cfg.train.seed, tokenizer=self.tokenizer,
+                                                       dtype=frozen_dtype, device=device)
 
         optimizer = eng.build_optimizer(
             cfg.train.optimizer,
@@ -195,8 +209,8 @@ class Trainer:
             self.ds_cfg,
             optimizer_name=cfg.train.optimizer,
         )
-        check_module_devices({"model": self.engine.module, "vae": self.vae, "text_encoder": self.text_encoder},
-                             device)
+        modules = {"model": self.engine.module, "vae": self.vae, "text_encoder": self.text_encoder}
+        check_module_devices({k: m for k, m in modules.items() if m is not None}, device)
 
     def _build_loader(self):
         sampler = ResumableSampler(
@@ -249,16 +263,12 @@ class Trainer:
     def forward_backward(self, batch: dict) -> dict[str, torch.Tensor]:
         """One micro-batch: conditions, noise, losses, ONE backward and ONE engine step (DeepSpeed accumulates)."""
         cfg = self.cfg
-        cond = condition_batch(
-            batch,
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            variant=cfg.model.variant,
-            split_cells=cfg.objective.split_cells,
-            with_split=cfg.objective.lambda_consistency > 0,
-            generator=self.generator,
-            device=self.acc.device,
-        )
+        how = dict(variant=cfg.model.variant, split_cells=cfg.objective.split_cells,
+                   with_split=cfg.objective.lambda_consistency > 0, generator=self.generator, device=self.acc.device)
+        if cfg.data.cache:
+            cond = condition_cached_batch(batch, **how)
+        else:
+            cond = condition_batch(batch, vae=self.vae, text_encoder=self.text_encoder, **how)
         shape = cond.latents.shape  # (B, 4, h, w)
         noise = torch.randn(shape, generator=self.generator)
         if cfg.objective.noise_offset > 0:

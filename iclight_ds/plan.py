@@ -1,0 +1,247 @@
+"""Memory planner: which DeepSpeed config fits this machine?
+
+`python -m iclight_ds.plan [--gpu-mem GB] [--gpus N] [--ram GB] [--resolution R] [--variant fc|fbc]
+                           [--consistency on|off] [--size full|tiny] [--json]`
+
+Per rank, for each config in ds_configs/: model states counted from the parameter count and the config's
+stage, offload, precision and the optimizer (8-bit AdamW by default); activations measured by running the
+UNet on PyTorch's meta device (no memory, no compute) and summing the tensors autograd saves, with gradient
+checkpointing: the checkpoint inputs plus the largest block recomputed in backward, times the batch (3x
+with the consistency objective). It prints a table and names the fastest config that fits with headroom.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import engine as eng
+
+GiB = 2**30
+HEADROOM = 0.85  # use at most 85% of a device: allocator fragmentation, CUDA context, kernels' workspaces
+CUDA_CONTEXT = 0.6 * GiB  # CUDA context + cuBLAS/cuDNN workspaces, roughly, per GPU process
+HOST_BASE = 2.5 * GiB  # one rank's Python + torch + deepspeed + data workers, without model states
+# Fastest first: what to prefer when several fit (offload moves optimizer work to the CPU; ZeRO-3 gathers).
+SPEED_ORDER = ["1gpu-24gb", "multi-gpu", "zero2", "zero3", "1gpu-12gb", "1gpu-8gb", "zero2_offload", "1gpu-6gb",
+               "zero3_offload", "cpu"]
+MULTI_NODE_ONLY = {"multi-node"}
+OPTIMIZER_STATE_BYTES = {"adamw8bit": 2.0, "adamw": 8.0, "cpu_adam": 8.0}  # m and v per parameter
+
+
+@dataclass
+class Estimate:
+    config: str
+    stage: int
+    offload: str
+    micro_batch: int
+    device_gib: float  # per rank, on the accelerator
+    host_gib: float  # per rank, in host RAM
+    fits: bool
+    why: str
+
+
+def unet_parameters(size: str, in_channels: int) -> int:
+    from diffusers import UNet2DConditionModel
+
+    from .models import ARCHS
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**dict(ARCHS[size][0], in_channels=in_channels))
+    return sum(p.numel() for p in unet.parameters())
+
+
+class _FlashLikeAttention(torch.autograd.Function):
+    """Stands in for SDPA during measurement with what fused attention kernels keep for backward (xformers,
+    FlashAttention on CUDA, PyTorch's flash kernel on CPU): q, k, v, the output and a row logsumexp; never the
+    (L x L) score matrix that the unfused math path would save."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # never called: the measurement does no backward
+        raise NotImplementedError
+
+
+def _flash_like_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+    return _FlashLikeAttention.apply(q, k, v)
+
+
+def activation_bytes(size: str, in_channels: int, resolution: int, tokens: int = 81) -> float:
+    """Bytes one sample's activations need with gradient checkpointing (bf16), measured on the meta device."""
+    from unittest import mock
+
+    import torch.nn.functional as F
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from .models import ARCHS
+
+    with mock.patch.object(F, "scaled_dot_product_attention", _flash_like_sdpa):
+        return _measure_saved(UNet2DConditionModel, AttnProcessor2_0, dict(ARCHS[size][0], in_channels=in_channels),
+                              resolution, tokens)
+
+
+def _measure_saved(UNet2DConditionModel, AttnProcessor2_0, spec: dict, resolution: int, tokens: int) -> float:
+    in_channels = spec["in_channels"]
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**spec).to(torch.bfloat16)
+    unet.set_attn_processor(AttnProcessor2_0())
+    unet.train()
+    saved = [0]
+    per_block: dict[int, int] = {}
+    weights = {id(p) for p in unet.parameters()}
+
+    def pack(t):
+        if id(t) not in weights and id(t._base) not in weights:  # weights are model states, counted elsewhere
+            saved[0] += t.numel() * t.element_size()
+        return t
+
+    blocks = list(unet.down_blocks) + [unet.mid_block] + list(unet.up_blocks)
+    for i, block in enumerate(blocks):
+        block.register_forward_pre_hook(lambda m, a, i=i: per_block.__setitem__(i, -saved[0]))
+        block.register_forward_hook(lambda m, a, o, i=i: per_block.__setitem__(i, per_block[i] + saved[0]))
+    lat = resolution // 8
+    x = torch.empty(1, in_channels, lat, lat, device="meta", dtype=torch.bfloat16)
+    text = torch.empty(1, tokens, spec["cross_attention_dim"], device="meta", dtype=torch.bfloat16)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        unet(x, torch.zeros(1, device="meta", dtype=torch.long), text)  # no checkpointing: every block's cost
+    full, largest = saved[0], max(per_block.values())
+    unet.enable_gradient_checkpointing()
+    saved[0] = 0
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        unet(x, torch.zeros(1, device="meta", dtype=torch.long), text)
+    return saved[0] + min(full, largest)
+
+
+def model_state_bytes(params: int, ds_cfg: dict, world: int, optimizer: str) -> tuple[float, float]:
+    """(device, host) bytes per rank for weights, gradients, fp32 master and optimizer states."""
+    stage = eng.zero_stage(ds_cfg)
+    zero = ds_cfg.get("zero_optimization", {})
+    off_opt = eng.offloads_optimizer(ds_cfg)
+    off_param = zero.get("offload_param", {}).get("device", "none") not in (None, "none")
+    half = 2 if eng.training_dtype(ds_cfg) != torch.float32 else 4
+    shard = lambda n: n / world if world > 1 else n  # noqa: E731
+    weights = half * (shard(params) if stage == 3 else params)
+    grads = half * (shard(params) if stage >= 2 else params)
+    buckets = half * min(params, float(zero.get("reduce_bucket_size", 5e8))) if stage >= 2 else 0.0
+    if stage == 3:
+        buckets += half * min(params, float(zero.get("stage3_prefetch_bucket_size", 5e7)))
+    master = (4 * shard(params) if stage >= 1 else 4 * params) if half == 2 else 0
+    states = OPTIMIZER_STATE_BYTES[optimizer] * (shard(params) if stage >= 1 else params)
+    device = host = 0.0
+    device += 0 if off_param else weights
+    host += weights if off_param else 0
+    device += grads + buckets
+    if off_opt:
+        host += master + states + grads  # offload keeps an fp32 gradient copy on the host too
+    else:
+        device += master + states
+    return device, host
+
+
+def plan(*, gpu_mem_gib: float | None, gpus: int, ram_gib: float, resolution: int, variant: str,
+         consistency: bool, size: str = "full", optimizer: str = "adamw8bit") -> tuple[list[Estimate], str | None]:
+    in_channels = 8 if variant == "fc" else 12
+    params = unet_parameters(size, in_channels)
+    act_per_sample = activation_bytes(size, in_channels, resolution)
+    estimates = []
+    for path in sorted(eng.REPO_DS_CONFIGS.glob("*.json")):
+        ds_cfg = eng.read_ds_config(path)
+        micro = int(ds_cfg["train_micro_batch_size_per_gpu"])
+        device, host = model_state_bytes(params, ds_cfg, gpus, optimizer)
+        activations = act_per_sample * micro * (3 if consistency else 1)
+        zero = ds_cfg.get("zero_optimization", {})
+        offload = "+".join(k.split("_")[1] for k in ("offload_param", "offload_optimizer")
+                           if zero.get(k, {}).get("device", "none") not in (None, "none")) or "none"
+        on_cpu = gpu_mem_gib is None
+        if on_cpu:  # everything lives in host RAM
+            host, device = host + device + activations, 0.0
+        else:
+            device += activations + CUDA_CONTEXT
+        host += HOST_BASE
+        reasons = []
+        if not on_cpu and device > HEADROOM * gpu_mem_gib * GiB:
+            reasons.append(f"needs {device / GiB:.1f} of {gpu_mem_gib:.0f} GiB GPU")
+        if host * gpus > HEADROOM * ram_gib * GiB:
+            reasons.append(f"needs {host * gpus / GiB:.1f} of {ram_gib:.0f} GiB RAM")
+        if on_cpu != (path.stem == "cpu"):
+            reasons.append("for CPU-only machines" if path.stem == "cpu" else "needs a GPU")
+        if path.stem in MULTI_NODE_ONLY:
+            reasons.append("for several machines (pick it by name with --hostfile)")
+        estimates.append(Estimate(path.stem, eng.zero_stage(ds_cfg), offload, micro, device / GiB, host / GiB,
+                                  not reasons, "; ".join(reasons) or "fits"))
+    fitting = {e.config for e in estimates if e.fits}
+    order = (["multi-gpu"] if gpus > 1 else []) + SPEED_ORDER  # one config per rank count: prefer its own
+    choice = next((name for name in order if name in fitting), None)
+    if choice is None and fitting:
+        choice = sorted(fitting)[0]
+    return estimates, choice
+
+
+def detect() -> dict:
+    import psutil
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpu_mem = torch.cuda.get_device_properties(0).total_memory / GiB if gpus else None
+    return {"gpus": gpus, "gpu_mem_gib": gpu_mem, "ram_gib": psutil.virtual_memory().total / GiB}
+
+
+def choose_config(resolution: int, variant: str, consistency: bool, size: str, optimizer: str) -> Path:
+    """What `--ds-config auto` uses: the planner's choice for this machine."""
+    found = detect()
+    _, choice = plan(gpu_mem_gib=found["gpu_mem_gib"], gpus=max(1, found["gpus"]), ram_gib=found["ram_gib"],
+                     resolution=resolution, variant=variant, consistency=consistency, size=size,
+                     optimizer=optimizer)
+    if choice is None:
+        raise eng.EngineConfigError(
+            f"no shipped DeepSpeed config fits this machine at {resolution} px ({size} model); "
+            "see `python -m iclight_ds.plan` for the numbers"
+        )
+    return eng.REPO_DS_CONFIGS / f"{choice}.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu-mem", type=float, default=None, help="GiB per GPU (default: detected; none = CPU)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs (ranks) per machine (default: detected, >= 1)")
+    p.add_argument("--ram", type=float, default=None, help="host RAM in GiB (default: detected)")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--variant", choices=["fc", "fbc"], default="fc")
+    p.add_argument("--consistency", choices=["on", "off"], default="on")
+    p.add_argument("--size", choices=["full", "tiny"], default="full")
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZER_STATE_BYTES), default="adamw8bit")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = p.parse_args(argv)
+    found = detect()
+    gpu_mem = args.gpu_mem if args.gpu_mem is not None else found["gpu_mem_gib"]
+    gpus = args.gpus or max(1, found["gpus"])
+    ram = args.ram or found["ram_gib"]
+    estimates, choice = plan(gpu_mem_gib=gpu_mem, gpus=gpus, ram_gib=ram, resolution=args.resolution,
+                             variant=args.variant, consistency=args.consistency == "on", size=args.size,
+                             optimizer=args.optimizer)
+    if args.json:
+        print(json.dumps({"choice": choice, "estimates": [asdict(e) for e in estimates]}, indent=1))
+        return 0
+    where = f"{gpus} x {gpu_mem:.0f} GiB GPU" if gpu_mem else f"CPU only, {gpus} rank(s)"
+    print(f"machine: {where}, {ram:.0f} GiB RAM; {args.size} UNet {args.variant}, {args.resolution} px, "
+          f"consistency {args.consistency}, {args.optimizer}")
+    print(f"{'config':<16}{'stage':>6} {'offload':<16}{'micro':>6}{'GPU GiB/rank':>14}{'host GiB/rank':>15}  verdict")
+    for e in estimates:
+        print(f"{e.config:<16}{e.stage:>6} {e.offload:<16}{e.micro_batch:>6}{e.device_gib:>14.2f}{e.host_gib:>15.2f}"
+              f"  {e.why}")
+    print(f"choice: {choice or 'nothing fits'}")
+    return 0 if choice else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

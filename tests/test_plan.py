@@ -1,0 +1,61 @@
+"""The memory planner: model-state arithmetic, activation measurement, and its choices per machine."""
+
+import json
+
+import pytest
+
+from iclight_ds import engine as eng
+from iclight_ds import plan
+
+P = 859_532_000  # ~ the full UNet
+
+
+def test_model_state_bytes_follow_stage_and_offload():
+    zero2 = eng.read_ds_config(eng.REPO_DS_CONFIGS / "zero2.json")
+    device, host = plan.model_state_bytes(P, zero2, world=1, optimizer="adamw8bit")
+    bucket = 2 * 200_000_000
+    assert device == pytest.approx(2 * P + 2 * P + bucket + 4 * P + 2 * P) and host == 0
+    device_adam, _ = plan.model_state_bytes(P, zero2, world=1, optimizer="adamw")
+    assert device_adam - device == pytest.approx(6 * P)  # fp32 m, v instead of uint8
+    off = eng.read_ds_config(eng.REPO_DS_CONFIGS / "zero2_offload.json")
+    d_off, h_off = plan.model_state_bytes(P, off, world=1, optimizer="adamw8bit")
+    assert h_off == pytest.approx(4 * P + 2 * P + 2 * P) and d_off < device / 2
+    z3 = eng.read_ds_config(eng.REPO_DS_CONFIGS / "zero3.json")
+    d1, _ = plan.model_state_bytes(P, z3, world=1, optimizer="adamw8bit")
+    d4, _ = plan.model_state_bytes(P, z3, world=4, optimizer="adamw8bit")
+    assert d4 < d1 / 3  # ZeRO-3 shards everything
+
+
+def test_activations_grow_with_resolution_and_checkpointing_saves():
+    a256 = plan.activation_bytes("full", 8, 256)
+    a512 = plan.activation_bytes("full", 8, 512)
+    assert 3.0 < a512 / a256 < 5.0  # ~ the pixel count
+    assert 0.05 * 2**30 < a256 < 2 * 2**30
+
+
+@pytest.mark.parametrize("gib,expected", [(6, "1gpu-6gb"), (8, "1gpu-8gb"), (12, "1gpu-12gb"), (24, "1gpu-24gb")])
+def test_choice_per_gpu_size(gib, expected):
+    estimates, choice = plan.plan(gpu_mem_gib=gib, gpus=1, ram_gib=64, resolution=512, variant="fc",
+                                  consistency=True)
+    assert choice == expected
+    chosen = next(e for e in estimates if e.config == choice)
+    assert chosen.device_gib <= plan.HEADROOM * gib
+
+
+def test_choice_on_cpu_and_nothing_fits():
+    _, choice = plan.plan(gpu_mem_gib=None, gpus=1, ram_gib=24, resolution=64, variant="fc", consistency=True,
+                          size="tiny")
+    assert choice == "cpu"
+    _, none = plan.plan(gpu_mem_gib=2, gpus=1, ram_gib=8, resolution=512, variant="fbc", consistency=True)
+    assert none is None
+    _, multi = plan.plan(gpu_mem_gib=24, gpus=4, ram_gib=128, resolution=512, variant="fc", consistency=True)
+    assert multi == "multi-gpu"
+
+
+def test_cli_prints_table_and_json(capsys):
+    assert plan.main(["--gpu-mem", "8", "--ram", "32", "--resolution", "512"]) == 0
+    out = capsys.readouterr().out
+    assert "choice: 1gpu-8gb" in out and "zero3_offload" in out
+    plan.main(["--gpu-mem", "8", "--ram", "32", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert data["choice"] == "1gpu-8gb" and len(data["estimates"]) == len(list(eng.REPO_DS_CONFIGS.glob("*.json")))
