@@ -9,6 +9,7 @@ import contextlib
 import logging
 
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -74,15 +75,11 @@ ARCHS = {"tiny": (TINY_UNET, TINY_VAE, TINY_TEXT), "full": (SD15_UNET, SD15_VAE,
 
 def build_unet(size: str, in_channels: int = 4):
     """A randomly initialised SD1.5-shaped UNet, widened to `in_channels` the IC-Light way."""
-    from diffusers import UNet2DConditionModel
-
     unet = UNet2DConditionModel(**ARCHS[size][0])
     return widen_conv_in(unet, in_channels) if in_channels != 4 else unet
 
 
 def build_vae(size: str):
-    from diffusers import AutoencoderKL
-
     return AutoencoderKL(**ARCHS[size][1])
 
 

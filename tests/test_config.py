@@ -86,3 +86,15 @@ def test_every_shipped_ds_config_reads(tmp_path):
     for name in names:
         cfg = read_ds_config(REPO_DS_CONFIGS / name)
         assert str(training_dtype(cfg)) == "torch.bfloat16", name
+
+
+def test_optimizer_param_groups_are_bounded():
+    import torch
+
+    from iclight_ds.engine import param_groups
+
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (30, 30, 50, 200, 10)]
+    groups = param_groups(params, max_elements=64)
+    sizes = [[p.numel() for p in g["params"]] for g in groups]
+    assert sizes == [[30, 30], [50], [200], [10]]  # order kept, each group <= 64 unless one tensor is larger
+    assert sum(len(g["params"]) for g in groups) == len(params)

@@ -13,7 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = sorted(p.stem for p in (REPO / "ds_configs").glob("*.json"))
+# ZeRO-3 configs first: the worker's first engine is then built under zero.Init in a fresh process, the case
+# where importing diffusers/torch._dynamo under DeepSpeed's patched tensor constructors once broke.
+SHIPPED = sorted((p.stem for p in (REPO / "ds_configs").glob("*.json")),
+                 key=lambda n: (json.loads((REPO / "ds_configs" / f"{n}.json").read_text())
+                                .get("zero_optimization", {}).get("stage") != 3, n))
 
 
 FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"
