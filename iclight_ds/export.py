@@ -1,24 +1,37 @@
-"""Export trained weights to safetensors: the UNet (diffusers keys) and, separately, the small training modules.
+"""Export trained weights from a DeepSpeed checkpoint (any ZeRO stage, any world size) in formats IC-Light tools read.
 
-`python -m iclight_ds.export --run DIR [--tag TAG] [--out DIR] [--dtype fp16|bf16|fp32]`
-works from any ZeRO stage's checkpoint, ZeRO-3 included (the fp32 master weights are consolidated).
+    python -m iclight_ds.export --run DIR [--format FORMAT] [--out PATH] [--dtype fp16|bf16|fp32] [--tag TAG]
+                                [--base MODEL] [--ldm-prefix PREFIX]
+
+Formats (the UNet; the merger / env-encoder always go to a separate small `*modules.safetensors`):
+  unet            full trained weights, diffusers keys (what the trainer writes at the end of a run)
+  iclight-offset  trained - base (base conv_in zero-padded), diffusers keys: what the official demo adds to its base
+  ldm             the same offset in the original key layout (input_blocks.*), for ComfyUI / Forge IC-Light nodes
+  diffusers       a folder `UNet2DConditionModel.from_pretrained` loads (full weights, safetensors)
+The offsets need the base UNet: --base, else the run's `model.base`, else the run's random base rebuilt from its seed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from . import checkpoint as ckpt
 from . import engine as eng
+from . import formats as fmt
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = fmt.DTYPES
 UNET_FILE = "unet.safetensors"
 MODULES_FILE = "iclight_modules.safetensors"
+EXPORT_INFO = "iclight_export.json"  # metadata of a diffusers-folder export
+BASE_RECORD = "base.json"  # in a run folder: {"source": ..., "unet_hash": ...} of the base it trained on
+FORMATS = ("unet", "iclight-offset", "ldm", "diffusers")
+
+log = logging.getLogger(__name__)
 
 
 def split_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -30,50 +43,164 @@ def split_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     return unet, small
 
 
-def _save(tensors: dict[str, torch.Tensor], path: Path, dtype: torch.dtype, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().to(dtype).contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)  # a crash mid-write leaves the previous export intact
-
-
 def export_state_dict(state: dict, out_dir: Path, *, dtype: str, config: dict, step: int) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """The trainer's end-of-run export: `unet.safetensors` (full weights) + `iclight_modules.safetensors`."""
+    out_dir = Path(out_dir)
     unet, small = split_state_dict(state)
-    in_channels = unet["conv_in.weight"].shape[1]
-    meta = {
-        "format": "iclight-ds/diffusers-unet",
-        "variant": config.get("model", {}).get("variant", ""),
-        "in_channels": str(in_channels),
-        "step": str(step),
-        "config": json.dumps(config),
-    }
-    written = [out_dir / UNET_FILE]
-    _save(unet, written[0], DTYPES[dtype], meta)
-    if small:
-        written.append(out_dir / MODULES_FILE)
-        _save(small, written[1], DTYPES[dtype], dict(meta, format="iclight-ds/training-modules"))
-    return written
+    return export_formatted(unet, small, fmt_name="unet", out=out_dir, dtype=dtype, config=config, step=step)
 
 
 def export_checkpoint(checkpoint_root: Path, tag: str | None, out_dir: Path, *, dtype: str = "fp32") -> list[Path]:
-    """Consolidate a saved checkpoint (any stage, any world size) and write the safetensors files."""
+    """Consolidate a saved checkpoint (any stage, any world size) and write the `unet` format files."""
+    return export_run_checkpoint(checkpoint_root, tag, out_dir, fmt_name="unet", dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Formats
+
+
+def output_paths(fmt_name: str, out: Path, variant: str) -> tuple[Path, Path]:
+    """(where the UNet goes, where the small modules go) for `out`, a .safetensors file or a folder."""
+    out = Path(out)
+    if fmt_name == "diffusers":
+        return out, out / MODULES_FILE
+    if out.suffix != ".safetensors":
+        if fmt_name == "unet":  # the trainer's layout
+            return out / UNET_FILE, out / MODULES_FILE
+        name = {"iclight-offset": f"iclight_{variant}_offset", "ldm": f"iclight_{variant}_unet_ldm"}[fmt_name]
+        out = out / f"{name}.safetensors"
+    return out, out.with_name(out.name[: -len(".safetensors")] + ".modules.safetensors")
+
+
+def export_formatted(
+    unet: dict[str, torch.Tensor],
+    small: dict[str, torch.Tensor],
+    *,
+    fmt_name: str,
+    out: Path,
+    dtype: str = "fp32",
+    config: dict,
+    step: int,
+    base=None,
+    ldm_prefix: str = "diffusion_model.",
+) -> list[Path]:
+    """Write one export format from the trained UNet (diffusers keys) and the small modules.
+
+    base: a base_model.BaseModel (its 4-channel UNet); required by iclight-offset, ldm and diffusers.
+    """
+    if fmt_name not in FORMATS:
+        raise ValueError(f"unknown format {fmt_name!r}; one of {FORMATS}")
+    if fmt_name != "unet" and base is None:
+        raise ValueError(f"format {fmt_name} needs the base model (base=...)")
+    torch_dtype = DTYPES[dtype]
+    variant = (config.get("model") or {}).get("variant", "")
+    in_channels = unet["conv_in.weight"].shape[1]
+    unet_path, modules_path = output_paths(fmt_name, out, variant)
+    meta = fmt.metadata(
+        fmt_name, variant=variant, in_channels=in_channels, step=step, config=config,
+        base_hash=base.unet_hash if base is not None else "", base=base.source if base is not None else "",
+    )
+    if small:
+        meta["modules_file"] = modules_path.name
+    written = []
+    if fmt_name == "unet":
+        written.append(fmt.save_safetensors(unet, unet_path, dtype=torch_dtype, metadata=meta))
+    elif fmt_name in ("iclight-offset", "ldm"):
+        offset = fmt.make_offset(unet, base.unet.state_dict())
+        if fmt_name == "ldm":
+            offset = fmt.unet_to_ldm(offset, base.unet.config, prefix=ldm_prefix)
+            meta["ldm_prefix"] = ldm_prefix
+        written.append(fmt.save_safetensors(offset, unet_path, dtype=torch_dtype, metadata=meta))
+    else:
+        written.append(_save_diffusers_folder(unet, unet_path, dtype=torch_dtype, base_config=base.unet.config))
+        (unet_path / EXPORT_INFO).write_text(json.dumps(meta, indent=2) + "\n")
+        written.append(unet_path / EXPORT_INFO)
+    if small:
+        written.append(fmt.save_safetensors(small, modules_path, dtype=torch_dtype,
+                                            metadata=dict(meta, format=fmt.FORMAT_TAGS["modules"])))
+    return written
+
+
+def _save_diffusers_folder(unet: dict[str, torch.Tensor], out: Path, *, dtype: torch.dtype, base_config) -> Path:
+    """save_pretrained (safetensors) of a UNet with the base's config widened to the trained channel count."""
+    from diffusers import UNet2DConditionModel
+
+    config = dict(base_config, in_channels=unet["conv_in.weight"].shape[1])
+    with torch.device("meta"):
+        model = UNet2DConditionModel.from_config(config)
+    model.load_state_dict({k: v.detach().to(dtype).contiguous() for k, v in unet.items()}, strict=True, assign=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# From checkpoints
+
+
+def export_run_checkpoint(
+    checkpoint_root: Path,
+    tag: str | None,
+    out: Path,
+    *,
+    fmt_name: str = "unet",
+    dtype: str = "fp32",
+    base: str | Path | None = None,
+    ldm_prefix: str = "diffusion_model.",
+) -> list[Path]:
+    """Consolidate checkpoint `tag` (default: latest) under `checkpoint_root` and export it as `fmt_name`."""
+    checkpoint_root = Path(checkpoint_root)
     tag = tag or ckpt.latest_tag(checkpoint_root)
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint under {checkpoint_root} (no 'latest' file)")
-    config = json.loads((checkpoint_root / tag / "config.json").read_text())
+    config_path = checkpoint_root / tag / "config.json"
+    config = json.loads(config_path.read_text())
     state = eng.fp32_state_dict_from_checkpoint(checkpoint_root, tag)
     step = int(tag.rsplit("_", 1)[-1]) if tag.startswith("step_") else -1
-    return export_state_dict(state, out_dir, dtype=dtype, config=config, step=step)
+    unet, small = split_state_dict(state)
+    base_model = None
+    if fmt_name != "unet":
+        from .base_model import base_for_run
+
+        base_model = base_for_run(config_path, override=base, unet_only=True)
+        log.info("base for export: %s (%s)", base_model.source, base_model.unet_hash[:19])
+        _check_base_record(checkpoint_root.parent / BASE_RECORD, base_model, overridden=base is not None)
+    return export_formatted(unet, small, fmt_name=fmt_name, out=Path(out), dtype=dtype, config=config, step=step,
+                            base=base_model, ldm_prefix=ldm_prefix)
+
+
+def _check_base_record(record: Path, base_model, *, overridden: bool) -> None:
+    """When the run recorded its base's hash, the base the offsets are taken from must be that one."""
+    if not record.is_file():
+        return
+    want = json.loads(record.read_text()).get("unet_hash")
+    if not want or want == base_model.unet_hash:
+        return
+    msg = (f"the run trained on a base with UNet hash {want[:19]} ({record}), but {base_model.source} has "
+           f"{base_model.unet_hash[:19]}: offsets from it would not give back the trained UNet")
+    if not overridden:
+        raise ValueError(msg + "; pass --base with the run's base model")
+    log.warning("%s (--base was given explicitly: exporting anyway)", msg)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, type=Path, help="run folder (holding checkpoints/)")
+    p.add_argument("--format", dest="fmt", choices=FORMATS, default="unet", help="what to write (default: unet)")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: the run folder)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="a .safetensors file, or a folder (default: the run folder; diffusers: <run>/unet_diffusers)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--base", default=None,
+                   help="base model the offsets are taken from (default: the run's model.base, or its random base)")
+    p.add_argument("--ldm-prefix", default="diffusion_model.",
+                   help="key prefix of the ldm format (default 'diffusion_model.', the layout of the community "
+                        "IC-Light LDM files that the ComfyUI/Forge IC-Light nodes load; '' for bare keys, "
+                        "'model.diffusion_model.' for a full-checkpoint layout)")
     args = p.parse_args(argv)
-    for path in export_checkpoint(args.run / "checkpoints", args.tag, args.out or args.run, dtype=args.dtype):
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    out = args.out or (args.run / "unet_diffusers" if args.fmt == "diffusers" else args.run)
+    for path in export_run_checkpoint(args.run / "checkpoints", args.tag, out, fmt_name=args.fmt, dtype=args.dtype,
+                                      base=args.base, ldm_prefix=args.ldm_prefix):
         print(path)
 
 
