@@ -88,3 +88,110 @@ def condition_batch(
         background=background,
         env=env,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The frozen encoders' own random stream, and conditions from a latent cache (iclight_ds/cache.py)
+
+
+def frozen_seed(seed: int) -> int:
+    """Seed of the random frozen VAE/text encoder of a run with `train.seed = seed`.
+
+    Their own stream (not whatever the trainable model's init left in the global one), so a latent cache can
+    rebuild them from (size, seed, dtype) alone, without building the 860M-parameter UNet first.
+    """
+    return seed + 1
+
+
+def build_frozen(size: str, *, seed: int, tokenizer, dtype: torch.dtype, device) -> tuple:
+    """(vae, text_encoder) built from the `size` configs with random weights, frozen, in `dtype` on `device`.
+
+    The weights depend only on (size, seed, dtype, the tokenizer's vocabulary): the trainer and
+    `python -m iclight_ds.cache` both call this. The global torch RNG is left as it was.
+    """
+    from .models import build_text_encoder, build_vae, default_dtype, freeze
+
+    with torch.random.fork_rng(devices=[]), default_dtype(dtype):  # built in `dtype` directly, as before
+        torch.manual_seed(frozen_seed(seed))
+        vae = freeze(build_vae(size), dtype, device)
+        text_encoder = freeze(build_text_encoder(size, tokenizer), dtype, device)
+    return vae, text_encoder
+
+
+@torch.no_grad()
+def encode_posterior_mode(vae, images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1] -> (N, 4, H/8, W/8) UNSCALED posterior mode, in the VAE's dtype.
+
+    `encode_posterior_mode(vae, x).float() * vae.config.scaling_factor` is exactly `encode_images(vae, x)`; the
+    cache stores this (lossless in the VAE's own dtype) and applies the scaling factor when it loads.
+    """
+    dtype = next(vae.parameters()).dtype
+    return vae.encode(images.to(dtype)).latent_dist.mode()
+
+
+def _cached_latent_scale(batch: dict) -> float:
+    scale = batch["latent_scale"]
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() > 1 and not bool((scale == scale.flatten()[0]).all()):
+            raise ValueError("a cached batch mixes latents of several VAE scaling factors")
+        scale = scale.flatten()[0].item()
+    return float(scale)  # a python float, as vae.config.scaling_factor is in encode_images
+
+
+@torch.no_grad()
+def condition_cached_batch(
+    batch: dict,
+    *,
+    variant: str,
+    split_cells: int,
+    with_split: bool,
+    generator: torch.Generator,
+    device: torch.device,
+) -> ConditionedBatch:
+    """`condition_batch` for a batch of `cache.CachedDataset` samples: no VAE, no text encoder.
+
+    FC: the same ConditionedBatch as `condition_batch` on the same samples with the same generator (the env map is
+    cached raw and split here, drawing the same random numbers), up to the storage dtype of the cached
+    latents/text. FBC: the split of the background was VAE-encoded at caching time for K random masks per sample
+    (`background_parts`, (B, K, 2, 4, h, w)); one of the K is picked per sample with `generator`.
+    """
+    scale = _cached_latent_scale(batch)
+
+    def latent(x: torch.Tensor) -> torch.Tensor:  # stored unscaled: the same fp32 product encode_images computes
+        return x.to(device).float() * scale
+
+    target = latent(batch["target"])  # (B, 4, h, w)
+    bsz = target.shape[0]
+    background = None
+    if variant == "fbc":
+        bg = latent(batch["background"])
+        if with_split:
+            parts = batch.get("background_parts")  # (B, K, 2, 4, h, w)
+            if parts is None or parts.shape[1] == 0:
+                raise ValueError("this cache has no background split variants: rebuild it with "
+                                 "`python -m iclight_ds.cache ... --split-variants K` (K >= 1)")
+            cells = batch["split_grid"].shape[-2]  # (B, K, 1, cells, 2 * cells)
+            if cells != split_cells:
+                raise ValueError(f"the cached background splits use a {cells}-cell grid, objective.split_cells is "
+                                 f"{split_cells}")
+            pick = torch.randint(0, parts.shape[1], (bsz,), generator=generator)
+            chosen = parts[torch.arange(bsz), pick]  # (B, 2, 4, h, w): parts under m and under 1 - m
+            background = (bg, latent(chosen[:, 0]), latent(chosen[:, 1]))
+        else:
+            background = (bg,) * 3
+    env = None
+    if variant == "fc":
+        env_full = batch["env"].to(device).float()  # (B, 3, He, We)
+        if with_split:
+            m = split_masks(bsz, split_cells, env_full.shape[-2:], generator).to(device)
+            env = (env_full, env_full * m, env_full * (1 - m))
+        else:
+            env = (env_full,) * 3
+    return ConditionedBatch(
+        latents=target,
+        foreground=latent(batch["foreground"]),
+        text=batch["text"].to(device).float(),  # (B, 77, D)
+        mask=batch["mask"].to(device).float(),  # (B, 1, h, w), area-downsampled when cached
+        background=background,
+        env=env,
+    )

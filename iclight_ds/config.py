@@ -63,6 +63,9 @@ class DataConfig:
     """Skip samples whose files fail to decode (counted and reported) instead of stopping."""
     validate: bool = True
     """Decode and check every sample before step 1 (rank 0); a dataset with problems is refused unless skip_bad."""
+    cache: Optional[str] = None
+    """Train from a latent cache made by `python -m iclight_ds.cache`; the VAE and text encoder are then not built
+    at all. Its metadata must match this run (variant, resolution, model size/base, seed, frozen dtype, ...)."""
 
 
 @dataclass
