@@ -24,7 +24,11 @@ class ModelConfig:
     size: Literal["tiny", "full"] = "tiny"
     """Architecture built from configs in code: 'tiny' (tests, default run) or 'full' (real SD1.5 shapes)."""
     base: Optional[str] = None
-    """Local SD1.5 weights to start from; None builds random weights from `size`."""
+    """Local SD1.5 weights to start from (diffusers folder or one .safetensors/.ckpt); None: random from `size`."""
+    tokenizer: Optional[str] = None
+    """Local CLIP tokenizer folder for a single-file base (which carries none)."""
+    iclight_weights: Optional[str] = None
+    """An IC-Light offset file (e.g. iclight_sd15_fc.safetensors) added to the base before training."""
     variant: Literal["fc", "fbc"] = "fc"
     """fc: UNet input = noisy + foreground latent (8 ch); fbc: + background latent (12 ch)."""
     env_tokens: int = 4
@@ -124,6 +128,12 @@ class LoggingConfig:
     """wandb project name."""
     progress: bool = True
     """tqdm progress bar on rank 0."""
+    preview_every: int = 100
+    """Every N optimizer steps (and at the end) rank 0 relights fixed samples into previews/ (0: never)."""
+    preview_samples: int = 4
+    """Samples in a preview grid (the first ones of the dataset, always the same)."""
+    preview_steps: int = 10
+    """Sampler steps of a preview (DPM++ 2M SDE Karras, fixed seed)."""
 
 
 @dataclass
@@ -302,6 +312,15 @@ def validate(cfg: RunConfig) -> None:
         problems.append("data.num_workers: must be >= 0")
     if cfg.model.size == "full" and cfg.model.base is None and cfg.data.resolution < 256:
         problems.append("model.size=full with data.resolution < 256: the full SD1.5 UNet expects >= 256 px")
+    for key, value in (("model.base", cfg.model.base), ("model.tokenizer", cfg.model.tokenizer),
+                       ("model.iclight_weights", cfg.model.iclight_weights), ("data.path", cfg.data.path),
+                       ("data.cache", cfg.data.cache)):
+        if value is not None and not Path(value).exists():
+            problems.append(f"{key}={value}: no such file or folder")
+    if cfg.model.iclight_weights and not cfg.model.base:
+        problems.append("model.iclight_weights needs model.base: offsets are added to the base they were made from")
+    if cfg.logging.preview_every < 0 or cfg.logging.preview_samples < 1 or cfg.logging.preview_steps < 1:
+        problems.append("logging.preview_every >= 0, logging.preview_samples >= 1, logging.preview_steps >= 1")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 

@@ -237,6 +237,15 @@ def param_groups(params, max_elements: int = MAX_GROUP_ELEMENTS) -> list[dict]:
     return [{"params": g} for g in groups if g]
 
 
+def readable_params(ds_cfg: dict, params):
+    """A context in which ZeRO-3 partitioned `params` are whole for reading on every rank (collective)."""
+    if zero_stage(ds_cfg) != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+
+
 def build_optimizer(name: str, params, *, lr: float, weight_decay: float, betas: tuple[float, float]):
     params = param_groups(params)
     if name == "adamw8bit":

@@ -22,8 +22,8 @@ from . import checkpoint as ckpt
 from . import engine as eng
 from .checks import check_module_devices, check_optimizer, check_precision, describe
 from .conditioning import build_frozen, condition_batch, condition_cached_batch
-from .config import RunConfig, load_config, parse_overrides, save_config, to_dict
-from .models import build_iclight_model, configure_attention, count_parameters, default_dtype
+from .config import ConfigError, RunConfig, load_config, parse_overrides, save_config, to_dict
+from .models import build_iclight_model, configure_attention, count_parameters, default_dtype, freeze
 from .objectives import iclight_losses
 
 log = logging.getLogger("iclight_ds")
@@ -96,6 +96,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.json")
 
+        self.base = self._load_base()
         self.dataset = self._build_dataset()
         self._build_models()
         self.loader, self.sampler = self._build_loader()
@@ -130,6 +131,26 @@ class Trainer:
         logging.basicConfig(level=level, format=f"[rank{self.acc.rank}] %(asctime)s %(levelname)s %(message)s")
         log.setLevel(level)
 
+    def _load_base(self):
+        """model.base: real SD1.5 weights (offline), optionally with IC-Light offsets added; None: random models."""
+        model_cfg = self.cfg.model
+        if not model_cfg.base:
+            return None
+        from .base_model import load_base, load_iclight_offset
+
+        # fp32 first: offsets are added at full precision, then everything goes to the training dtype
+        base = load_base(model_cfg.base, tokenizer_fallback=model_cfg.tokenizer, dtype=torch.float32,
+                         unet_only=bool(self.cfg.data.cache))
+        if model_cfg.iclight_weights:
+            load_iclight_offset(base.unet, model_cfg.iclight_weights)
+            log.info("added IC-Light offsets %s to the base", model_cfg.iclight_weights)
+        base.unet.to(self.dtype)
+        if self.is_main:
+            record = {"base": model_cfg.base, "source": base.source, "unet_hash": base.unet_hash,
+                      "iclight_weights": model_cfg.iclight_weights}
+            (self.out_dir / "base.json").write_text(json.dumps(record, indent=2) + "\n")
+        return base
+
     def _build_dataset(self):
         from .data.dataset import RelightDataset
         from .data.tokenizer import build_char_tokenizer
@@ -151,7 +172,7 @@ class Trainer:
         if data_cfg.validate and self.is_main:
             self._validate_dataset(root)
         eng.barrier()
-        self.tokenizer = build_char_tokenizer()
+        self.tokenizer = self.base.tokenizer if self.base is not None else build_char_tokenizer()
         return RelightDataset(
             root,
             data_cfg.resolution,
@@ -181,8 +202,12 @@ class Trainer:
     def _build_models(self) -> None:
         cfg, device = self.cfg, self.acc.device
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        with eng.model_init_context(self.ds_cfg), default_dtype(self.dtype):
-            model = build_iclight_model(cfg.model, modify=eng.whole_params(self.ds_cfg))
+        if self.base is not None:  # the UNet exists already: deepspeed.initialize partitions it (ZeRO-3)
+            with default_dtype(self.dtype):
+                model = build_iclight_model(cfg.model, unet=self.base.unet)
+        else:
+            with eng.model_init_context(self.ds_cfg), default_dtype(self.dtype):
+                model = build_iclight_model(cfg.model, modify=eng.whole_params(self.ds_cfg))
         if cfg.model.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
         attention = configure_attention(model.unet, cfg.model.attention, self.acc.name)
@@ -190,6 +215,9 @@ class Trainer:
         frozen_dtype = self.dtype if cfg.model.frozen_dtype == "auto" else _DTYPES[cfg.model.frozen_dtype]
         if cfg.data.cache:  # the cache holds their outputs: not built at all
             self.vae = self.text_encoder = None
+        elif self.base is not None:
+            self.vae = freeze(self.base.vae, frozen_dtype, device)
+            self.text_encoder = freeze(self.base.text_encoder, frozen_dtype, device)
         else:  # outside model_init_context: ZeRO-3 never partitions them
             self.vae, self.text_encoder = build_frozen(cfg.model.size, seed=cfg.train.seed, tokenizer=self.tokenizer,
                                                        dtype=frozen_dtype, device=device)
@@ -369,6 +397,8 @@ class Trainer:
                     saved_at = self.step
                 except ckpt.CheckpointError as e:  # keep training: the next save may succeed
                     log.error("%s", e)
+            if cfg.logging.preview_every and self.step % cfg.logging.preview_every == 0:
+                self.preview(writer)
             if self._stop_requested():
                 log.warning("signal %s: saving at step %d and exiting", self.stop_signal, self.step)
                 break
@@ -381,6 +411,8 @@ class Trainer:
         if self.stop_signal is not None:
             writer.close()
             return
+        if cfg.logging.preview_every and self.step % cfg.logging.preview_every != 0:
+            self.preview(writer)  # the final weights always get one
         if cfg.train.export and self.is_main:
             from .export import export_checkpoint
 
@@ -388,6 +420,29 @@ class Trainer:
                 log.info("exported %s", path)
         eng.barrier()
         writer.close()
+
+    def preview(self, writer: "MetricsWriter") -> Path | None:
+        """Collective: relight the first `preview_samples` samples with a fixed seed; rank 0 saves the grid."""
+        if self.vae is None:
+            if self.is_main and not getattr(self, "_warned_preview", False):
+                log.warning("no previews when training from a cache (data.cache): the VAE is not loaded")
+                self._warned_preview = True
+            return None
+        from .relight import make_preview_grid
+
+        cfg, module = self.cfg, self.engine.module
+        path = self.out_dir / "previews" / f"step_{self.step:08d}.png"
+        with eng.readable_params(self.ds_cfg, module.parameters()):
+            if self.is_main:
+                n = min(cfg.logging.preview_samples, len(self.dataset))
+                samples = [self.dataset[i] for i in range(n)]
+                grid = make_preview_grid(module.unet, self.vae, self.text_encoder, self.tokenizer, module.env_encoder,
+                                         samples, seed=cfg.train.seed, steps=cfg.logging.preview_steps)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                grid.save(path)
+                writer.image("preview", path, self.step)
+                log.info("preview %s", path)
+        return path
 
     def _install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT: finish the current step, save, exit 0. A second signal exits at once.
@@ -449,6 +504,17 @@ class Trainer:
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    from .base_model import BaseModelError
+    from .cache import CacheError
+    from .checkpoint import CheckpointError
+    from .checks import DeviceCheckError
+    from .data.dataset import DatasetError
+
+    return (BaseModelError, CacheError, CheckpointError, DeviceCheckError, DatasetError, eng.EngineConfigError,
+            FileNotFoundError)
+
+
 class NonFiniteError(RuntimeError):
     """Training cannot go on: losses or the fp16 loss scale stopped being finite."""
 
@@ -493,6 +559,12 @@ class MetricsWriter:
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
 
+    def image(self, key: str, path: Path, step: int) -> None:
+        if self.enabled and self.wandb is not None:
+            import wandb
+
+            self.wandb.log({key: wandb.Image(str(path))}, step=step)
+
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
@@ -509,12 +581,19 @@ def main(argv: list[str] | None = None) -> int:
         del argv[i : i + 2]
     # the deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment carries the same
     argv = [a for a in argv if not a.startswith("--local_rank")]
-    cfg = load_config(config_path, parse_overrides(argv))
+    try:
+        cfg = load_config(config_path, parse_overrides(argv))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         Trainer(cfg).train()
     except NonFiniteError as e:
         log.error("%s", e)
         return 3
+    except _user_errors() as e:  # bad input: the message says what and where; no traceback needed
+        log.error("%s: %s", type(e).__name__, e)
+        return 2
     finally:
         eng.shutdown()
     return 0

@@ -1,0 +1,81 @@
+"""Training from a local SD1.5-layout base (diffusers folder), with IC-Light offsets, and preview images."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A tiny model saved in the diffusers layout a user would have on disk (random weights)."""
+    from iclight_ds.data.tokenizer import build_char_tokenizer
+    from iclight_ds.models import build_text_encoder, build_unet, build_vae
+
+    root = tmp_path_factory.mktemp("base")
+    torch.manual_seed(123)
+    tok = build_char_tokenizer()
+    build_unet("tiny").save_pretrained(root / "unet")
+    build_vae("tiny").save_pretrained(root / "vae")
+    build_text_encoder("tiny", tok).save_pretrained(root / "text_encoder")
+    tok.save_pretrained(root / "tokenizer")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from iclight_ds.data.synth import generate
+
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, 16, size=64, seed=9)
+    return root
+
+
+def test_trains_from_a_diffusers_folder_with_iclight_offsets_and_previews(tiny_base, data, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from iclight_ds.config import load_config
+    from iclight_ds.train import Trainer
+
+    base_unet = UNet2DConditionModel.from_pretrained(tiny_base / "unet", local_files_only=True)
+    offset = {k: torch.zeros_like(v) for k, v in base_unet.state_dict().items()}
+    offset["conv_in.weight"] = torch.full((32, 8, 3, 3), 0.25)  # an "IC-Light FC" offset
+    offset["conv_out.bias"] = torch.full_like(offset["conv_out.bias"], 0.5)
+    save_file(offset, str(tmp_path / "iclight_fc_offset.safetensors"))
+
+    out = tmp_path / "run"
+    cfg = load_config(None, {"model.base": str(tiny_base), "model.iclight_weights": str(tmp_path /
+                             "iclight_fc_offset.safetensors"), "train.ds_config": "cpu", "data.path": str(data),
+                             "train.output_dir": str(out), "train.steps": 2, "logging.wandb": False,
+                             "logging.progress": False, "logging.every": 1, "logging.preview_every": 1,
+                             "logging.preview_samples": 2, "logging.preview_steps": 2, "data.num_workers": 0})
+    trainer = Trainer(cfg)
+    unet = trainer.engine.module.unet
+    # the engine starts from base + offset (the official merge), in the training dtype
+    expected = base_unet.conv_in.weight + 0.25
+    assert torch.equal(unet.conv_in.weight[:, :4], expected.to(unet.conv_in.weight.dtype))
+    assert torch.equal(unet.conv_in.weight[:, 4:], torch.full((32, 4, 3, 3), 0.25, dtype=unet.conv_in.weight.dtype))
+    assert torch.equal(unet.conv_out.bias, (base_unet.conv_out.bias + 0.5).to(unet.conv_out.bias.dtype))
+    assert str(trainer.tokenizer.name_or_path).endswith("tokenizer")  # the folder's own tokenizer was loaded
+    base = json.loads((out / "base.json").read_text())
+    assert base["unet_hash"].startswith("sha256:") and base["base"] == str(tiny_base)
+    trainer.train()
+    previews = sorted((out / "previews").glob("*.png"))
+    assert [p.name for p in previews] == ["step_00000001.png", "step_00000002.png"]
+    grid = Image.open(previews[-1])
+    assert grid.size[0] >= 3 * 64 and grid.size[1] >= 2 * 64  # fg | target | prediction, two rows
+    first, second = (torch.tensor(list(Image.open(p).getdata()), dtype=torch.float) for p in previews)
+    assert not torch.equal(first, second)  # the prediction changed with the weights
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(m["loss"] == m["loss"] for m in metrics)
+
+
+def test_missing_base_is_named(tmp_path):
+    from iclight_ds.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"model.base=.*nowhere: no such file"):
+        load_config(None, {"model.base": str(tmp_path / "nowhere")})
+    with pytest.raises(ConfigError, match="model.iclight_weights needs model.base"):
+        load_config(None, {"model.iclight_weights": str(tmp_path)})
