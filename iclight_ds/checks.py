@@ -34,6 +34,16 @@ def check_optimizer(name: str, *, accelerator: str, stage: int, offload_optimize
         raise DeviceCheckError(f"train.optimizer=cpu_adam needs ZeRO (stage >= 1) in {ds_path}")
 
 
+def check_offload_ram(*, needed_gib: float, ranks_here: int, ram_gib: float, ds_path) -> None:
+    """Offload moves model states into host RAM: refuse a config whose states cannot fit there at all."""
+    if needed_gib * ranks_here > 0.95 * ram_gib:
+        raise DeviceCheckError(
+            f"{ds_path}: zero_optimization.offload_optimizer/offload_param put ~{needed_gib:.1f} GiB per rank in host "
+            f"RAM ({ranks_here} rank(s) here: {needed_gib * ranks_here:.1f} GiB) but this machine has {ram_gib:.1f} "
+            "GiB; use fewer ranks per machine, a config without offload, or see `python -m iclight_ds.plan`"
+        )
+
+
 def check_module_devices(modules: dict[str, nn.Module], device: torch.device) -> None:
     """Every parameter and buffer of every module on `device` (ZeRO-3 partitions are placeholders: skipped)."""
     wrong = []

@@ -218,9 +218,9 @@ def whole_params(ds_cfg: dict):
 
 # Elements per optimizer parameter group. ZeRO gives the client optimizer one flat fp32 partition per group, and
 # bitsandbytes' CPU 8-bit step needs ~20 transient bytes per element of the tensor it updates: one group for the
-# whole SD1.5 UNet would spike ~17 GB in the step (measured: OOM-killed on a 24 GB machine); 50M-element groups
-# bound the spike near 1 GB.
-MAX_GROUP_ELEMENTS = 50_000_000
+# whole SD1.5 UNet would spike ~17 GB in the step (measured: OOM-killed on a 24 GB machine); 20M-element groups
+# bound the spike near 0.4 GB. ZeRO-3 configs set the same bound as `sub_group_size`.
+MAX_GROUP_ELEMENTS = 20_000_000
 
 
 def param_groups(params, max_elements: int = MAX_GROUP_ELEMENTS) -> list[dict]:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from . import checkpoint as ckpt
 from . import engine as eng
-from .checks import check_module_devices, check_optimizer, check_precision, describe
+from .checks import check_module_devices, check_offload_ram, check_optimizer, check_precision, describe
 from .conditioning import build_frozen, condition_batch, condition_cached_batch
 from .config import ConfigError, RunConfig, load_config, parse_overrides, save_config, to_dict
 from .models import build_iclight_model, configure_attention, count_parameters, default_dtype, freeze
@@ -90,11 +90,14 @@ class Trainer:
         check_precision(self.acc.name, self.dtype, bf16_ok=self.acc.bf16, fp16_ok=self.acc.fp16, ds_path=self.ds_path)
         check_optimizer(cfg.train.optimizer, accelerator=self.acc.name, stage=eng.zero_stage(self.ds_cfg),
                         offload_optimizer=eng.offloads_optimizer(self.ds_cfg), ds_path=self.ds_path)
+        self._check_offload_ram()
         log.info("%s (ds_config=%s)", describe(self.acc.name, self.acc.world_size, self.dtype,
                                                 eng.zero_stage(self.ds_cfg), self.geometry), self.ds_path)
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.json")
+            record = {"_source": str(self.ds_path), **self.ds_cfg}  # what `auto` resolved to, for export and audit
+            (self.out_dir / "ds_config.json").write_text(json.dumps(record, indent=2) + "\n")
 
         self.base = self._load_base()
         self.dataset = self._build_dataset()
@@ -125,6 +128,22 @@ class Trainer:
             torch.distributed.broadcast_object_list(choice, src=0)
         log.info("train.ds_config=auto: the planner chose %s", choice[0])
         return Path(choice[0])
+
+    def _check_offload_ram(self) -> None:
+        """With offload, the planner's count of host-side model states must fit this machine's RAM."""
+        zero = self.ds_cfg.get("zero_optimization", {})
+        if not any(zero.get(k, {}).get("device", "none") not in (None, "none")
+                   for k in ("offload_optimizer", "offload_param")):
+            return
+        import psutil
+
+        from .plan import GiB, model_state_bytes, unet_parameters
+
+        params = unet_parameters(self.cfg.model.size, self.cfg.model.in_channels)
+        _, host = model_state_bytes(params, self.ds_cfg, self.acc.world_size, self.cfg.train.optimizer)
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", self.acc.world_size))
+        check_offload_ram(needed_gib=host / GiB, ranks_here=ranks_here,
+                          ram_gib=psutil.virtual_memory().total / GiB, ds_path=self.ds_path)
 
     def _setup_logging(self) -> None:
         level = logging.INFO if self.is_main else logging.WARNING

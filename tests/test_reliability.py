@@ -232,6 +232,23 @@ def test_optimizer_combinations_refused():
     check_optimizer("adamw8bit", accelerator="cuda", stage=3, offload_optimizer=False, ds_path="zero3.json")
 
 
+def test_offload_without_enough_host_ram_is_refused(make_trainer, monkeypatch):
+    import psutil
+
+    from iclight_ds.checks import DeviceCheckError, check_offload_ram
+
+    with pytest.raises(DeviceCheckError, match=r"x.json: zero_optimization.offload_optimizer/offload_param put "
+                                                r"~9.0 GiB per rank .*\(2 rank\(s\) here: 18.0 GiB\) but this machine has "
+                                                r"16.0 GiB"):
+        check_offload_ram(needed_gib=9.0, ranks_here=2, ram_gib=16.0, ds_path="x.json")
+    check_offload_ram(needed_gib=7.0, ranks_here=2, ram_gib=16.0, ds_path="x.json")
+    # the trainer asks the planner: a full-size model with offload on a "2 GiB" machine is refused before step 1
+    real = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(total=2 * 2**30))
+    with pytest.raises(DeviceCheckError, match="zero2_offload.json: zero_optimization.offload_optimizer"):
+        make_trainer(**{"train.ds_config": "zero2_offload", "model.size": "full", "data.resolution": 256})
+
+
 def test_refused_configurations(tmp_path, data):
     from iclight_ds.config import ConfigError, load_config
     from iclight_ds.engine import EngineConfigError, batch_geometry, read_ds_config
