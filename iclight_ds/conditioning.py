@@ -27,6 +27,15 @@ def split_background(background: torch.Tensor, mask: torch.Tensor) -> tuple[torc
     return tuple(linear_to_srgb(linear * m) * 2 - 1 for m in (mask, 1 - mask))
 
 
+def env_conditions(batch: dict, split_cells: int, with_split: bool, generator: torch.Generator, device):
+    """FC: the environment map L and its complementary parts (L, L*m, L*(1-m)), each (B, 3, He, We)."""
+    env_full = batch["env"].to(device).float()
+    if not with_split:
+        return (env_full,) * 3
+    m = split_masks(env_full.shape[0], split_cells, env_full.shape[-2:], generator).to(device)
+    return env_full, env_full * m, env_full * (1 - m)
+
+
 @torch.no_grad()
 def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) in [-1, 1] -> (N, 4, H/8, W/8) scaled latents, as IC-Light does (mode of the posterior)."""
@@ -71,14 +80,7 @@ def condition_batch(
     background = None
     if variant == "fbc":
         background = tuple(latents[2:]) if with_split else (latents[2],) * 3
-    env = None
-    if variant == "fc":
-        env_full = batch["env"].to(device).float()  # (B, 3, He, We)
-        if with_split:
-            m = split_masks(bsz, split_cells, env_full.shape[-2:], generator).to(device)
-            env = (env_full, env_full * m, env_full * (1 - m))
-        else:
-            env = (env_full,) * 3
+    env = env_conditions(batch, split_cells, with_split, generator, device) if variant == "fc" else None
     mask = F.interpolate(batch["mask"].to(device).float(), size=latents[0].shape[-2:], mode="area")  # (B, 1, h, w)
     return ConditionedBatch(
         latents=latents[0],
@@ -179,14 +181,7 @@ def condition_cached_batch(
             background = (bg, latent(chosen[:, 0]), latent(chosen[:, 1]))
         else:
             background = (bg,) * 3
-    env = None
-    if variant == "fc":
-        env_full = batch["env"].to(device).float()  # (B, 3, He, We)
-        if with_split:
-            m = split_masks(bsz, split_cells, env_full.shape[-2:], generator).to(device)
-            env = (env_full, env_full * m, env_full * (1 - m))
-        else:
-            env = (env_full,) * 3
+    env = env_conditions(batch, split_cells, with_split, generator, device) if variant == "fc" else None
     return ConditionedBatch(
         latents=target,
         foreground=latent(batch["foreground"]),
