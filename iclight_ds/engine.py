@@ -129,11 +129,15 @@ def init_distributed() -> Accelerator:
 
     for var, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(var, default)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+    # A plain single process (no launcher) gets a private rendezvous on a free port; the address is only needed
+    # to form the group, so it is removed again: child processes (data workers, tools) must not inherit it.
+    own_rendezvous = "MASTER_PORT" not in os.environ
+    if own_rendezvous:
+        os.environ.update(MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"), MASTER_PORT=str(_free_port()))
     acc = get_accelerator()
     deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
+    if own_rendezvous:
+        os.environ.pop("MASTER_PORT")
     local_rank = int(os.environ["LOCAL_RANK"])
     name = acc.device_name()
     device = torch.device(acc.device_name(local_rank)) if name != "cpu" else torch.device("cpu")
@@ -235,15 +239,6 @@ def param_groups(params, max_elements: int = MAX_GROUP_ELEMENTS) -> list[dict]:
         groups[-1].append(p)
         count += n
     return [{"params": g} for g in groups if g]
-
-
-def readable_params(ds_cfg: dict, params):
-    """A context in which ZeRO-3 partitioned `params` are whole for reading on every rank (collective)."""
-    if zero_stage(ds_cfg) != 3:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
 
 
 def build_optimizer(name: str, params, *, lr: float, weight_decay: float, betas: tuple[float, float]):

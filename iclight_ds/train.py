@@ -451,16 +451,19 @@ class Trainer:
 
         cfg, module = self.cfg, self.engine.module
         path = self.out_dir / "previews" / f"step_{self.step:08d}.png"
-        with eng.readable_params(self.ds_cfg, module.parameters()):
+        # ZeRO-3 gathers each layer's weights inside its forward, a collective: every rank runs the (identical,
+        # fixed-seed) sampling then, and rank 0 alone saves. Otherwise rank 0 runs it alone.
+        if self.is_main or eng.zero_stage(self.ds_cfg) == 3:
+            n = min(cfg.logging.preview_samples, len(self.dataset))
+            samples = [self.dataset[i] for i in range(n)]
+            grid = make_preview_grid(module.unet, self.vae, self.text_encoder, self.tokenizer, module.env_encoder,
+                                     samples, seed=cfg.train.seed, steps=cfg.logging.preview_steps)
             if self.is_main:
-                n = min(cfg.logging.preview_samples, len(self.dataset))
-                samples = [self.dataset[i] for i in range(n)]
-                grid = make_preview_grid(module.unet, self.vae, self.text_encoder, self.tokenizer, module.env_encoder,
-                                         samples, seed=cfg.train.seed, steps=cfg.logging.preview_steps)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 grid.save(path)
                 writer.image("preview", path, self.step)
                 log.info("preview %s", path)
+        eng.barrier()
         return path
 
     def _install_signal_handlers(self) -> None:

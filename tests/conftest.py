@@ -18,3 +18,11 @@ def tiny_model_cfg():
     from iclight_ds.config import ModelConfig
 
     return ModelConfig(size="tiny")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _process_group_teardown():
+    """In-process Trainers join one process group for the whole session; destroy it once, at the end."""
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -70,6 +70,8 @@ def run_one(ds_config: str, args, rank: int) -> dict:
         "logging.every": 1,
         "logging.wandb": False,
         "logging.progress": False,
+        "logging.preview_steps": 2,  # the final preview runs under every ZeRO stage on both ranks
+        "logging.preview_samples": 2,
     }
     trainer = ProbedTrainer(load_config(None, overrides))
     before = eng.gathered_state_dict(trainer.engine)
@@ -97,6 +99,7 @@ def run_one(ds_config: str, args, rank: int) -> dict:
             metrics=[json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()],
             finite=all(math.isfinite(t["loss"]) for t in trainer.trace),
             checkpoint=sorted(p.name for p in (out / "checkpoints").iterdir()),
+            previews=sorted(p.name for p in (out / "previews").glob("*.png")),
         )
     return result
 

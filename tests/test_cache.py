@@ -240,10 +240,8 @@ def test_run_expectations_name_every_key(data, tmp_path):
 
 @pytest.fixture(scope="module")
 def process_group():
+    """In-process trainers share the session's process group (conftest.py tears it down at the end)."""
     yield
-    from iclight_ds import engine as eng
-
-    eng.shutdown()
 
 
 def test_trainer_refuses_a_cache_for_another_resolution(data, tmp_path, process_group):

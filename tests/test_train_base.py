@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 from PIL import Image
@@ -66,7 +68,7 @@ def test_trains_from_a_diffusers_folder_with_iclight_offsets_and_previews(tiny_b
     assert [p.name for p in previews] == ["step_00000001.png", "step_00000002.png"]
     grid = Image.open(previews[-1])
     assert grid.size[0] >= 3 * 64 and grid.size[1] >= 2 * 64  # fg | target | prediction, two rows
-    first, second = (torch.tensor(list(Image.open(p).getdata()), dtype=torch.float) for p in previews)
+    first, second = (torch.from_numpy(np.asarray(Image.open(p), dtype=np.float32)) for p in previews)
     assert not torch.equal(first, second)  # the prediction changed with the weights
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all(m["loss"] == m["loss"] for m in metrics)
