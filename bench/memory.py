@@ -83,9 +83,10 @@ def make_inputs(resolution: int, frozen=None):
     from iclight_ds.models import build_text_encoder, build_vae, default_dtype, freeze
 
     tok = build_char_tokenizer()
-    root = Path(tempfile.mkdtemp()) / "data"
-    generate(root, 2, size=resolution, seed=0, extras=False)
-    batch = torch.utils.data.default_collate([RelightDataset(root, resolution, tok, require_env=True)[0]])
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "data"
+        generate(root, 2, size=resolution, seed=0, extras=False)
+        batch = torch.utils.data.default_collate([RelightDataset(root, resolution, tok, require_env=True)[0]])
     torch.manual_seed(1)
     if frozen is not None:
         vae, te = frozen
