@@ -9,7 +9,7 @@
 # --num-gpus    ranks on this machine (default: every visible GPU, or 1 on a CPU-only machine; on CPU each
 #               rank is a process, e.g. --num-gpus 2 gives two CPU ranks over gloo)
 # --hostfile    DeepSpeed hostfile for several nodes ("host slots=N" per line); deepspeed launcher only
-# --ds-config   a file in ds_configs/ (name with or without .json), a path, or auto (cpu.json / zero2.json)
+# --ds-config   a file in ds_configs/ (name with or without .json), a path, or auto (the memory planner picks)
 # --launcher    deepspeed (default), torchrun, or python (one process, no launcher)
 # Anything else (--train.steps 100, --model.variant fbc, ...) is passed to the trainer as a config override.
 set -euo pipefail
@@ -34,7 +34,7 @@ while [[ $# -gt 0 ]]; do
     --output-dir) need_value "$@"; passthrough+=(--train.output_dir "$2"); shift 2 ;;
     --resume) need_value "$@"; passthrough+=(--train.resume "$2"); shift 2 ;;
     --config) need_value "$@"; passthrough+=(--config "$2"); shift 2 ;;
-    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) passthrough+=("$1"); shift ;;
   esac
 done
