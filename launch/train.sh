@@ -34,7 +34,7 @@ while [[ $# -gt 0 ]]; do
     --output-dir) need_value "$@"; passthrough+=(--train.output_dir "$2"); shift 2 ;;
     --resume) need_value "$@"; passthrough+=(--train.resume "$2"); shift 2 ;;
     --config) need_value "$@"; passthrough+=(--config "$2"); shift 2 ;;
-    -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) passthrough+=("$1"); shift ;;
   esac
 done
