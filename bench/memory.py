@@ -192,6 +192,9 @@ def case_trainer(resolution: int, ds_config: str) -> dict:
                              "data.synth_samples": 4, "train.output_dir": str(out), "logging.wandb": False,
                              "logging.progress": False, "data.num_workers": 0, "train.export": False})
     trainer = Bench(cfg)
+    import psutil
+
+    init_peak, init_rss = peak_rss_gib(), psutil.Process().memory_info().rss / GiB
     trainer.cond, trainer.noise, trainer.t = make_inputs(resolution, (trainer.vae, trainer.text_encoder))
     # the input is conditioned once; then the frozen encoders go, as in a run from a latent cache (data.cache),
     # which never builds them
@@ -214,6 +217,8 @@ def case_trainer(resolution: int, ds_config: str) -> dict:
         "grad_bytes": trainer.grad_bytes,
         "optimizer_bytes": tensor_bytes([zero.optimizer.state]) + tensor_bytes(fp32),
         "peak_rss_gib": peak_rss_gib(),
+        "init_peak_rss_gib": init_peak,
+        "init_rss_gib": init_rss,
         "step_s": times[-1],
         "first_step_s": times[0],
     }
