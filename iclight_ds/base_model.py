@@ -338,7 +338,7 @@ def random_base(run_config, *, unet_only: bool = False) -> BaseModel:
     vae = text_encoder = None
     if not unet_only:  # the trainer's (and the latent cache's) own function: its own seed, RNG left alone
         vae, text_encoder = build_frozen(cfg.model.size, seed=cfg.train.seed, tokenizer=tokenizer,
-                                         dtype=frozen_dtype, device=torch.device("cpu"))
+                                         dtype=frozen_dtype, device=torch.device("cpu"), vae=cfg.model.vae)
     source = f"random {cfg.model.size} base (train.seed={cfg.train.seed}, built in {str(dtype).split('.')[-1]})"
     return BaseModel(unet, vae, text_encoder, tokenizer, source, unet_hash(unet.state_dict()), real_tokenizer=False)
 

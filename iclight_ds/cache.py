@@ -49,6 +49,7 @@ KEYS = {
     "base": ("model.base", "--base"),
     "base_hash": ("model.base", "--base"),
     "size": ("model.size", "--size"),
+    "vae": ("model.vae", "--vae"),
     "seed": ("train.seed", "--seed"),
     "frozen_dtype": ("model.frozen_dtype (auto: the DeepSpeed JSON's precision)", "--frozen-dtype"),
     "variant": ("model.variant", "--variant"),
@@ -128,7 +129,10 @@ def run_expectations(cfg, training_dtype: torch.dtype) -> dict:
     if cfg.model.base:
         expect["base"] = str(Path(cfg.model.base).resolve())
     else:  # random frozen models: rebuilt by conditioning.build_frozen from (size, seed, dtype)
-        expect.update(base=None, size=cfg.model.size, seed=cfg.train.seed)
+        from .conditioning import vae_identity
+
+        expect.update(base=None, size=cfg.model.size, vae=vae_identity(cfg.model.size, cfg.model.vae),
+                      seed=cfg.train.seed)
     expect["frozen_dtype"] = dtype_name(frozen)
     if cfg.model.variant == "fc":
         expect["env_shape"] = list(cfg.model.env_shape)
@@ -252,15 +256,19 @@ def encode_samples(batch: dict, vae, text_encoder, *, variant: str, split_varian
     return out
 
 
-def _frozen_models(*, base, size, seed, frozen_dtype, device):
+def _frozen_models(*, base, size, seed, frozen_dtype, device, vae="auto"):
     """(vae, text_encoder, tokenizer, identity entries) for a random base of `size` or real weights at `base`."""
-    from .conditioning import build_frozen
+    from .conditioning import build_frozen, vae_identity
     from .data.tokenizer import build_char_tokenizer
 
     if base is None:
         tokenizer = build_char_tokenizer()  # what the trainer uses with random models
-        vae, text_encoder = build_frozen(size, seed=seed, tokenizer=tokenizer, dtype=frozen_dtype, device=device)
-        return vae, text_encoder, tokenizer, {"base": None, "base_hash": None, "size": size, "tokenizer": "char"}
+        vae_model, text_encoder = build_frozen(size, seed=seed, tokenizer=tokenizer, dtype=frozen_dtype,
+                                               device=device, vae=vae)
+        return vae_model, text_encoder, tokenizer, {"base": None, "base_hash": None, "size": size,
+                                                    "vae": vae_identity(size, vae), "tokenizer": "char"}
+    if vae != "auto":
+        raise CacheError(f"--vae {vae}: with --base the base's own VAE is used (leave --vae auto)")
     try:
         from .base_model import is_run_dir, load_base, unet_hash
     except ImportError as e:
@@ -299,6 +307,7 @@ def build_cache(
     *,
     base: str | None = None,
     size: str = "tiny",
+    vae: str = "auto",
     seed: int = 0,
     frozen_dtype: str = "bf16",
     variant: str = "fc",
@@ -341,7 +350,13 @@ def build_cache(
     old = None
     if (out / META).is_file():
         old = read_meta(out)
-        check_identity(old["identity"], {"base": wanted_base, **({"size": size} if base is None else {}), **partial},
+        if base is None:
+            from .conditioning import vae_identity
+
+            model_keys = {"size": size, "vae": vae_identity(size, vae)}
+        else:
+            model_keys = {}
+        check_identity(old["identity"], {"base": wanted_base, **model_keys, **partial},
                        where=str(out), wanted_by="this command")
     elif out.is_dir() and any(p for p in out.iterdir() if not p.name.endswith(".tmp")):
         raise CacheError(f"{out} exists and is not a latent cache (no {META}): choose an empty or new folder")
@@ -356,7 +371,7 @@ def build_cache(
 
     t0 = time.perf_counter()
     vae, text_encoder, tokenizer, model_identity = _frozen_models(
-        base=base, size=size, seed=seed, frozen_dtype=DTYPES[frozen_dtype], device=device)
+        base=base, size=size, seed=seed, frozen_dtype=DTYPES[frozen_dtype], device=device, vae=vae)
     build_s = time.perf_counter() - t0
     identity = {**model_identity, **partial}
     if old is not None:  # the content hash of real weights is only known now
@@ -440,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", default=None, help="SD1.5 weights (diffusers folder or single file); default: random "
                    "models built from configs, as the trainer builds them for --model.size/--train.seed")
     p.add_argument("--size", choices=("tiny", "full"), default="tiny", help="random models' size (model.size)")
+    p.add_argument("--vae", default="auto", help="model.vae of the run (random models only): auto (the shipped "
+                   "trained tiny VAE for --size tiny), random, or a file from python -m iclight_ds.tiny_vae")
     p.add_argument("--seed", type=int, default=0, help="the run's train.seed (random frozen models; split masks)")
     p.add_argument("--frozen-dtype", choices=tuple(DTYPES), default="bf16",
                    help="dtype the VAE/text encoder run in: the run's model.frozen_dtype, 'auto' there meaning the "
@@ -464,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         stats = build_cache(
-            args.data, args.out, base=args.base, size=args.size, seed=args.seed, frozen_dtype=args.frozen_dtype,
+            args.data, args.out, base=args.base, size=args.size, vae=args.vae, seed=args.seed,
+            frozen_dtype=args.frozen_dtype,
             variant=args.variant, resolution=args.resolution, env_shape=tuple(args.env_shape),
             split_variants=args.split_variants, split_cells=args.split_cells, dtype=args.dtype,
             batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.num_workers,

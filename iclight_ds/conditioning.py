@@ -105,19 +105,42 @@ def frozen_seed(seed: int) -> int:
     return seed + 1
 
 
-def build_frozen(size: str, *, seed: int, tokenizer, dtype: torch.dtype, device) -> tuple:
-    """(vae, text_encoder) built from the `size` configs with random weights, frozen, in `dtype` on `device`.
+def vae_source(size: str, vae: str = "auto") -> str:
+    """What `model.vae` means for a run without a base: 'random', or the path of a trained VAE file."""
+    if vae == "auto":
+        from .tiny_vae import ASSET
 
-    The weights depend only on (size, seed, dtype, the tokenizer's vocabulary): the trainer and
-    `python -m iclight_ds.cache` both call this. The global torch RNG is left as it was.
+        return str(ASSET) if size == "tiny" else "random"
+    return vae
+
+
+def vae_identity(size: str, vae: str = "auto") -> str:
+    """'random', or the sha256 of the VAE file `model.vae` resolves to (a latent cache records it)."""
+    from .tiny_vae import file_sha256
+
+    source = vae_source(size, vae)
+    return "random" if source == "random" else file_sha256(source)
+
+
+def build_frozen(size: str, *, seed: int, tokenizer, dtype: torch.dtype, device, vae: str = "auto") -> tuple:
+    """(vae, text_encoder): the frozen models of a run without a base, in `dtype` on `device`.
+
+    The text encoder (and a 'random' VAE) are built from the `size` configs with random weights drawn from their
+    own seed, so they depend only on (size, seed, dtype, the tokenizer's vocabulary); `vae` is `model.vae`
+    (auto: the shipped trained tiny VAE for size=tiny). The trainer, `python -m iclight_ds.cache` and
+    `base_model.random_base` all call this. The global torch RNG is left as it was.
     """
     from .models import build_text_encoder, build_vae, default_dtype, freeze
+    from .tiny_vae import load_vae_file
 
     with torch.random.fork_rng(devices=[]), default_dtype(dtype):  # built in `dtype` directly, as before
         torch.manual_seed(frozen_seed(seed))
-        vae = freeze(build_vae(size), dtype, device)
+        vae_model = build_vae(size)  # drawn even when replaced below: the text encoder's weights stay the same
         text_encoder = freeze(build_text_encoder(size, tokenizer), dtype, device)
-    return vae, text_encoder
+        source = vae_source(size, vae)
+        if source != "random":  # inside fork_rng too: constructing the module draws its (discarded) init
+            vae_model = load_vae_file(source)
+    return freeze(vae_model, dtype, device), text_encoder
 
 
 @torch.no_grad()

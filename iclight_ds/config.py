@@ -45,6 +45,10 @@ class ModelConfig:
     """auto: xformers when it imports and the device is CUDA, else PyTorch SDPA."""
     frozen_dtype: Literal["bf16", "fp16", "fp32", "auto"] = "auto"
     """dtype of the frozen VAE and text encoder; auto = the engine's training dtype."""
+    vae: str = "auto"
+    """Frozen VAE of a run without `base`: auto = the shipped trained tiny VAE for size=tiny (random for full);
+    random = random weights from the size's config; or a file written by `python -m iclight_ds.tiny_vae`.
+    With `base` set the base's own VAE is used and this must stay auto."""
 
     @property
     def in_channels(self) -> int:
@@ -59,7 +63,7 @@ class DataConfig:
     """Training resolution in pixels (square; resize short side, centre-crop)."""
     num_workers: int = 1
     """DataLoader worker processes per rank."""
-    synth_samples: int = 256
+    synth_samples: int = 1024
     """Synthetic samples generated when `path` is None."""
     synth_seed: int = 0
     """Seed of the synthetic generator."""
@@ -80,6 +84,9 @@ class ObjectiveConfig:
     """Weight of the light-transport consistency loss (paper: lambda_c); 0 trains vanilla only."""
     noise_offset: float = 0.0
     """Offset noise (the FCON recipe); 0 disables."""
+    snr_gamma: float = 5.0
+    """Min-SNR-gamma loss weighting (Hang et al. 2023; diffusers' --snr_gamma): each sample's loss times
+    min(SNR_t, gamma) / SNR_t; 0 disables it (plain noise-prediction MSE)."""
     split_cells: int = 4
     """The random complementary split of the illumination is drawn on a split_cells x (2*split_cells) grid."""
 
@@ -90,11 +97,11 @@ class TrainConfig:
     """DeepSpeed JSON; 'auto' = ds_configs/cpu.json without a GPU, ds_configs/zero2.json with one."""
     output_dir: str = "runs/default"
     """Run folder: metrics.jsonl, checkpoints/, unet.safetensors, resolved config."""
-    steps: int = 300
+    steps: int = 1500
     """Optimizer steps to train (each = gradient_accumulation_steps micro-batches per rank)."""
-    lr: float = 1e-3
+    lr: float = 3e-3
     """Peak learning rate."""
-    warmup_steps: int = 20
+    warmup_steps: int = 50
     """Linear warm-up, in optimizer steps."""
     schedule: Literal["constant", "cosine"] = "cosine"
     """LR after warm-up: constant, or cosine decay to 10% of the peak at `steps`."""
@@ -134,6 +141,16 @@ class LoggingConfig:
     """Samples in a preview grid (the first ones of the dataset, always the same)."""
     preview_steps: int = 10
     """Sampler steps of a preview (DPM++ 2M SDE Karras, fixed seed)."""
+    eval_every: int = 500
+    """Every N optimizer steps (and at the end) relight `eval_samples` held-out scenes and log PSNR/SSIM vs the
+    copy-the-input baseline, albedo drift and light additivity as eval/* (python -m iclight_ds.eval; 0: never)."""
+    eval_samples: int = 8
+    """Scenes scored by the training-time evaluation."""
+    eval_data: Optional[str] = None
+    """Dataset of held-out scenes for it; None: synthetic scenes generated into <output_dir>/eval_data (seed
+    data.synth_seed + 1000) when the run trains on synthetic data, else the last `eval_samples` training samples."""
+    eval_steps: int = 20
+    """Sampler steps of the training-time evaluation."""
 
 
 @dataclass
@@ -302,6 +319,8 @@ def validate(cfg: RunConfig) -> None:
         problems.append("model.merger_layers / model.merger_hidden: must be >= 1")
     if cfg.model.variant == "fc" and cfg.model.env_tokens < 1:
         problems.append("model.env_tokens: FC needs >= 1 environment token (it is how the model sees the light)")
+    if cfg.objective.snr_gamma < 0:
+        problems.append("objective.snr_gamma: must be >= 0 (0 disables Min-SNR weighting)")
     if cfg.objective.split_cells < 1:
         problems.append("objective.split_cells: must be >= 1")
     if cfg.train.keep < 0 or cfg.train.max_bad_steps < 0:
@@ -317,10 +336,21 @@ def validate(cfg: RunConfig) -> None:
                        ("data.cache", cfg.data.cache)):
         if value is not None and not Path(value).exists():
             problems.append(f"{key}={value}: no such file or folder")
+    if cfg.model.vae not in ("auto", "random"):
+        if cfg.model.base:
+            problems.append(f"model.vae={cfg.model.vae}: with model.base the base's own VAE is used; leave model.vae "
+                            "auto")
+        elif not Path(cfg.model.vae).is_file():
+            problems.append(f"model.vae={cfg.model.vae}: no such file (auto, random, or a file written by "
+                            "`python -m iclight_ds.tiny_vae`)")
     if cfg.model.iclight_weights and not cfg.model.base:
         problems.append("model.iclight_weights needs model.base: offsets are added to the base they were made from")
     if cfg.logging.preview_every < 0 or cfg.logging.preview_samples < 1 or cfg.logging.preview_steps < 1:
         problems.append("logging.preview_every >= 0, logging.preview_samples >= 1, logging.preview_steps >= 1")
+    if cfg.logging.eval_every < 0 or cfg.logging.eval_samples < 1 or cfg.logging.eval_steps < 1:
+        problems.append("logging.eval_every >= 0, logging.eval_samples >= 1, logging.eval_steps >= 1")
+    if cfg.logging.eval_data is not None and not Path(cfg.logging.eval_data).exists():
+        problems.append(f"logging.eval_data={cfg.logging.eval_data}: no such folder")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 

@@ -33,17 +33,38 @@ def add_noise(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tenso
     return abar.sqrt() * latents.float() + (1 - abar).sqrt() * noise.float()
 
 
-def vanilla_loss(eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """L_vanilla = || eps - eps_theta(z_t, t, E(I_d), L, text) ||^2, mean over all elements."""
-    return torch.mean((noise.float() - eps_pred.float()) ** 2)
+def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(B,) Min-SNR-gamma loss weights for noise prediction (Hang et al. 2023): min(SNR_t, gamma) / SNR_t.
+
+    SNR_t = abar_t / (1 - abar_t). Steps with SNR above gamma (the nearly clean, low-t ones) count less, so the
+    noisy steps, where a model must know the whole relit image, get a larger share of the gradient.
+    """
+    abar = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = abar / (1 - abar)
+    return snr.clamp(max=gamma) / snr
 
 
-def consistency_loss(merged: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def vanilla_loss(eps_pred: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """L_vanilla = || eps - eps_theta(z_t, t, E(I_d), L, text) ||^2, mean over all elements.
+
+    weights: optional (B,) per-sample weights (e.g. `min_snr_weights`); the mean of the weighted per-sample means.
+    """
+    sq = (noise.float() - eps_pred.float()) ** 2
+    if weights is None:
+        return torch.mean(sq)
+    return torch.mean(sq.mean(dim=(1, 2, 3)) * weights)
+
+
+def consistency_loss(merged: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor,
+                     weights: torch.Tensor | None = None) -> torch.Tensor:
     """L_consistency = || M * (eps - phi(eps_1, eps_2)) ||^2, averaged over the foreground (latent-size M).
 
     merged, noise: (B, 4, h, w); mask: (B, 1, h, w). Background pixels do not contribute at all.
+    weights: optional (B,) per-sample weights, applied to each sample's squared errors.
     """
     sq = mask.float() * (noise.float() - merged.float()) ** 2  # (B, 4, h, w)
+    if weights is not None:
+        sq = sq * weights.view(-1, 1, 1, 1)
     denom = (mask.float().sum() * noise.shape[1]).clamp_min(1.0)
     return sq.sum() / denom
 
@@ -64,12 +85,15 @@ def iclight_losses(
     alphas_cumprod: torch.Tensor,
     lambda_vanilla: float = 1.0,
     lambda_consistency: float = 0.1,
+    snr_gamma: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Vanilla + light-transport consistency (paper Sec. 3), the three UNet evaluations as ONE batched forward.
 
     `model(noisy, t, concat, text, env)` predicts noise; `model.merge(eps_1, eps_2)` is the latent MLP phi.
     Returns {"loss", "loss_vanilla", "loss_consistency"}; only "loss" carries the graph the caller backprops.
+    snr_gamma > 0 weights both terms per sample with Min-SNR-gamma (`min_snr_weights`); 0 leaves them unweighted.
     """
+    weights = min_snr_weights(timesteps, alphas_cumprod, snr_gamma) if snr_gamma > 0 else None
     noisy = add_noise(batch.latents, noise, timesteps, alphas_cumprod)  # (B, 4, h, w)
     parts = 3 if lambda_consistency > 0 else 1
     # Rows [0:B] see L, [B:2B] see L1, [2B:3B] see L2; the noisy target and timestep are the same for all three.
@@ -79,10 +103,10 @@ def iclight_losses(
         noisy.repeat(parts, 1, 1, 1), timesteps.repeat(parts), concat, batch.text.repeat(parts, 1, 1), env
     ).float()  # (parts * B, 4, h, w)
     eps_full = eps_all[: batch.batch_size]
-    terms = {"loss_vanilla": vanilla_loss(eps_full, noise)}
+    terms = {"loss_vanilla": vanilla_loss(eps_full, noise, weights)}
     if parts == 3:
         eps_1, eps_2 = eps_all[batch.batch_size :].chunk(2, dim=0)
-        terms["loss_consistency"] = consistency_loss(model.merge(eps_1, eps_2).float(), noise, batch.mask)
+        terms["loss_consistency"] = consistency_loss(model.merge(eps_1, eps_2).float(), noise, batch.mask, weights)
     else:
         terms["loss_consistency"] = torch.zeros((), device=noise.device)
     terms["loss"] = lambda_vanilla * terms["loss_vanilla"] + lambda_consistency * terms["loss_consistency"]

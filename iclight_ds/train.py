@@ -239,7 +239,7 @@ class Trainer:
             self.text_encoder = freeze(self.base.text_encoder, frozen_dtype, device)
         else:  # outside model_init_context: ZeRO-3 never partitions them
             self.vae, self.text_encoder = build_frozen(cfg.model.size, seed=cfg.train.seed, tokenizer=self.tokenizer,
-                                                       dtype=frozen_dtype, device=device)
+                                                       dtype=frozen_dtype, device=device, vae=cfg.model.vae)
 
         optimizer = eng.build_optimizer(
             cfg.train.optimizer,
@@ -329,6 +329,7 @@ class Trainer:
             alphas_cumprod=self.alphas_cumprod,
             lambda_vanilla=cfg.objective.lambda_vanilla,
             lambda_consistency=cfg.objective.lambda_consistency,
+            snr_gamma=cfg.objective.snr_gamma,
         )
         if not self._all_finite(terms["loss"], batch):
             return {}
@@ -418,6 +419,8 @@ class Trainer:
                     log.error("%s", e)
             if cfg.logging.preview_every and self.step % cfg.logging.preview_every == 0:
                 self.preview(writer)
+            if cfg.logging.eval_every and self.step % cfg.logging.eval_every == 0:
+                self.evaluate(writer)
             if self._stop_requested():
                 log.warning("signal %s: saving at step %d and exiting", self.stop_signal, self.step)
                 break
@@ -432,6 +435,8 @@ class Trainer:
             return
         if cfg.logging.preview_every and self.step % cfg.logging.preview_every != 0:
             self.preview(writer)  # the final weights always get one
+        if cfg.logging.eval_every and self.step % cfg.logging.eval_every != 0:
+            self.evaluate(writer)
         if cfg.train.export and self.is_main:
             from .export import export_checkpoint
 
@@ -465,6 +470,56 @@ class Trainer:
                 log.info("preview %s", path)
         eng.barrier()
         return path
+
+    def _eval_set(self) -> list[dict]:
+        """The training-time evaluation's scenes (loaded once): logging.eval_data, held-out synthetic scenes, or the
+        last training samples (said so in the log)."""
+        if getattr(self, "_eval_items", None) is not None:
+            return self._eval_items
+        from .eval import load_eval_samples
+
+        cfg = self.cfg
+        n = cfg.logging.eval_samples
+        root = Path(cfg.logging.eval_data) if cfg.logging.eval_data else None
+        if root is None and cfg.data.path is None:
+            root = self.out_dir / "eval_data"
+            if self.is_main and not (root / "manifest.jsonl").is_file():
+                from .data.synth import generate
+
+                generate(root, n, size=cfg.data.resolution, seed=cfg.data.synth_seed + 1000,
+                         env_shape=cfg.model.env_shape, extras=cfg.data.resolution <= 128)
+            eng.barrier()
+        if root is not None:
+            self._eval_items = load_eval_samples(root, cfg.data.resolution, self.tokenizer, cfg.model.env_shape,
+                                                 count=n, require_background=cfg.model.variant == "fbc")
+        else:
+            log.info("evaluation on the last %d training samples (set logging.eval_data to held-out scenes)", n)
+            self._eval_items = [self.dataset[i] for i in range(max(0, len(self.dataset) - n), len(self.dataset))]
+        return self._eval_items
+
+    def evaluate(self, writer: "MetricsWriter") -> dict | None:
+        """Collective: score the model on the evaluation scenes (iclight_ds.eval); rank 0 logs eval/* metrics."""
+        if self.vae is None:
+            if self.is_main and not getattr(self, "_warned_eval", False):
+                log.warning("no training-time evaluation when training from a cache (data.cache): no VAE loaded")
+                self._warned_eval = True
+            return None
+        from .eval import evaluate_samples
+
+        cfg, module = self.cfg, self.engine.module
+        summary = None
+        if self.is_main or eng.zero_stage(self.ds_cfg) == 3:  # ZeRO-3: every rank takes part in each forward
+            result = evaluate_samples(module.unet, self.vae, self.text_encoder, module.env_encoder, self._eval_set(),
+                                      steps=cfg.logging.eval_steps, seed=cfg.train.seed, tokenizer=self.tokenizer)
+            summary = result["summary"]
+            if self.is_main:
+                record = {"step": self.step, **{f"eval/{k}": v for k, v in summary.items()}}
+                writer.write(record)
+                log.info("eval at step %d: PSNR %.2f dB (copy input %.2f), SSIM %.3f, additivity error %s",
+                         self.step, summary["psnr"], summary["baseline_psnr"], summary["ssim"],
+                         f"{summary['additivity_error']:.3f}" if "additivity_error" in summary else "-")
+        eng.barrier()
+        return summary
 
     def _install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT: finish the current step, save, exit 0. A second signal exits at once.
@@ -532,9 +587,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .checkpoint import CheckpointError
     from .checks import DeviceCheckError
     from .data.dataset import DatasetError
+    from .eval import EvalError
+    from .tiny_vae import TinyVaeError
 
     return (BaseModelError, CacheError, CheckpointError, DeviceCheckError, DatasetError, eng.EngineConfigError,
-            FileNotFoundError)
+            EvalError, TinyVaeError, FileNotFoundError)
 
 
 class NonFiniteError(RuntimeError):

@@ -96,7 +96,7 @@ def run_one(ds_config: str, args, rank: int) -> dict:
             mismatched=mismatched[:5],
             n_mismatched=len(mismatched),
             exported_keys=len(exported),
-            metrics=[json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()],
+            metrics=[m for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in (m := json.loads(line))],
             finite=all(math.isfinite(t["loss"]) for t in trainer.trace),
             checkpoint=sorted(p.name for p in (out / "checkpoints").iterdir()),
             previews=sorted(p.name for p in (out / "previews").glob("*.png")),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -110,7 +111,8 @@ def test_resume_continues_the_same_run(synth_data, tmp_path):
          tmp_path / "c.txt")
 
     def losses(run):
-        return {m["step"]: m["loss"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+        return {m["step"]: m["loss"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if "loss" in m}
 
     assert losses(part) == losses(full)
     assert sorted(losses(part)) == [1, 2, 3, 4]
@@ -145,8 +147,12 @@ def test_default_run_learns_and_exports(tmp_path):
     out = tmp_path / "default"
     _run(["bash", "launch/train.sh", "--output-dir", str(out), "--train.steps", "80", "--logging.every", "1",
           "--data.synth_samples", "128", "--master-port", "29561"], tmp_path / "log.txt", WANDB_MODE="offline")
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = [m for m in records if "loss" in m]
     assert [m["step"] for m in metrics] == list(range(1, 81))
+    evals = [m for m in records if "eval/psnr" in m]  # the training-time evaluation ran once, at the end
+    assert [m["step"] for m in evals] == [80] and evals[0]["eval/samples"] == 8
+    assert math.isfinite(evals[0]["eval/psnr"]) and 0 <= evals[0]["eval/additivity_error"] < 10
     first = sum(m["loss"] for m in metrics[:8]) / 8
     last = sum(m["loss"] for m in metrics[-8:]) / 8
     assert last < 0.6 * first, (first, last)

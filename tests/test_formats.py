@@ -146,7 +146,7 @@ def test_offset_merged_the_official_way_equals_the_trained_unet(tmp_path, varian
     paths = export_formatted(trained, small, fmt_name="iclight-offset", out=tmp_path, config=CONFIG, step=7,
                              base=base)
     offset = load_file(str(paths[0]))
-    assert offset["conv_in.weight"].shape == (32, channels, 3, 3)
+    assert offset["conv_in.weight"].shape == (TINY_UNET["block_out_channels"][0], channels, 3, 3)
     # the new channels started at zero: their offset is the trained value itself
     assert torch.equal(offset["conv_in.weight"][:, 4:], trained["conv_in.weight"][:, 4:])
 
@@ -217,7 +217,7 @@ def test_every_format_round_trips(tmp_path, fmt_name):
     assert meta["base_hash"] == base.unet_hash
     if fmt_name == "ldm":
         assert paths[0].name == "iclight_fc_unet_ldm.safetensors"
-        assert got["diffusion_model.input_blocks.0.0.weight"].shape == (32, 8, 3, 3)  # the community LDM layout
+        assert got["diffusion_model.input_blocks.0.0.weight"].shape == (TINY_UNET["block_out_channels"][0], 8, 3, 3)  # the community LDM layout
         got = fmt.unet_from_ldm(got, base.unet.config)
     merged = fmt.apply_offset(base.unet.state_dict(), got)
     assert set(merged) == set(trained)

@@ -5,6 +5,7 @@ import torch
 
 from iclight_ds.config import ModelConfig
 from iclight_ds.models import (
+    TINY_UNET,
     EnvEncoder,
     LatentMerger,
     build_iclight_model,
@@ -25,7 +26,7 @@ def test_widened_unet_equals_original_at_init(channels):
         before = unet(x, t, encoder_hidden_states=text).sample
     old_w, old_b = unet.conv_in.weight.clone(), unet.conv_in.bias.clone()
     widen_conv_in(unet, channels)
-    assert unet.conv_in.weight.shape == (32, channels, 3, 3)
+    assert unet.conv_in.weight.shape == (TINY_UNET["block_out_channels"][0], channels, 3, 3)
     assert unet.config.in_channels == channels
     assert torch.equal(unet.conv_in.weight[:, :4], old_w)
     assert torch.count_nonzero(unet.conv_in.weight[:, 4:]) == 0

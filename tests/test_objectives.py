@@ -12,6 +12,7 @@ from iclight_ds.objectives import (
     add_noise,
     consistency_loss,
     iclight_losses,
+    min_snr_weights,
     vanilla_loss,
 )
 from iclight_ds.train import alphas_cumprod
@@ -21,6 +22,22 @@ def test_vanilla_loss_values():
     noise = torch.ones(2, 4, 3, 3)
     assert vanilla_loss(noise, noise) == 0
     assert vanilla_loss(noise * 3, noise).item() == pytest.approx(4.0)
+
+
+def test_min_snr_weights_cap_the_clean_steps_only():
+    ac = alphas_cumprod()
+    t = torch.tensor([0, 100, 500, 999])
+    w = min_snr_weights(t, ac, gamma=5.0)
+    snr = ac[t] / (1 - ac[t])
+    assert torch.allclose(w, torch.minimum(snr, torch.tensor(5.0)) / snr)
+    assert w[0] < 0.01 and w[-1] == 1.0  # t=0 has SNR ~1e3; t=999 has SNR < 5: unweighted
+    # weighted losses: per-sample weights scale each sample's mean squared error
+    noise = torch.zeros(2, 4, 3, 3)
+    pred = torch.stack([torch.full((4, 3, 3), 1.0), torch.full((4, 3, 3), 2.0)])  # per-sample MSE 1 and 4
+    assert vanilla_loss(pred, noise, torch.tensor([1.0, 0.5])).item() == pytest.approx((1 * 1 + 4 * 0.5) / 2)
+    mask = torch.ones(2, 1, 3, 3)
+    assert consistency_loss(pred, noise, mask, torch.tensor([1.0, 0.5])).item() == pytest.approx((1 + 2) / 2)
+    assert vanilla_loss(pred, noise, torch.ones(2)).item() == pytest.approx(vanilla_loss(pred, noise).item())
 
 
 def test_consistency_zero_when_merged_equals_noise():
