@@ -508,8 +508,9 @@ class Trainer:
 
         cfg, module = self.cfg, self.engine.module
         summary = None
+        scenes = self._eval_set()  # on every rank: making the held-out scenes ends with a barrier
         if self.is_main or eng.zero_stage(self.ds_cfg) == 3:  # ZeRO-3: every rank takes part in each forward
-            result = evaluate_samples(module.unet, self.vae, self.text_encoder, module.env_encoder, self._eval_set(),
+            result = evaluate_samples(module.unet, self.vae, self.text_encoder, module.env_encoder, scenes,
                                       steps=cfg.logging.eval_steps, seed=cfg.train.seed, tokenizer=self.tokenizer)
             summary = result["summary"]
             if self.is_main:

@@ -167,3 +167,19 @@ def test_default_run_learns_and_exports(tmp_path):
     for path in [tmp_path / "log.txt", *out.rglob("*.json"), *out.rglob("*.jsonl"), *out.rglob("*.log"),
                  *out.rglob("*.yaml")]:
         assert FAKE_WANDB_KEY not in path.read_text(errors="ignore"), path
+
+
+def test_training_time_eval_on_two_ranks_with_generated_scenes(tmp_path):
+    """Two ZeRO-2 CPU ranks, synthetic data made by the run: rank 0 writes the held-out scenes while the other rank
+    waits, every evaluation is logged once, and the run does not hang on mismatched collectives."""
+    out = tmp_path / "run"
+    _run(["bash", "launch/train.sh", "--num-gpus", "2", "--ds-config", "cpu", "--output-dir", str(out),
+          "--train.steps", "2", "--data.synth_samples", "32", "--logging.every", "1", "--logging.eval_every", "1",
+          "--logging.eval_samples", "2", "--logging.eval_steps", "2", "--logging.preview_every", "0",
+          "--logging.wandb", "false", "--logging.progress", "false", "--master-port", "29571"],
+         tmp_path / "log.txt", timeout=300)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/psnr" in r]
+    assert [r["step"] for r in evals] == [1, 2] and all(r["eval/samples"] == 2 for r in evals)
+    assert all(math.isfinite(r["eval/psnr"]) and math.isfinite(r["eval/baseline_psnr"]) for r in evals)
+    assert len(list((out / "eval_data" / "target").glob("*.png"))) == 2
