@@ -177,8 +177,8 @@ def evaluate_samples(unet, vae, text_encoder, env_encoder, samples: Sequence[dic
                                  images=images if len(images) < keep_images else None)
     finally:
         restore()
-    keys = [k for k in rows[0] if k != "id" and all(isinstance(r.get(k), float) for r in rows)] if rows else []
-    summary = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    keys = list(dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, float)))
+    summary = {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}  # additivity: rows with parts
     summary["samples"] = len(rows)
     summary["samples_with_parts"] = sum("additivity_error" in r for r in rows)
     if "psnr" in summary:
