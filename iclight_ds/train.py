@@ -110,6 +110,8 @@ class Trainer:
         self.bad_steps = 0  # non-finite losses in a row
         self.skipped_total = 0
         self.stop_signal: int | None = None
+        self._decode_warnings: set[str] = set()  # see _can_decode
+        self._eval_items: list[dict] | None = None  # see _eval_set
         if cfg.train.resume:
             self._resume(cfg.train.resume)
 
@@ -181,13 +183,8 @@ class Trainer:
             self.tokenizer = None
             return CachedDataset(data_cfg.cache, run_expectations(self.cfg, self.dtype))
         root = Path(data_cfg.path) if data_cfg.path else self.out_dir / "data"
-        if data_cfg.path is None and self.is_main and not (root / "manifest.jsonl").is_file():
-            from .data.synth import generate
-
-            log.info("generating %d synthetic relighting samples into %s", data_cfg.synth_samples, root)
-            # the ground-truth light parts (for evaluation) cost ~9 MB a sample at 512 px: only small sizes keep them
-            generate(root, data_cfg.synth_samples, size=data_cfg.resolution, seed=data_cfg.synth_seed,
-                     env_shape=model_cfg.env_shape, extras=data_cfg.resolution <= 128)
+        if data_cfg.path is None:
+            self._make_synthetic(root, data_cfg.synth_samples, seed=data_cfg.synth_seed)
         if data_cfg.validate and self.is_main:
             self._validate_dataset(root)
         eng.barrier()
@@ -201,6 +198,18 @@ class Trainer:
             require_env=model_cfg.variant == "fc",
             skip_bad=data_cfg.skip_bad,
         )
+
+    def _make_synthetic(self, root: Path, n: int, *, seed: int) -> None:
+        """Rank 0 writes `n` synthetic scenes into `root` unless it holds a dataset already (callers barrier after)."""
+        if not self.is_main or (root / "manifest.jsonl").is_file():
+            return
+        from .data.synth import generate
+
+        cfg = self.cfg
+        log.info("generating %d synthetic relighting samples into %s", n, root)
+        # the ground-truth light parts (for evaluation) cost ~9 MB a sample at 512 px: only small sizes keep them
+        generate(root, n, size=cfg.data.resolution, seed=seed, env_shape=cfg.model.env_shape,
+                 extras=cfg.data.resolution <= 128)
 
     def _validate_dataset(self, root: Path) -> None:
         from .data.dataset import DatasetError
@@ -445,20 +454,31 @@ class Trainer:
         eng.barrier()
         writer.close()
 
+    def _can_decode(self, warning: str) -> bool:
+        """Previews and evaluations decode through the VAE, which a run from a latent cache never builds: False then,
+        with `warning` logged once (rank 0)."""
+        if self.vae is not None:
+            return True
+        if self.is_main and warning not in self._decode_warnings:
+            log.warning("%s", warning)
+            self._decode_warnings.add(warning)
+        return False
+
+    def _samples_here(self) -> bool:
+        """Does this rank run the sampling of a preview or evaluation? ZeRO-3 gathers each layer's weights inside its
+        forward, a collective: every rank runs the (identical, fixed-seed) sampling then, and rank 0 alone saves.
+        Otherwise rank 0 runs it alone."""
+        return self.is_main or eng.zero_stage(self.ds_cfg) == 3
+
     def preview(self, writer: "MetricsWriter") -> Path | None:
         """Collective: relight the first `preview_samples` samples with a fixed seed; rank 0 saves the grid."""
-        if self.vae is None:
-            if self.is_main and not getattr(self, "_warned_preview", False):
-                log.warning("no previews when training from a cache (data.cache): the VAE is not loaded")
-                self._warned_preview = True
+        if not self._can_decode("no previews when training from a cache (data.cache): the VAE is not loaded"):
             return None
         from .relight import make_preview_grid
 
         cfg, module = self.cfg, self.engine.module
         path = self.out_dir / "previews" / f"step_{self.step:08d}.png"
-        # ZeRO-3 gathers each layer's weights inside its forward, a collective: every rank runs the (identical,
-        # fixed-seed) sampling then, and rank 0 alone saves. Otherwise rank 0 runs it alone.
-        if self.is_main or eng.zero_stage(self.ds_cfg) == 3:
+        if self._samples_here():
             n = min(cfg.logging.preview_samples, len(self.dataset))
             samples = [self.dataset[i] for i in range(n)]
             grid = make_preview_grid(module.unet, self.vae, self.text_encoder, self.tokenizer, module.env_encoder,
@@ -474,7 +494,7 @@ class Trainer:
     def _eval_set(self) -> list[dict]:
         """The training-time evaluation's scenes (loaded once): logging.eval_data, held-out synthetic scenes, or the
         last training samples (said so in the log)."""
-        if getattr(self, "_eval_items", None) is not None:
+        if self._eval_items is not None:
             return self._eval_items
         from .eval import load_eval_samples
 
@@ -483,11 +503,7 @@ class Trainer:
         root = Path(cfg.logging.eval_data) if cfg.logging.eval_data else None
         if root is None and cfg.data.path is None:
             root = self.out_dir / "eval_data"
-            if self.is_main and not (root / "manifest.jsonl").is_file():
-                from .data.synth import generate
-
-                generate(root, n, size=cfg.data.resolution, seed=cfg.data.synth_seed + 1000,
-                         env_shape=cfg.model.env_shape, extras=cfg.data.resolution <= 128)
+            self._make_synthetic(root, n, seed=cfg.data.synth_seed + 1000)
             eng.barrier()
         if root is not None:
             self._eval_items = load_eval_samples(root, cfg.data.resolution, self.tokenizer, cfg.model.env_shape,
@@ -499,17 +515,14 @@ class Trainer:
 
     def evaluate(self, writer: "MetricsWriter") -> dict | None:
         """Collective: score the model on the evaluation scenes (iclight_ds.eval); rank 0 logs eval/* metrics."""
-        if self.vae is None:
-            if self.is_main and not getattr(self, "_warned_eval", False):
-                log.warning("no training-time evaluation when training from a cache (data.cache): no VAE loaded")
-                self._warned_eval = True
+        if not self._can_decode("no training-time evaluation when training from a cache (data.cache): no VAE loaded"):
             return None
         from .eval import evaluate_samples
 
         cfg, module = self.cfg, self.engine.module
         summary = None
         scenes = self._eval_set()  # on every rank: making the held-out scenes ends with a barrier
-        if self.is_main or eng.zero_stage(self.ds_cfg) == 3:  # ZeRO-3: every rank takes part in each forward
+        if self._samples_here():
             result = evaluate_samples(module.unet, self.vae, self.text_encoder, module.env_encoder, scenes,
                                       steps=cfg.logging.eval_steps, seed=cfg.train.seed, tokenizer=self.tokenizer)
             summary = result["summary"]
