@@ -91,6 +91,9 @@ class Trainer:
         check_optimizer(cfg.train.optimizer, accelerator=self.acc.name, stage=eng.zero_stage(self.ds_cfg),
                         offload_optimizer=eng.offloads_optimizer(self.ds_cfg), ds_path=self.ds_path)
         self._check_offload_ram()
+        if self.acc.name == "cpu" and eng.zero_stage(self.ds_cfg) == 3 and eng.pin_malloc_mmap_threshold():
+            log.info("glibc malloc: mmap threshold pinned at %d KiB for ZeRO-3 on CPU (see engine.py)",
+                     eng.MALLOC_MMAP_THRESHOLD // 1024)
         log.info("%s (ds_config=%s)", describe(self.acc.name, self.acc.world_size, self.dtype,
                                                 eng.zero_stage(self.ds_cfg), self.geometry), self.ds_path)
         if self.is_main:
