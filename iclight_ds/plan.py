@@ -25,10 +25,15 @@ from . import engine as eng
 GiB = 2**30
 HEADROOM = 0.85  # use at most 85% of a device: allocator fragmentation, CUDA context, kernels' workspaces
 CUDA_CONTEXT = 0.6 * GiB  # CUDA context + cuBLAS/cuDNN workspaces, roughly, per GPU process
-HOST_BASE = 2.5 * GiB  # one rank's Python + torch + deepspeed + data workers, without model states
+# One rank's host RAM besides model states and activations. GPU: Python + torch + deepspeed with the CUDA
+# libraries loaded, data workers (not measured here: no GPU was lent). CPU: measured 0.7 GiB for Python + torch +
+# deepspeed + diffusers (bench/memory.py, ZeRO-3 rank minus its tensors) plus the frozen VAE and text encoder in
+# bf16 (0.4 GiB at full size; a run from a latent cache does not build them).
+HOST_BASE = 2.5 * GiB
+HOST_BASE_CPU = 1.1 * GiB
 # Fastest first: what to prefer when several fit (offload moves optimizer work to the CPU; ZeRO-3 gathers).
 SPEED_ORDER = ["1gpu-24gb", "multi-gpu", "zero2", "zero3", "1gpu-12gb", "1gpu-8gb", "zero2_offload", "1gpu-6gb",
-               "zero3_offload", "cpu"]
+               "zero3_offload", "cpu", "cpu-zero3"]
 MULTI_NODE_ONLY = {"multi-node"}
 OPTIMIZER_STATE_BYTES = {"adamw8bit": 2.0, "adamw": 8.0, "cpu_adam": 8.0}  # m and v per parameter
 
@@ -168,14 +173,15 @@ def plan(*, gpu_mem_gib: float | None, gpus: int, ram_gib: float, resolution: in
             host, device = host + device + activations, 0.0
         else:
             device += activations + CUDA_CONTEXT
-        host += HOST_BASE
+        host += HOST_BASE_CPU if on_cpu else HOST_BASE
         reasons = []
         if not on_cpu and device > HEADROOM * gpu_mem_gib * GiB:
             reasons.append(f"needs {device / GiB:.1f} of {gpu_mem_gib:.0f} GiB GPU")
         if host * gpus > HEADROOM * ram_gib * GiB:
             reasons.append(f"needs {host * gpus / GiB:.1f} of {ram_gib:.0f} GiB RAM")
-        if on_cpu != (path.stem == "cpu"):
-            reasons.append("for CPU-only machines" if path.stem == "cpu" else "needs a GPU")
+        cpu_config = path.stem.startswith("cpu")
+        if on_cpu != cpu_config:
+            reasons.append("for CPU-only machines" if cpu_config else "needs a GPU")
         if path.stem in MULTI_NODE_ONLY:
             reasons.append("for several machines (pick it by name with --hostfile)")
         estimates.append(Estimate(path.stem, eng.zero_stage(ds_cfg), offload, micro, device / GiB, host / GiB,

@@ -52,6 +52,18 @@ def test_choice_on_cpu_and_nothing_fits():
     assert multi == "multi-gpu"
 
 
+def test_cpu_ranks_short_of_ram_get_zero3():
+    """Full UNet on 2 CPU ranks: ZeRO-2 (`cpu`) when RAM allows, else `cpu-zero3`, which shards the model states."""
+    kw = dict(gpu_mem_gib=None, gpus=2, resolution=256, variant="fc", consistency=True)
+    estimates, roomy = plan.plan(ram_gib=64, **kw)
+    assert roomy == "cpu"
+    by = {e.config: e for e in estimates}
+    assert by["cpu-zero3"].host_gib < by["cpu"].host_gib - 2  # half the model states
+    _, tight = plan.plan(ram_gib=16, **kw)
+    assert tight == "cpu-zero3"
+    assert not by["zero3"].fits and "needs a GPU" in by["zero3"].why  # GPU configs stay off CPU machines
+
+
 def test_cli_prints_table_and_json(capsys):
     assert plan.main(["--gpu-mem", "8", "--ram", "32", "--resolution", "512"]) == 0
     out = capsys.readouterr().out
