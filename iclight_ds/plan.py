@@ -202,10 +202,12 @@ def detect() -> dict:
     return {"gpus": gpus, "gpu_mem_gib": gpu_mem, "ram_gib": psutil.virtual_memory().total / GiB}
 
 
-def choose_config(resolution: int, variant: str, consistency: bool, size: str, optimizer: str) -> Path:
-    """What `--ds-config auto` uses: the planner's choice for this machine."""
+def choose_config(resolution: int, variant: str, consistency: bool, size: str, optimizer: str,
+                  ranks: int | None = None) -> Path:
+    """What `--ds-config auto` uses: the planner's choice for this machine with `ranks` processes on it (default:
+    one per detected GPU, at least one). CPU ranks are not detected, so the trainer passes its own count."""
     found = detect()
-    _, choice = plan(gpu_mem_gib=found["gpu_mem_gib"], gpus=max(1, found["gpus"]), ram_gib=found["ram_gib"],
+    _, choice = plan(gpu_mem_gib=found["gpu_mem_gib"], gpus=ranks or max(1, found["gpus"]), ram_gib=found["ram_gib"],
                      resolution=resolution, variant=variant, consistency=consistency, size=size,
                      optimizer=optimizer)
     if choice is None:

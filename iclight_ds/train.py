@@ -127,8 +127,10 @@ class Trainer:
         choice = [None]
         if self.is_main:
             cfg = self.cfg
+            # ranks on this machine: the deepspeed launcher says LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE
+            here = os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or self.acc.world_size
             choice[0] = str(choose_config(cfg.data.resolution, cfg.model.variant, cfg.objective.lambda_consistency > 0,
-                                          cfg.model.size, cfg.train.optimizer))
+                                          cfg.model.size, cfg.train.optimizer, ranks=int(here)))
         if torch.distributed.is_initialized():
             torch.distributed.broadcast_object_list(choice, src=0)
         log.info("train.ds_config=auto: the planner chose %s", choice[0])

@@ -71,3 +71,11 @@ def test_cli_prints_table_and_json(capsys):
     plan.main(["--gpu-mem", "8", "--ram", "32", "--json"])
     data = json.loads(capsys.readouterr().out)
     assert data["choice"] == "1gpu-8gb" and len(data["estimates"]) == len(list(eng.REPO_DS_CONFIGS.glob("*.json")))
+
+
+def test_auto_counts_the_ranks_on_this_machine(monkeypatch):
+    """CPU ranks are not detectable: `auto` must plan for the ranks the trainer was started with."""
+    monkeypatch.setattr(plan, "detect", lambda: {"gpus": 0, "gpu_mem_gib": None, "ram_gib": 16.0})
+    kw = dict(resolution=256, variant="fc", consistency=True, size="full", optimizer="adamw8bit")
+    assert plan.choose_config(**kw).stem == "cpu"  # one rank: ZeRO-2 fits 16 GiB
+    assert plan.choose_config(**kw, ranks=2).stem == "cpu-zero3"  # two ranks would not, with ZeRO-2
