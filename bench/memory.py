@@ -1,18 +1,32 @@
 """Memory and speed of one full-size IC-Light training step (vanilla + consistency), ours vs plain PyTorch.
 
-    python bench/memory.py [--resolution 256] [--out bench/results/memory-cpu.json]
+    python bench/memory.py [--resolution R] [--cases a,b,...] [--out bench/results/memory-<device>.json]
+
+On a CPU-only machine (default 256 px):
 
 Every case runs in a fresh process (peak RSS is per process), on the full SD1.5-shaped UNet with random
 weights, batch 1 (x3 rows for the consistency objective), the same synthetic sample and the same noise:
 
-  naive        plain PyTorch: fp32 weights, fp32 AdamW, no gradient checkpointing
+  naive        plain PyTorch: fp32 weights, fp32 AdamW, no gradient checkpointing, glibc malloc as it comes
+  naive-pinned the same with glibc's mmap threshold pinned as the trainer pins it for ZeRO-3 on CPU
+               (engine.pin_malloc_mmap_threshold), to show how much of the saving is the allocator setting alone
   plain-bf16   plain PyTorch loop with our math: bf16 weights + fp32 master, AdamW8bit, checkpointing
-  zero2-1rank  our Trainer, ZeRO-2, 1 rank, AdamW8bit, checkpointing (same math as plain-bf16)
-  zero3-2rank  our Trainer, ZeRO-3, 2 CPU ranks (deepspeed launcher), AdamW8bit, checkpointing
+  zero2-1rank  our Trainer, ds_configs/zero2.json, 1 rank, AdamW8bit, checkpointing (same math as plain-bf16)
+  stage0-1rank the same with zero_optimization.stage 0: with one rank ZeRO has nothing to partition, and its
+               gradient bucket copies are measurable on a CPU
+  zero3-2rank  our Trainer, ds_configs/cpu-zero3.json, 2 CPU ranks (deepspeed launcher), AdamW8bit, checkpointing
   batched / separate   forward+backward of the three consistency evaluations as one batch of 3 vs 3 calls
 
+On a GPU machine (default 512 px; CUDA device peaks from torch.cuda.max_memory_allocated, counted from after the
+inputs are encoded and the frozen encoders dropped): naive, plain-bf16, zero2-1rank (ds_configs/zero2.json), and
+  offload-opt  our Trainer, ds_configs/1gpu-8gb.json: ZeRO-2 + optimizer offload to host RAM
+  offload-all  our Trainer, ds_configs/1gpu-6gb.json: ZeRO-3 + parameter and optimizer offload
+  zero3-2rank  ds_configs/zero3.json on 2 GPUs, when the machine has them
+  batching
+
 Per case: bytes held in parameters, gradients and optimizer state (counted from the tensors), peak RSS, and
-the time of a step after one warm-up step. Prints a table, writes JSON, and names the device.
+the step time: the fastest of the steps after a warm-up step (this shared 2-core machine's timings of one step
+vary by 20% or more; noise only adds time). Prints a table, writes JSON, and names the device.
 """
 
 from __future__ import annotations
@@ -31,6 +45,38 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 GiB = 2**30
+
+
+def bench_device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_device_peak(device) -> None:
+    """Start counting the device peak here (after the inputs are encoded); a no-op on CPU."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def device_peak_gib(device) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None
+STEPS = 4  # one warm-up step, then timed ones
 
 
 def peak_rss_gib() -> float:
@@ -68,10 +114,11 @@ def tensor_bytes(objs) -> int:
 # ------------------------------------------------------------------------------------------------ the inputs
 
 
-def make_inputs(resolution: int, frozen=None):
+def make_inputs(resolution: int, frozen=None, device=None):
     """One synthetic sample at `resolution`, conditioned with the full-size frozen VAE/text encoder (bf16).
 
-    `frozen`: (vae, text_encoder) to reuse (the trainer's own), so that a case never holds two copies."""
+    `frozen`: (vae, text_encoder) to reuse (the trainer's own), so that a case never holds two copies.
+    `device`: where the frozen encoders run and the inputs live (default: CPU)."""
     import tempfile
 
     import torch
@@ -82,6 +129,7 @@ def make_inputs(resolution: int, frozen=None):
     from iclight_ds.data.tokenizer import build_char_tokenizer
     from iclight_ds.models import build_text_encoder, build_vae, default_dtype, freeze
 
+    device = device if device is not None else torch.device("cpu")
     tok = build_char_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
@@ -92,13 +140,13 @@ def make_inputs(resolution: int, frozen=None):
         vae, te = frozen
     else:
         with default_dtype(torch.bfloat16):
-            vae = freeze(build_vae("full"), torch.bfloat16, "cpu")
-            te = freeze(build_text_encoder("full", tok), torch.bfloat16, "cpu")
+            vae = freeze(build_vae("full"), torch.bfloat16, device)
+            te = freeze(build_text_encoder("full", tok), torch.bfloat16, device)
     g = torch.Generator().manual_seed(0)
     cond = condition_batch(batch, vae=vae, text_encoder=te, variant="fc", split_cells=4, with_split=True,
-                           generator=g, device=torch.device("cpu"))
-    noise = torch.randn(cond.latents.shape, generator=g)
-    t = torch.tensor([500])
+                           generator=g, device=device)
+    noise = torch.randn(cond.latents.shape, generator=g).to(device)
+    t = torch.tensor([500], device=device)
     return cond, noise, t
 
 
@@ -112,20 +160,26 @@ def losses(model, cond, noise, t):
 # --------------------------------------------------------------------------------------------------- the cases
 
 
-def case_plain(resolution: int, precise: bool) -> dict:
-    """Plain PyTorch. precise=True: the naive baseline (fp32, AdamW, no checkpointing); else our math."""
+def case_plain(resolution: int, precise: bool, pin_malloc: bool) -> dict:
+    """Plain PyTorch. precise=True: the naive baseline (fp32, AdamW, no checkpointing); else our math.
+
+    pin_malloc: fix glibc's mmap threshold as the Trainer does (before anything large is allocated)."""
     import bitsandbytes as bnb
     import torch
 
     from iclight_ds.config import ModelConfig
-    from iclight_ds.engine import param_groups
+    from iclight_ds.engine import param_groups, pin_malloc_mmap_threshold
     from iclight_ds.models import build_iclight_model, default_dtype
 
-    cond, noise, t = make_inputs(resolution)
+    if pin_malloc and not pin_malloc_mmap_threshold():
+        raise RuntimeError("could not pin glibc's mmap threshold (not glibc, or MALLOC_MMAP_THRESHOLD_ is set)")
+
+    device = bench_device()
+    cond, noise, t = make_inputs(resolution, device=device)
     torch.manual_seed(0)
     dtype = torch.float32 if precise else torch.bfloat16
     with default_dtype(dtype):
-        model = build_iclight_model(ModelConfig(size="full", variant="fc"))
+        model = build_iclight_model(ModelConfig(size="full", variant="fc")).to(device)
     model.train()
     if precise:
         params = list(model.parameters())
@@ -136,8 +190,10 @@ def case_plain(resolution: int, precise: bool) -> dict:
         params = list(model.parameters())
         master = [torch.nn.Parameter(p.detach().float()) for p in params]
         opt = bnb.optim.AdamW8bit(param_groups(master), lr=1e-5)
+    reset_device_peak(device)
     times, grad_bytes = [], 0
-    for _ in range(2):
+    for _ in range(STEPS):
+        sync(device)
         t0 = time.perf_counter()
         loss = losses(model, cond, noise, t)["loss"]
         loss.backward()
@@ -153,14 +209,17 @@ def case_plain(resolution: int, precise: bool) -> dict:
             with torch.no_grad():
                 for p, m in zip(params, master):
                     p.copy_(m)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return {
         "param_bytes": tensor_bytes(list(model.parameters())),
         "grad_bytes": grad_bytes,
         "optimizer_bytes": tensor_bytes([opt.state]) + (0 if precise else tensor_bytes(master)),
         "peak_rss_gib": peak_rss_gib(),
-        "step_s": times[-1],
+        "device_peak_gib": device_peak_gib(device),
+        "step_s": min(times[1:]),
         "first_step_s": times[0],
+        "step_times_s": times,
     }
 
 
@@ -195,17 +254,18 @@ def case_trainer(resolution: int, ds_config: str) -> dict:
     import psutil
 
     init_peak, init_rss = peak_rss_gib(), psutil.Process().memory_info().rss / GiB
-    trainer.cond, trainer.noise, trainer.t = make_inputs(resolution, (trainer.vae, trainer.text_encoder))
+    device = trainer.acc.device
+    trainer.cond, trainer.noise, trainer.t = make_inputs(resolution, (trainer.vae, trainer.text_encoder), device)
     # the input is conditioned once; then the frozen encoders go, as in a run from a latent cache (data.cache),
     # which never builds them
     trainer.vae = trainer.text_encoder = None
-    import gc
-
-    gc.collect()
+    reset_device_peak(device)
     times = []
-    for _ in range(2):
+    for _ in range(STEPS):
+        sync(device)
         t0 = time.perf_counter()
         trainer.train_step()
+        sync(device)
         times.append(time.perf_counter() - t0)
     zero = trainer.engine.optimizer
     module_params = [getattr(p, "ds_tensor", p) for p in trainer.engine.module.parameters()]
@@ -217,10 +277,12 @@ def case_trainer(resolution: int, ds_config: str) -> dict:
         "grad_bytes": trainer.grad_bytes,
         "optimizer_bytes": tensor_bytes([zero.optimizer.state]) + tensor_bytes(fp32),
         "peak_rss_gib": peak_rss_gib(),
+        "device_peak_gib": device_peak_gib(device),
         "init_peak_rss_gib": init_peak,
         "init_rss_gib": init_rss,
-        "step_s": times[-1],
+        "step_s": min(times[1:]),
         "first_step_s": times[0],
+        "step_times_s": times,
     }
     eng.shutdown()
     return result
@@ -233,10 +295,11 @@ def case_batching(resolution: int) -> dict:
     from iclight_ds.config import ModelConfig
     from iclight_ds.models import build_iclight_model, default_dtype
 
-    cond, noise, t = make_inputs(resolution)
+    device = bench_device()
+    cond, noise, t = make_inputs(resolution, device=device)
     torch.manual_seed(0)
     with default_dtype(torch.bfloat16):
-        model = build_iclight_model(ModelConfig(size="full", variant="fc"))
+        model = build_iclight_model(ModelConfig(size="full", variant="fc")).to(device)
     model.unet.enable_gradient_checkpointing()
     model.train()
 
@@ -257,9 +320,11 @@ def case_batching(resolution: int) -> dict:
     timing = {}
     for name, m in (("batched", model), ("separate", Separate(model)), ("batched_2", model),
                     ("separate_2", Separate(model))):
+        sync(device)
         t0 = time.perf_counter()
         losses(m, cond, noise, t)["loss"].backward()
         model.zero_grad(set_to_none=True)
+        sync(device)
         timing[name] = time.perf_counter() - t0
     # the first of each pair warms caches: keep the second
     return {"batched_s": timing["batched_2"], "separate_s": timing["separate_2"],
@@ -281,11 +346,55 @@ def run_case(args_list: list[str], launcher: list[str] | None = None, timeout: i
     return results
 
 
+CPU_CASES = "naive,naive-pinned,plain-bf16,zero2-1rank,stage0-1rank,zero3-2rank,batching"
+GPU_CASES = "naive,plain-bf16,zero2-1rank,offload-opt,offload-all,zero3-2rank,batching"
+TABLE_ORDER = ("naive", "naive-pinned", "plain-bf16", "zero2-1rank", "stage0-1rank", "offload-opt", "offload-all",
+               "zero3-2rank")
+
+
+def _first_ok(cases: dict, name: str) -> dict | None:
+    return next((r for r in cases.get(name, []) if "error" not in r), None)
+
+
+def summarise(cases: dict, device: str) -> tuple[dict, dict]:
+    """(ratios or GiB measured, their targets) from the issue's numbers, for the cases that ran."""
+    ratios, targets = {}, {"batched_vs_separate_forwards": 0.9}
+    naive, z3 = _first_ok(cases, "naive"), [r for r in cases.get("zero3-2rank", []) if "error" not in r]
+    plain, z2 = _first_ok(cases, "plain-bf16"), _first_ok(cases, "zero2-1rank")
+    if device == "cpu":
+        targets.update(zero3_2rank_peak_rss_vs_naive=0.35, zero2_1rank_step_vs_plain_loop=1.10,
+                       stage0_1rank_step_vs_plain_loop=1.10)
+        if naive and z3:
+            ratios["zero3_2rank_peak_rss_vs_naive"] = max(r["peak_rss_gib"] for r in z3) / naive["peak_rss_gib"]
+        naive_pinned = _first_ok(cases, "naive-pinned")
+        if naive_pinned and z3:  # no target: how much of the saving the allocator setting alone gives
+            ratios["zero3_2rank_peak_rss_vs_naive_pinned"] = (max(r["peak_rss_gib"] for r in z3)
+                                                              / naive_pinned["peak_rss_gib"])
+        if plain and z2:
+            ratios["zero2_1rank_step_vs_plain_loop"] = z2["step_s"] / plain["step_s"]
+        s0 = _first_ok(cases, "stage0-1rank")
+        if plain and s0:
+            ratios["stage0_1rank_step_vs_plain_loop"] = s0["step_s"] / plain["step_s"]
+    else:
+        targets.update(offload_opt_device_peak_gib=6.0, offload_all_device_peak_gib=4.0,
+                       offload_opt_step_vs_no_offload=1.5, offload_all_step_vs_no_offload=1.5)
+        for name in ("offload-opt", "offload-all"):
+            r, key = _first_ok(cases, name), name.replace("-", "_")
+            if r:
+                ratios[f"{key}_device_peak_gib"] = r["device_peak_gib"]
+                if z2:
+                    ratios[f"{key}_step_vs_no_offload"] = r["step_s"] / z2["step_s"]
+    batching = _first_ok(cases, "batching")
+    if batching:
+        ratios["batched_vs_separate_forwards"] = batching["ratio"]
+    return ratios, targets
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--resolution", type=int, default=None, help="default: 256 on CPU, 512 on a GPU")
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--cases", default="naive,plain-bf16,zero2-1rank,zero3-2rank,batching")
+    p.add_argument("--cases", default=None, help=f"default on CPU: {CPU_CASES}; on a GPU: {GPU_CASES}")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
     p.add_argument("--case-out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ds", default=None, help=argparse.SUPPRESS)
@@ -295,8 +404,9 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
-        fn = {"naive": lambda: case_plain(args.resolution, True),
-              "plain-bf16": lambda: case_plain(args.resolution, False),
+        fn = {"naive": lambda: case_plain(args.resolution, True, False),
+              "naive-pinned": lambda: case_plain(args.resolution, True, True),
+              "plain-bf16": lambda: case_plain(args.resolution, False, False),
               "trainer": lambda: case_trainer(args.resolution, args.ds),
               "batching": lambda: case_batching(args.resolution)}[args.case]
         result = fn()
@@ -306,71 +416,67 @@ def main() -> None:
 
     import torch
 
-    bench_tmp = Path(os.environ.setdefault("BENCH_TMP", "/tmp/iclight-bench"))
-    bench_tmp.mkdir(parents=True, exist_ok=True)
-    for name, (stage, accum) in {"zero2": (2, 1), "zero3": (3, 1)}.items():
-        ds = json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
-        ds["gradient_accumulation_steps"] = accum  # one micro-batch per step: the same work as the plain loops
-        ds["zero_optimization"]["overlap_comm"] = False
-        (bench_tmp / f"{name}.json").write_text(json.dumps(ds))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     desc = (torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or platform.machine())
-    wanted = args.cases.split(",")
-    res = ["--resolution", str(args.resolution)]
+    resolution = args.resolution or (512 if device == "cuda" else 256)
+    wanted = (args.cases or (GPU_CASES if device == "cuda" else CPU_CASES)).split(",")
+    gpus = torch.cuda.device_count()
+    if device == "cuda" and "zero3-2rank" in wanted and gpus < 2:
+        print(f"skipping zero3-2rank: it needs 2 GPUs, this machine has {gpus}", flush=True)
+        wanted.remove("zero3-2rank")
+    bench_tmp = Path(os.environ.setdefault("BENCH_TMP", "/tmp/iclight-bench"))
+    bench_tmp.mkdir(parents=True, exist_ok=True)
+    config_of = {"zero2-1rank": "zero2", "stage0-1rank": "stage0", "offload-opt": "1gpu-8gb",
+                 "offload-all": "1gpu-6gb", "zero3-2rank": "cpu-zero3" if device == "cpu" else "zero3"}
+    for name in set(config_of.values()):
+        ds = json.loads((REPO / "ds_configs" / f"{'zero2' if name == 'stage0' else name}.json").read_text())
+        if name == "stage0":
+            ds["zero_optimization"] = {"stage": 0}
+        ds["gradient_accumulation_steps"] = 1  # one micro-batch per step: the same work as the plain loops
+        ds["train_micro_batch_size_per_gpu"] = 1
+        if device == "cpu":
+            ds["zero_optimization"]["overlap_comm"] = False
+        (bench_tmp / f"{name}.json").write_text(json.dumps(ds))
+    res = ["--resolution", str(resolution)]
     cases: dict[str, list[dict]] = {}
-    plan = {
-        "naive": (["--case", "naive"], None),
-        "plain-bf16": (["--case", "plain-bf16"], None),
-        "zero2-1rank": (["--case", "trainer", "--ds", str(bench_tmp / "zero2.json")], None),
-        "zero3-2rank": (["--case", "trainer", "--ds", str(bench_tmp / "zero3.json")],
-                        ["deepspeed", "--num_gpus", "2", "--master_port", "29650", "--no_local_rank"]),
-        "batching": (["--case", "batching"], None),
-    }
+    two_ranks = ["deepspeed", "--num_gpus", "2", "--master_port", "29650", "--no_local_rank"]
+    plan = {name: (["--case", "trainer", "--ds", str(bench_tmp / f"{cfg}.json")],
+                   two_ranks if name == "zero3-2rank" else None) for name, cfg in config_of.items()}
+    plan.update({name: (["--case", name], None) for name in ("naive", "naive-pinned", "plain-bf16", "batching")})
     for name in wanted:
         case_args, launcher = plan[name]
         print(f"running {name} ...", flush=True)
-        env_threads = {"zero3-2rank": "1"}.get(name)
-        if env_threads:
-            os.environ["BENCH_THREADS"] = env_threads
+        if name == "zero3-2rank" and device == "cpu":
+            os.environ["BENCH_THREADS"] = "1"  # two ranks on two cores
         cases[name] = run_case(case_args + res, launcher)
         os.environ.pop("BENCH_THREADS", None)
         print(json.dumps(cases[name])[:400], flush=True)
 
+    gpu = device == "cuda"
     rows = []
-    for name in ("naive", "plain-bf16", "zero2-1rank", "zero3-2rank"):
+    for name in TABLE_ORDER:
         for r in cases.get(name, []):
             if "error" in r:
                 rows.append(f"{name:<14} ERROR {r['error']}")
                 continue
             rows.append(f"{name + ('/r' + str(r['rank']) if 'rank' in r else ''):<16}"
                         f"{r['param_bytes'] / GiB:>9.2f}{r['grad_bytes'] / GiB:>9.2f}{r['optimizer_bytes'] / GiB:>9.2f}"
-                        f"{r['peak_rss_gib']:>10.2f}{r['step_s']:>9.1f}")
-    ratios = {}
-    naive = next((r for r in cases.get("naive", []) if "error" not in r), None)
-    z3 = [r for r in cases.get("zero3-2rank", []) if "error" not in r]
-    if naive and z3:
-        ratios["zero3_2rank_peak_rss_vs_naive"] = max(r["peak_rss_gib"] for r in z3) / naive["peak_rss_gib"]
-    plain = next((r for r in cases.get("plain-bf16", []) if "error" not in r), None)
-    z2 = next((r for r in cases.get("zero2-1rank", []) if "error" not in r), None)
-    if plain and z2:
-        ratios["zero2_1rank_step_vs_plain_loop"] = z2["step_s"] / plain["step_s"]
-    batching = next((r for r in cases.get("batching", []) if "error" not in r), None)
-    if batching:
-        ratios["batched_vs_separate_forwards"] = batching["ratio"]
-    targets = {"zero3_2rank_peak_rss_vs_naive": 0.35, "zero2_1rank_step_vs_plain_loop": 1.10,
-               "batched_vs_separate_forwards": 0.9}
+                        + (f"{r['device_peak_gib']:>10.2f}" if gpu else "")
+                        + f"{r['peak_rss_gib']:>10.2f}{r['step_s']:>9.2f}")
+    ratios, targets = summarise(cases, device)
 
-    print(f"\ndevice: {device} ({desc}), {os.cpu_count()} cores; full SD1.5 UNet (FC, 8 ch), {args.resolution} px, "
+    print(f"\ndevice: {device} ({desc}), {os.cpu_count()} cores; full SD1.5 UNet (FC, 8 ch), {resolution} px, "
           "batch 1 x 3 rows (vanilla + consistency)")
-    print(f"{'case':<16}{'params':>9}{'grads':>9}{'optim':>9}{'peak RSS':>10}{'step s':>9}   (GiB per process)")
+    print(f"{'case':<16}{'params':>9}{'grads':>9}{'optim':>9}" + (f"{'GPU peak':>10}" if gpu else "")
+          + f"{'peak RSS':>10}{'step s':>9}   (GiB per process)")
     print("\n".join(rows))
     for k, v in ratios.items():
-        verdict = "meets" if v <= targets[k] else "MISSES"
-        print(f"{k}: {v:.3f} (target <= {targets[k]}: {verdict})")
+        verdict = ("no target" if k not in targets else "meets" if v <= targets[k] else "MISSES")
+        print(f"{k}: {v:.3f} ({'target <= ' + str(targets[k]) + ': ' if k in targets else ''}{verdict})")
     out = args.out or REPO / "bench" / "results" / f"memory-{device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": device, "device_name": desc, "cores": os.cpu_count(),
-                               "resolution": args.resolution, "cases": cases, "ratios": ratios,
+                               "resolution": resolution, "cases": cases, "ratios": ratios,
                                "targets": targets}, indent=1))
     print(f"wrote {out}")
 

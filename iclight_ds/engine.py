@@ -127,7 +127,7 @@ class Accelerator:
 # layer-sized tensors (ZeRO-3's gathered weights, recomputed activations, gradient buckets), which then come from
 # the heap arenas, where freed memory stays in the process: 1.5 GiB per rank for the full UNet under ZeRO-3 on
 # CPU (bench/memory.py). Pinning the threshold keeps RSS at what the tensors hold, at the price of a page fault
-# per fresh block: the ZeRO-3 CPU step got ~25% slower. The trainer pins it where RAM is what the config was
+# per fresh block: the ZeRO-3 CPU step got 20-25% slower. The trainer pins it where RAM is what the config was
 # chosen for, ZeRO-3 on CPU; elsewhere the gain is small (5% of a 1-rank ZeRO-2 peak) and the cost is not.
 MALLOC_MMAP_THRESHOLD = 128 * 1024
 _M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's malloc.h
