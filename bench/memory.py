@@ -76,6 +76,8 @@ def device_peak_gib(device) -> float | None:
     import torch
 
     return torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None
+
+
 STEPS = 4  # one warm-up step, then timed ones
 
 
@@ -370,11 +372,10 @@ def summarise(cases: dict, device: str) -> tuple[dict, dict]:
         if naive_pinned and z3:  # no target: how much of the saving the allocator setting alone gives
             ratios["zero3_2rank_peak_rss_vs_naive_pinned"] = (max(r["peak_rss_gib"] for r in z3)
                                                               / naive_pinned["peak_rss_gib"])
-        if plain and z2:
-            ratios["zero2_1rank_step_vs_plain_loop"] = z2["step_s"] / plain["step_s"]
-        s0 = _first_ok(cases, "stage0-1rank")
-        if plain and s0:
-            ratios["stage0_1rank_step_vs_plain_loop"] = s0["step_s"] / plain["step_s"]
+        for name in ("zero2-1rank", "stage0-1rank"):
+            r = _first_ok(cases, name)
+            if plain and r:
+                ratios[f"{name.replace('-', '_')}_step_vs_plain_loop"] = r["step_s"] / plain["step_s"]
     else:
         targets.update(offload_opt_device_peak_gib=6.0, offload_all_device_peak_gib=4.0,
                        offload_opt_step_vs_no_offload=1.5, offload_all_step_vs_no_offload=1.5)
@@ -416,7 +417,7 @@ def main() -> None:
 
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = bench_device().type
     desc = (torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or platform.machine())
     resolution = args.resolution or (512 if device == "cuda" else 256)
     wanted = (args.cases or (GPU_CASES if device == "cuda" else CPU_CASES)).split(",")

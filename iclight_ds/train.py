@@ -88,16 +88,17 @@ class Trainer:
         self.ds_cfg = eng.read_ds_config(self.ds_path)
         self.geometry = eng.batch_geometry(self.ds_cfg, self.acc.world_size)
         self.dtype = eng.training_dtype(self.ds_cfg)
+        stage = eng.zero_stage(self.ds_cfg)
         check_precision(self.acc.name, self.dtype, bf16_ok=self.acc.bf16, fp16_ok=self.acc.fp16, ds_path=self.ds_path)
-        check_optimizer(cfg.train.optimizer, accelerator=self.acc.name, stage=eng.zero_stage(self.ds_cfg),
+        check_optimizer(cfg.train.optimizer, accelerator=self.acc.name, stage=stage,
                         offload_optimizer=eng.offloads_optimizer(self.ds_cfg), ds_path=self.ds_path)
-        check_export(stage=eng.zero_stage(self.ds_cfg), export=cfg.train.export, ds_path=self.ds_path)
+        check_export(stage=stage, export=cfg.train.export, ds_path=self.ds_path)
         self._check_offload_ram()
-        if self.acc.name == "cpu" and eng.zero_stage(self.ds_cfg) == 3 and eng.pin_malloc_mmap_threshold():
+        if self.acc.name == "cpu" and stage == 3 and eng.pin_malloc_mmap_threshold():
             log.info("glibc malloc: mmap threshold pinned at %d KiB for ZeRO-3 on CPU (see engine.py)",
                      eng.MALLOC_MMAP_THRESHOLD // 1024)
-        log.info("%s (ds_config=%s)", describe(self.acc.name, self.acc.world_size, self.dtype,
-                                                eng.zero_stage(self.ds_cfg), self.geometry), self.ds_path)
+        log.info("%s (ds_config=%s)", describe(self.acc.name, self.acc.world_size, self.dtype, stage, self.geometry),
+                 self.ds_path)
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.json")
