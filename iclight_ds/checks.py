@@ -34,17 +34,6 @@ def check_optimizer(name: str, *, accelerator: str, stage: int, offload_optimize
         raise DeviceCheckError(f"train.optimizer=cpu_adam needs ZeRO (stage >= 1) in {ds_path}")
 
 
-def check_export(*, stage: int, export: bool, ds_path) -> None:
-    """The export reads the fp32 master weights from the last ZeRO checkpoint (stage 1-3); a stage-0 run would
-    train to the end and then fail there, so it is refused before anything is built."""
-    if export and stage == 0:
-        raise DeviceCheckError(
-            f"{ds_path}: zero_optimization.stage is 0, which writes no ZeRO checkpoint, but train.export reads the "
-            "final weights from one; set stage 1, 2 or 3 (with one rank ZeRO partitions nothing, but costs some "
-            "speed: ~17% per step on CPU with stage 2) or train.export false"
-        )
-
-
 def check_offload_ram(*, needed_gib: float, ranks_here: int, ram_gib: float, ds_path) -> None:
     """Offload moves model states into host RAM: refuse a config whose states cannot fit there at all."""
     if needed_gib * ranks_here > 0.95 * ram_gib:

@@ -328,7 +328,49 @@ def gathered_state_dict(engine) -> dict[str, torch.Tensor]:
 
 
 def fp32_state_dict_from_checkpoint(checkpoint_dir: str | Path, tag: str) -> dict[str, torch.Tensor]:
-    """Consolidate a ZeRO-1/2/3 checkpoint's fp32 master weights into one state dict (any world size)."""
+    """Consolidate a checkpoint's fp32 master weights into one state dict: ZeRO-1/2/3 (any world size) through
+    DeepSpeed's zero_to_fp32, stage 0 from its single model-states file (zero_to_fp32 cannot read those)."""
+    folder = Path(checkpoint_dir) / tag
+    if not any(folder.glob("*optim_states.pt")):
+        return stage0_fp32_state_dict(folder / STAGE0_STATES)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+
+
+STAGE0_STATES = "mp_rank_00_model_states.pt"  # stage 0: every rank holds the whole model; rank 0 saves it here
+
+
+def stage0_fp32_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The module of a stage-0 checkpoint with its trainable weights replaced by the optimizer's fp32 masters.
+
+    DeepSpeed saves the module in its training dtype and, for bf16/fp16, the precision wrapper's fp32 master
+    copies as `optimizer.fp32_groups`: one tensor per trainable parameter, in the optimizer's order, which is the
+    module's parameter order (param_groups keeps it). Each master is matched to the next module tensor of its
+    shape whose value it rounds to, so a mismatched file is refused instead of exported scrambled.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.parent}: no ZeRO optimizer files and no {path.name}: not a DeepSpeed "
+                                "checkpoint of this trainer")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    module = saved["module"]
+    masters = [t for group in (saved.get("optimizer") or {}).get("fp32_groups") or [] for t in group]
+    if not masters:  # fp32 training: the module is the master copy
+        low = [k for k, v in module.items() if v.is_floating_point() and v.dtype != torch.float32]
+        if low:
+            raise ValueError(f"{path}: module weights are {module[low[0]].dtype} but the file holds no fp32 master "
+                             "copies (optimizer.fp32_groups)")
+        return dict(module)
+    state, pending = {}, iter(masters)
+    master = next(pending, None)
+    for name, value in module.items():
+        if (master is not None and master.shape == value.shape and value.is_floating_point()
+                and torch.equal(master.to(value.dtype), value)):
+            state[name], master = master, next(pending, None)
+        else:  # a frozen parameter or a buffer: saved as it was
+            state[name] = value
+    if master is not None:
+        left = 1 + sum(1 for _ in pending)
+        raise ValueError(f"{path}: {left} of {len(masters)} fp32 master copies match no module weight "
+                         "(shape and value): the file is not one this trainer wrote")
+    return state

@@ -20,8 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from . import checkpoint as ckpt
 from . import engine as eng
-from .checks import (check_export, check_module_devices, check_offload_ram, check_optimizer, check_precision,
-                     describe)
+from .checks import check_module_devices, check_offload_ram, check_optimizer, check_precision, describe
 from .conditioning import build_frozen, condition_batch, condition_cached_batch
 from .config import ConfigError, RunConfig, load_config, parse_overrides, save_config, to_dict
 from .models import build_iclight_model, configure_attention, count_parameters, default_dtype, freeze
@@ -92,7 +91,6 @@ class Trainer:
         check_precision(self.acc.name, self.dtype, bf16_ok=self.acc.bf16, fp16_ok=self.acc.fp16, ds_path=self.ds_path)
         check_optimizer(cfg.train.optimizer, accelerator=self.acc.name, stage=stage,
                         offload_optimizer=eng.offloads_optimizer(self.ds_cfg), ds_path=self.ds_path)
-        check_export(stage=stage, export=cfg.train.export, ds_path=self.ds_path)
         self._check_offload_ram()
         if self.acc.name == "cpu" and stage == 3 and eng.pin_malloc_mmap_threshold():
             log.info("glibc malloc: mmap threshold pinned at %d KiB for ZeRO-3 on CPU (see engine.py)",

@@ -317,3 +317,33 @@ def test_export_refuses_a_base_other_than_the_recorded_one(trained_run, tmp_path
     (run / "base.json").write_text(json.dumps({"source": "elsewhere", "unet_hash": "sha256:" + "0" * 64}))
     with pytest.raises(ValueError, match="would not give back the trained UNet"):
         export_run_checkpoint(run / "checkpoints", None, tmp_path / "out", fmt_name="iclight-offset")
+
+
+def test_stage0_checkpoint_exports_the_fp32_masters(tmp_path):
+    """ZeRO stage 0 writes no ZeRO files (zero_to_fp32 cannot read it): the export takes the module from its one
+    model-states file and swaps in the optimizer's fp32 masters, each checked against the weight it rounds to."""
+    from iclight_ds import engine as eng
+
+    g = torch.Generator().manual_seed(0)
+    masters = [torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g), torch.randn(5, generator=g)]
+    module = {"a.weight": masters[0].bfloat16(), "b.weight": masters[1].bfloat16(),
+              "frozen.weight": torch.randn(4, 3, generator=g).bfloat16(), "c.bias": masters[2].bfloat16()}
+    folder = tmp_path / "checkpoints" / "step_00000002"
+    folder.mkdir(parents=True)
+    torch.save({"module": module, "optimizer": {"fp32_groups": [masters[:2], masters[2:]]}},
+               folder / eng.STAGE0_STATES)
+    state = eng.fp32_state_dict_from_checkpoint(tmp_path / "checkpoints", "step_00000002")
+    assert list(state) == list(module)
+    for name, master in zip(("a.weight", "b.weight", "c.bias"), masters):
+        assert state[name].dtype == torch.float32 and torch.equal(state[name], master)
+        assert not torch.equal(state[name], module[name].float())  # more precise than the bf16 weight
+    assert torch.equal(state["frozen.weight"], module["frozen.weight"])  # no master: kept as saved
+
+    # masters that do not line up with the module (here: two of the same shape swapped) are refused, not exported
+    torch.save({"module": module, "optimizer": {"fp32_groups": [[masters[1], masters[0], masters[2]]]}},
+               folder / eng.STAGE0_STATES)
+    with pytest.raises(ValueError, match="fp32 master copies match no module weight"):
+        eng.fp32_state_dict_from_checkpoint(tmp_path / "checkpoints", "step_00000002")
+    (folder / eng.STAGE0_STATES).unlink()
+    with pytest.raises(FileNotFoundError, match="not a DeepSpeed checkpoint"):
+        eng.fp32_state_dict_from_checkpoint(tmp_path / "checkpoints", "step_00000002")
