@@ -12,8 +12,8 @@ weights, batch 1 (x3 rows for the consistency objective), the same synthetic sam
                (engine.pin_malloc_mmap_threshold), to show how much of the saving is the allocator setting alone
   plain-bf16   plain PyTorch loop with our math: bf16 weights + fp32 master, AdamW8bit, checkpointing
   zero2-1rank  our Trainer, ds_configs/zero2.json, 1 rank, AdamW8bit, checkpointing (same math as plain-bf16)
-  stage0-1rank the same with zero_optimization.stage 0: with one rank ZeRO has nothing to partition, and its
-               gradient bucket copies are measurable on a CPU
+  cpu-1rank    our Trainer, ds_configs/cpu-1rank.json (ZeRO stage 0: with one rank ZeRO has nothing to partition,
+               and stage 2's gradient bucket copies are measurable on a CPU), 1 rank: what `auto` picks here
   zero3-2rank  our Trainer, ds_configs/cpu-zero3.json, 2 CPU ranks (deepspeed launcher), AdamW8bit, checkpointing
   batched / separate   forward+backward of the three consistency evaluations as one batch of 3 vs 3 calls
 
@@ -243,8 +243,11 @@ def case_trainer(resolution: int, ds_config: str) -> dict:
             terms = losses(self.engine, self.cond, self.noise, self.t)
             self.engine.backward(terms["loss"])
             zero = self.engine.optimizer
-            self.grad_bytes = max(self.grad_bytes, tensor_bytes(
-                [v for k, v in vars(zero).items() if "grad" in k.lower()]))
+            if self.engine.zero_optimization_stage() == 0:  # the module's own .grad (the step's fp32 copy is transient)
+                held = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            else:  # ZeRO's gradient partitions and buckets
+                held = [v for k, v in vars(zero).items() if "grad" in k.lower()]
+            self.grad_bytes = max(self.grad_bytes, tensor_bytes(held))
             self.engine.step()
             return {k: v.detach() for k, v in terms.items()}
 
@@ -348,9 +351,9 @@ def run_case(args_list: list[str], launcher: list[str] | None = None, timeout: i
     return results
 
 
-CPU_CASES = "naive,naive-pinned,plain-bf16,zero2-1rank,stage0-1rank,zero3-2rank,batching"
+CPU_CASES = "naive,naive-pinned,plain-bf16,zero2-1rank,cpu-1rank,zero3-2rank,batching"
 GPU_CASES = "naive,plain-bf16,zero2-1rank,offload-opt,offload-all,zero3-2rank,batching"
-TABLE_ORDER = ("naive", "naive-pinned", "plain-bf16", "zero2-1rank", "stage0-1rank", "offload-opt", "offload-all",
+TABLE_ORDER = ("naive", "naive-pinned", "plain-bf16", "zero2-1rank", "cpu-1rank", "offload-opt", "offload-all",
                "zero3-2rank")
 
 
@@ -364,15 +367,15 @@ def summarise(cases: dict, device: str) -> tuple[dict, dict]:
     naive, z3 = _first_ok(cases, "naive"), [r for r in cases.get("zero3-2rank", []) if "error" not in r]
     plain, z2 = _first_ok(cases, "plain-bf16"), _first_ok(cases, "zero2-1rank")
     if device == "cpu":
-        targets.update(zero3_2rank_peak_rss_vs_naive=0.35, zero2_1rank_step_vs_plain_loop=1.10,
-                       stage0_1rank_step_vs_plain_loop=1.10)
+        # the 1-rank target is the trainer's own 1-rank CPU config (cpu-1rank); ZeRO-2's ratio is reported beside it
+        targets.update(zero3_2rank_peak_rss_vs_naive=0.35, cpu_1rank_step_vs_plain_loop=1.10)
         if naive and z3:
             ratios["zero3_2rank_peak_rss_vs_naive"] = max(r["peak_rss_gib"] for r in z3) / naive["peak_rss_gib"]
         naive_pinned = _first_ok(cases, "naive-pinned")
         if naive_pinned and z3:  # no target: how much of the saving the allocator setting alone gives
             ratios["zero3_2rank_peak_rss_vs_naive_pinned"] = (max(r["peak_rss_gib"] for r in z3)
                                                               / naive_pinned["peak_rss_gib"])
-        for name in ("zero2-1rank", "stage0-1rank"):
+        for name in ("zero2-1rank", "cpu-1rank"):
             r = _first_ok(cases, name)
             if plain and r:
                 ratios[f"{name.replace('-', '_')}_step_vs_plain_loop"] = r["step_s"] / plain["step_s"]
@@ -427,12 +430,10 @@ def main() -> None:
         wanted.remove("zero3-2rank")
     bench_tmp = Path(os.environ.setdefault("BENCH_TMP", "/tmp/iclight-bench"))
     bench_tmp.mkdir(parents=True, exist_ok=True)
-    config_of = {"zero2-1rank": "zero2", "stage0-1rank": "stage0", "offload-opt": "1gpu-8gb",
+    config_of = {"zero2-1rank": "zero2", "cpu-1rank": "cpu-1rank", "offload-opt": "1gpu-8gb",
                  "offload-all": "1gpu-6gb", "zero3-2rank": "cpu-zero3" if device == "cpu" else "zero3"}
     for name in set(config_of.values()):
-        ds = json.loads((REPO / "ds_configs" / f"{'zero2' if name == 'stage0' else name}.json").read_text())
-        if name == "stage0":
-            ds["zero_optimization"] = {"stage": 0}
+        ds = json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
         ds["gradient_accumulation_steps"] = 1  # one micro-batch per step: the same work as the plain loops
         ds["train_micro_batch_size_per_gpu"] = 1
         if device == "cpu":
