@@ -94,7 +94,8 @@ class ObjectiveConfig:
 @dataclass
 class TrainConfig:
     ds_config: str = "auto"
-    """DeepSpeed JSON; 'auto' = ds_configs/cpu.json without a GPU, ds_configs/zero2.json with one."""
+    """DeepSpeed JSON: a name in ds_configs/, a path, or 'auto' (the memory planner's choice for this machine and the
+    ranks started on it; `python -m iclight_ds.plan` shows its table)."""
     output_dir: str = "runs/default"
     """Run folder: metrics.jsonl, checkpoints/, unet.safetensors, resolved config."""
     steps: int = 1500
