@@ -21,12 +21,15 @@ On a GPU machine (default 512 px; CUDA device peaks from torch.cuda.max_memory_a
 inputs are encoded and the frozen encoders dropped): naive, plain-bf16, zero2-1rank (ds_configs/zero2.json), and
   offload-opt  our Trainer, ds_configs/1gpu-8gb.json: ZeRO-2 + optimizer offload to host RAM
   offload-all  our Trainer, ds_configs/1gpu-6gb.json: ZeRO-3 + parameter and optimizer offload
+  zero2-1rank-sdpa  zero2-1rank with PyTorch SDPA attention instead of xformers (what `model.attention: auto`
+               picks on CUDA when xformers imports), to show what xformers saves
   zero3-2rank  ds_configs/zero3.json on 2 GPUs, when the machine has them
   batching
 
-Per case: bytes held in parameters, gradients and optimizer state (counted from the tensors), peak RSS, and
-the step time: the fastest of the steps after a warm-up step (this shared 2-core machine's timings of one step
-vary by 20% or more; noise only adds time). Prints a table, writes JSON, and names the device.
+Per case: bytes held in parameters, gradients and optimizer state (counted from the tensors), peak RSS, the
+attention kernel used, and the step time: the fastest of the steps after a warm-up step (this shared 2-core
+machine's timings of one step vary by 20% or more; noise only adds time). Prints a table, writes JSON, and names the device. The JSON is
+rewritten after every case, so a run cut short keeps the cases it finished.
 """
 
 from __future__ import annotations
@@ -171,7 +174,7 @@ def case_plain(resolution: int, precise: bool, pin_malloc: bool) -> dict:
 
     from iclight_ds.config import ModelConfig
     from iclight_ds.engine import param_groups, pin_malloc_mmap_threshold
-    from iclight_ds.models import build_iclight_model, default_dtype
+    from iclight_ds.models import build_iclight_model, configure_attention, default_dtype
 
     if pin_malloc and not pin_malloc_mmap_threshold():
         raise RuntimeError("could not pin glibc's mmap threshold (not glibc, or MALLOC_MMAP_THRESHOLD_ is set)")
@@ -182,6 +185,7 @@ def case_plain(resolution: int, precise: bool, pin_malloc: bool) -> dict:
     dtype = torch.float32 if precise else torch.bfloat16
     with default_dtype(dtype):
         model = build_iclight_model(ModelConfig(size="full", variant="fc")).to(device)
+    attention = configure_attention(model.unet, "sdpa", device.type)
     model.train()
     if precise:
         params = list(model.parameters())
@@ -219,13 +223,14 @@ def case_plain(resolution: int, precise: bool, pin_malloc: bool) -> dict:
         "optimizer_bytes": tensor_bytes([opt.state]) + (0 if precise else tensor_bytes(master)),
         "peak_rss_gib": peak_rss_gib(),
         "device_peak_gib": device_peak_gib(device),
+        "attention": attention,
         "step_s": min(times[1:]),
         "first_step_s": times[0],
         "step_times_s": times,
     }
 
 
-def case_trainer(resolution: int, ds_config: str) -> dict:
+def case_trainer(resolution: int, ds_config: str, attention: str) -> dict:
     """Our Trainer (engine from the DeepSpeed JSON), one rank's numbers; fed the same inputs as plain."""
     import torch
 
@@ -254,6 +259,7 @@ def case_trainer(resolution: int, ds_config: str) -> dict:
     out = Path(os.environ.get("BENCH_TMP", "/tmp")) / f"bench-{Path(ds_config).stem}"
     cfg = load_config(None, {"train.ds_config": ds_config, "model.size": "full", "data.resolution": resolution,
                              "data.synth_samples": 4, "train.output_dir": str(out), "logging.wandb": False,
+                             "model.attention": attention,
                              "logging.progress": False, "data.num_workers": 0, "train.export": False})
     trainer = Bench(cfg)
     import psutil
@@ -285,6 +291,7 @@ def case_trainer(resolution: int, ds_config: str) -> dict:
         "device_peak_gib": device_peak_gib(device),
         "init_peak_rss_gib": init_peak,
         "init_rss_gib": init_rss,
+        "attention": trainer.attention,
         "step_s": min(times[1:]),
         "first_step_s": times[0],
         "step_times_s": times,
@@ -298,13 +305,14 @@ def case_batching(resolution: int) -> dict:
     import torch
 
     from iclight_ds.config import ModelConfig
-    from iclight_ds.models import build_iclight_model, default_dtype
+    from iclight_ds.models import build_iclight_model, configure_attention, default_dtype
 
     device = bench_device()
     cond, noise, t = make_inputs(resolution, device=device)
     torch.manual_seed(0)
     with default_dtype(torch.bfloat16):
         model = build_iclight_model(ModelConfig(size="full", variant="fc")).to(device)
+    attention = configure_attention(model.unet, "sdpa", device.type)
     model.unet.enable_gradient_checkpointing()
     model.train()
 
@@ -333,7 +341,7 @@ def case_batching(resolution: int) -> dict:
         timing[name] = time.perf_counter() - t0
     # the first of each pair warms caches: keep the second
     return {"batched_s": timing["batched_2"], "separate_s": timing["separate_2"],
-            "ratio": timing["batched_2"] / timing["separate_2"]}
+            "ratio": timing["batched_2"] / timing["separate_2"], "attention": attention}
 
 
 # ------------------------------------------------------------------------------------------------- the driver
@@ -342,8 +350,14 @@ def case_batching(resolution: int) -> dict:
 def run_case(args_list: list[str], launcher: list[str] | None = None, timeout: int = 1800) -> list[dict]:
     out = Path(os.environ.get("BENCH_TMP", "/tmp")) / f"case-{os.getpid()}-{time.time_ns()}.json"
     cmd = (launcher or [sys.executable]) + [str(Path(__file__).resolve()), "--case-out", str(out)] + args_list
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    # the repo first, then whatever PYTHONPATH already holds (packages installed with pip --target, say)
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONPATH=pythonpath, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        tail = ((e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace"))[-3000:]
+        return [{"error": f"timed out after {timeout} s", "log_tail": tail}]
     results = [json.loads(p.read_text()) for p in sorted(out.parent.glob(out.stem + "*.json"))]
     if proc.returncode != 0 or not results:
         tail = (proc.stdout + proc.stderr)[-3000:]
@@ -352,9 +366,9 @@ def run_case(args_list: list[str], launcher: list[str] | None = None, timeout: i
 
 
 CPU_CASES = "naive,naive-pinned,plain-bf16,zero2-1rank,cpu-1rank,zero3-2rank,batching"
-GPU_CASES = "naive,plain-bf16,zero2-1rank,offload-opt,offload-all,zero3-2rank,batching"
-TABLE_ORDER = ("naive", "naive-pinned", "plain-bf16", "zero2-1rank", "cpu-1rank", "offload-opt", "offload-all",
-               "zero3-2rank")
+GPU_CASES = "naive,plain-bf16,zero2-1rank,zero2-1rank-sdpa,offload-opt,offload-all,zero3-2rank,batching"
+TABLE_ORDER = ("naive", "naive-pinned", "plain-bf16", "zero2-1rank", "zero2-1rank-sdpa", "cpu-1rank", "offload-opt",
+               "offload-all", "zero3-2rank")
 
 
 def _ok(cases: dict, name: str) -> list[dict]:
@@ -392,6 +406,10 @@ def summarise(cases: dict, device: str) -> tuple[dict, dict]:
                 ratios[f"{key}_device_peak_gib"] = r["device_peak_gib"]
                 if z2:
                     ratios[f"{key}_step_vs_no_offload"] = r["step_s"] / z2["step_s"]
+        sdpa = _first_ok(cases, "zero2-1rank-sdpa")
+        if z2 and sdpa:  # no target: what the attention kernel alone changes, same config
+            ratios["zero2_1rank_step_xformers_vs_sdpa"] = z2["step_s"] / sdpa["step_s"]
+            ratios["zero2_1rank_device_peak_xformers_vs_sdpa"] = z2["device_peak_gib"] / sdpa["device_peak_gib"]
     batching = _first_ok(cases, "batching")
     if batching:
         ratios["batched_vs_separate_forwards"] = batching["ratio"]
@@ -403,7 +421,9 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=None, help="default: 256 on CPU, 512 on a GPU")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--cases", default=None, help=f"default on CPU: {CPU_CASES}; on a GPU: {GPU_CASES}")
+    p.add_argument("--case-timeout", type=int, default=1800, help="seconds before a case is stopped (default 1800)")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--attention", default="auto", help=argparse.SUPPRESS)
     p.add_argument("--case-out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ds", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -415,7 +435,7 @@ def main() -> None:
         fn = {"naive": lambda: case_plain(args.resolution, True, False),
               "naive-pinned": lambda: case_plain(args.resolution, True, True),
               "plain-bf16": lambda: case_plain(args.resolution, False, False),
-              "trainer": lambda: case_trainer(args.resolution, args.ds),
+              "trainer": lambda: case_trainer(args.resolution, args.ds, args.attention),
               "batching": lambda: case_batching(args.resolution)}[args.case]
         result = fn()
         rank = os.environ.get("RANK", "0")
@@ -434,8 +454,9 @@ def main() -> None:
         wanted.remove("zero3-2rank")
     bench_tmp = Path(os.environ.setdefault("BENCH_TMP", "/tmp/iclight-bench"))
     bench_tmp.mkdir(parents=True, exist_ok=True)
-    config_of = {"zero2-1rank": "zero2", "cpu-1rank": "cpu-1rank", "offload-opt": "1gpu-8gb",
-                 "offload-all": "1gpu-6gb", "zero3-2rank": "cpu-zero3" if device == "cpu" else "zero3"}
+    config_of = {"zero2-1rank": "zero2", "zero2-1rank-sdpa": "zero2", "cpu-1rank": "cpu-1rank",
+                 "offload-opt": "1gpu-8gb", "offload-all": "1gpu-6gb",
+                 "zero3-2rank": "cpu-zero3" if device == "cpu" else "zero3"}
     for name in set(config_of.values()):
         ds = json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
         ds["gradient_accumulation_steps"] = 1  # one micro-batch per step: the same work as the plain loops
@@ -444,9 +465,13 @@ def main() -> None:
             ds["zero_optimization"]["overlap_comm"] = False
         (bench_tmp / f"{name}.json").write_text(json.dumps(ds))
     res = ["--resolution", str(resolution)]
+    out = args.out or REPO / "bench" / "results" / f"memory-{device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = {"device": device, "device_name": desc, "cores": os.cpu_count(), "resolution": resolution}
     cases: dict[str, list[dict]] = {}
     two_ranks = ["deepspeed", "--num_gpus", "2", "--master_port", "29650", "--no_local_rank"]
-    plan = {name: (["--case", "trainer", "--ds", str(bench_tmp / f"{cfg}.json")],
+    plan = {name: (["--case", "trainer", "--ds", str(bench_tmp / f"{cfg}.json"),
+                    "--attention", "sdpa" if name.endswith("-sdpa") else "auto"],
                    two_ranks if name == "zero3-2rank" else None) for name, cfg in config_of.items()}
     plan.update({name: (["--case", name], None) for name in ("naive", "naive-pinned", "plain-bf16", "batching")})
     for name in wanted:
@@ -454,36 +479,33 @@ def main() -> None:
         print(f"running {name} ...", flush=True)
         if name == "zero3-2rank" and device == "cpu":
             os.environ["BENCH_THREADS"] = "1"  # two ranks on two cores
-        cases[name] = run_case(case_args + res, launcher)
+        cases[name] = run_case(case_args + res, launcher, timeout=args.case_timeout)
         os.environ.pop("BENCH_THREADS", None)
         print(json.dumps(cases[name])[:400], flush=True)
+        ratios, targets = summarise(cases, device)
+        out.write_text(json.dumps({**header, "cases": cases, "ratios": ratios, "targets": targets}, indent=1))
 
     gpu = device == "cuda"
     rows = []
     for name in TABLE_ORDER:
         for r in cases.get(name, []):
             if "error" in r:
-                rows.append(f"{name:<14} ERROR {r['error']}")
+                rows.append(f"{name:<18}ERROR {r['error']}")
                 continue
-            rows.append(f"{name + ('/r' + str(r['rank']) if 'rank' in r else ''):<16}"
+            rows.append(f"{name + ('/r' + str(r['rank']) if 'rank' in r else ''):<18}"
                         f"{r['param_bytes'] / GiB:>9.2f}{r['grad_bytes'] / GiB:>9.2f}{r['optimizer_bytes'] / GiB:>9.2f}"
                         + (f"{r['device_peak_gib']:>10.2f}" if gpu else "")
-                        + f"{r['peak_rss_gib']:>10.2f}{r['step_s']:>9.2f}")
+                        + f"{r['peak_rss_gib']:>10.2f}{r['step_s']:>9.2f}  {r.get('attention', '')}")
     ratios, targets = summarise(cases, device)
 
     print(f"\ndevice: {device} ({desc}), {os.cpu_count()} cores; full SD1.5 UNet (FC, 8 ch), {resolution} px, "
           "batch 1 x 3 rows (vanilla + consistency)")
-    print(f"{'case':<16}{'params':>9}{'grads':>9}{'optim':>9}" + (f"{'GPU peak':>10}" if gpu else "")
-          + f"{'peak RSS':>10}{'step s':>9}   (GiB per process)")
+    print(f"{'case':<18}{'params':>9}{'grads':>9}{'optim':>9}" + (f"{'GPU peak':>10}" if gpu else "")
+          + f"{'peak RSS':>10}{'step s':>9}  attention   (GiB per process)")
     print("\n".join(rows))
     for k, v in ratios.items():
         verdict = ("no target" if k not in targets else "meets" if v <= targets[k] else "MISSES")
         print(f"{k}: {v:.3f} ({'target <= ' + str(targets[k]) + ': ' if k in targets else ''}{verdict})")
-    out = args.out or REPO / "bench" / "results" / f"memory-{device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": device, "device_name": desc, "cores": os.cpu_count(),
-                               "resolution": resolution, "cases": cases, "ratios": ratios,
-                               "targets": targets}, indent=1))
     print(f"wrote {out}")
 
 

@@ -244,8 +244,8 @@ class Trainer:
                 model = build_iclight_model(cfg.model, modify=eng.whole_params(self.ds_cfg))
         if cfg.model.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
-        attention = configure_attention(model.unet, cfg.model.attention, self.acc.name)
-        log.info("attention: %s; trainable parameters: %.2fM", attention, count_parameters(model) / 1e6)
+        self.attention = configure_attention(model.unet, cfg.model.attention, self.acc.name)
+        log.info("attention: %s; trainable parameters: %.2fM", self.attention, count_parameters(model) / 1e6)
         frozen_dtype = self.dtype if cfg.model.frozen_dtype == "auto" else _DTYPES[cfg.model.frozen_dtype]
         if cfg.data.cache:  # the cache holds their outputs: not built at all
             self.vae = self.text_encoder = None
