@@ -19,8 +19,11 @@ weights, batch 1 (x3 rows for the consistency objective), the same synthetic sam
 
 On a GPU machine (default 512 px; CUDA device peaks from torch.cuda.max_memory_allocated, counted from after the
 inputs are encoded and the frozen encoders dropped): naive, plain-bf16, zero2-1rank (ds_configs/zero2.json), and
-  offload-opt  our Trainer, ds_configs/1gpu-8gb.json: ZeRO-2 + optimizer offload to host RAM
-  offload-all  our Trainer, ds_configs/1gpu-6gb.json: ZeRO-3 + parameter and optimizer offload
+  offload-opt  our Trainer, ds_configs/1gpu-8gb.json: ZeRO-2 + optimizer offload to host RAM (train.optimizer=auto:
+               DeepSpeedCPUAdam on the host)
+  offload-all  our Trainer, ds_configs/1gpu-6gb.json: ZeRO-3 + parameter and optimizer offload (DeepSpeedCPUAdam)
+  offload-opt-8bit  offload-opt with train.optimizer=adamw8bit (bitsandbytes on the host) instead of auto's
+               DeepSpeedCPUAdam, to show what the host optimizer costs
   zero2-1rank-sdpa  zero2-1rank with PyTorch SDPA attention instead of xformers (what `model.attention: auto`
                picks on CUDA when xformers imports), to show what xformers saves
   zero3-2rank  ds_configs/zero3.json on 2 GPUs, when the machine has them
@@ -230,7 +233,7 @@ def case_plain(resolution: int, precise: bool, pin_malloc: bool) -> dict:
     }
 
 
-def case_trainer(resolution: int, ds_config: str, attention: str) -> dict:
+def case_trainer(resolution: int, ds_config: str, attention: str, optimizer: str) -> dict:
     """Our Trainer (engine from the DeepSpeed JSON), one rank's numbers; fed the same inputs as plain."""
     import torch
 
@@ -259,7 +262,7 @@ def case_trainer(resolution: int, ds_config: str, attention: str) -> dict:
     out = Path(os.environ.get("BENCH_TMP", "/tmp")) / f"bench-{Path(ds_config).stem}"
     cfg = load_config(None, {"train.ds_config": ds_config, "model.size": "full", "data.resolution": resolution,
                              "data.synth_samples": 4, "train.output_dir": str(out), "logging.wandb": False,
-                             "model.attention": attention,
+                             "model.attention": attention, "train.optimizer": optimizer,
                              "logging.progress": False, "data.num_workers": 0, "train.export": False})
     trainer = Bench(cfg)
     import psutil
@@ -292,6 +295,7 @@ def case_trainer(resolution: int, ds_config: str, attention: str) -> dict:
         "init_peak_rss_gib": init_peak,
         "init_rss_gib": init_rss,
         "attention": trainer.attention,
+        "optimizer": trainer.optimizer_name,
         "step_s": min(times[1:]),
         "first_step_s": times[0],
         "step_times_s": times,
@@ -366,9 +370,10 @@ def run_case(args_list: list[str], launcher: list[str] | None = None, timeout: i
 
 
 CPU_CASES = "naive,naive-pinned,plain-bf16,zero2-1rank,cpu-1rank,zero3-2rank,batching"
-GPU_CASES = "naive,plain-bf16,zero2-1rank,zero2-1rank-sdpa,offload-opt,offload-all,zero3-2rank,batching"
+GPU_CASES = ("naive,plain-bf16,zero2-1rank,zero2-1rank-sdpa,offload-opt,offload-opt-8bit,offload-all,zero3-2rank,"
+             "batching")
 TABLE_ORDER = ("naive", "naive-pinned", "plain-bf16", "zero2-1rank", "zero2-1rank-sdpa", "cpu-1rank", "offload-opt",
-               "offload-all", "zero3-2rank")
+               "offload-opt-8bit", "offload-all", "zero3-2rank")
 
 
 def _ok(cases: dict, name: str) -> list[dict]:
@@ -406,6 +411,11 @@ def summarise(cases: dict, device: str) -> tuple[dict, dict]:
                 ratios[f"{key}_device_peak_gib"] = r["device_peak_gib"]
                 if z2:
                     ratios[f"{key}_step_vs_no_offload"] = r["step_s"] / z2["step_s"]
+        eight = _first_ok(cases, "offload-opt-8bit")
+        if eight:  # no target: the same offload config with bitsandbytes' 8-bit AdamW stepping on the host
+            ratios["offload_opt_8bit_device_peak_gib"] = eight["device_peak_gib"]
+            if z2:
+                ratios["offload_opt_8bit_step_vs_no_offload"] = eight["step_s"] / z2["step_s"]
         sdpa = _first_ok(cases, "zero2-1rank-sdpa")
         if z2 and sdpa:  # no target: what the attention kernel alone changes, same config
             ratios["zero2_1rank_step_xformers_vs_sdpa"] = z2["step_s"] / sdpa["step_s"]
@@ -424,6 +434,7 @@ def main() -> None:
     p.add_argument("--case-timeout", type=int, default=1800, help="seconds before a case is stopped (default 1800)")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
     p.add_argument("--attention", default="auto", help=argparse.SUPPRESS)
+    p.add_argument("--optimizer", default="auto", help=argparse.SUPPRESS)
     p.add_argument("--case-out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ds", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -435,7 +446,7 @@ def main() -> None:
         fn = {"naive": lambda: case_plain(args.resolution, True, False),
               "naive-pinned": lambda: case_plain(args.resolution, True, True),
               "plain-bf16": lambda: case_plain(args.resolution, False, False),
-              "trainer": lambda: case_trainer(args.resolution, args.ds, args.attention),
+              "trainer": lambda: case_trainer(args.resolution, args.ds, args.attention, args.optimizer),
               "batching": lambda: case_batching(args.resolution)}[args.case]
         result = fn()
         rank = os.environ.get("RANK", "0")
@@ -455,7 +466,7 @@ def main() -> None:
     bench_tmp = Path(os.environ.setdefault("BENCH_TMP", "/tmp/iclight-bench"))
     bench_tmp.mkdir(parents=True, exist_ok=True)
     config_of = {"zero2-1rank": "zero2", "zero2-1rank-sdpa": "zero2", "cpu-1rank": "cpu-1rank",
-                 "offload-opt": "1gpu-8gb", "offload-all": "1gpu-6gb",
+                 "offload-opt": "1gpu-8gb", "offload-opt-8bit": "1gpu-8gb", "offload-all": "1gpu-6gb",
                  "zero3-2rank": "cpu-zero3" if device == "cpu" else "zero3"}
     for name in set(config_of.values()):
         ds = json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
@@ -471,7 +482,8 @@ def main() -> None:
     cases: dict[str, list[dict]] = {}
     two_ranks = ["deepspeed", "--num_gpus", "2", "--master_port", "29650", "--no_local_rank"]
     plan = {name: (["--case", "trainer", "--ds", str(bench_tmp / f"{cfg}.json"),
-                    "--attention", "sdpa" if name.endswith("-sdpa") else "auto"],
+                    "--attention", "sdpa" if name.endswith("-sdpa") else "auto",
+                    "--optimizer", "adamw8bit" if name.endswith("-8bit") else "auto"],
                    two_ranks if name == "zero3-2rank" else None) for name, cfg in config_of.items()}
     plan.update({name: (["--case", name], None) for name in ("naive", "naive-pinned", "plain-bf16", "batching")})
     for name in wanted:
@@ -495,13 +507,14 @@ def main() -> None:
             rows.append(f"{name + ('/r' + str(r['rank']) if 'rank' in r else ''):<18}"
                         f"{r['param_bytes'] / GiB:>9.2f}{r['grad_bytes'] / GiB:>9.2f}{r['optimizer_bytes'] / GiB:>9.2f}"
                         + (f"{r['device_peak_gib']:>10.2f}" if gpu else "")
-                        + f"{r['peak_rss_gib']:>10.2f}{r['step_s']:>9.2f}  {r.get('attention', '')}")
+                        + f"{r['peak_rss_gib']:>10.2f}{r['step_s']:>9.2f}  {r.get('attention', '')}"
+                        + f"  {r.get('optimizer', '')}")
     ratios, targets = summarise(cases, device)
 
     print(f"\ndevice: {device} ({desc}), {os.cpu_count()} cores; full SD1.5 UNet (FC, 8 ch), {resolution} px, "
           "batch 1 x 3 rows (vanilla + consistency)")
     print(f"{'case':<18}{'params':>9}{'grads':>9}{'optim':>9}" + (f"{'GPU peak':>10}" if gpu else "")
-          + f"{'peak RSS':>10}{'step s':>9}  attention   (GiB per process)")
+          + f"{'peak RSS':>10}{'step s':>9}  attention/optimizer   (GiB per process)")
     print("\n".join(rows))
     for k, v in ratios.items():
         verdict = ("no target" if k not in targets else "meets" if v <= targets[k] else "MISSES")

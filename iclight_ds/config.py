@@ -106,8 +106,10 @@ class TrainConfig:
     """Linear warm-up, in optimizer steps."""
     schedule: Literal["constant", "cosine"] = "cosine"
     """LR after warm-up: constant, or cosine decay to 10% of the peak at `steps`."""
-    optimizer: Literal["adamw8bit", "adamw", "cpu_adam"] = "adamw8bit"
-    """adamw8bit: bitsandbytes AdamW8bit; adamw: torch AdamW; cpu_adam: DeepSpeedCPUAdam (offload)."""
+    optimizer: Literal["auto", "adamw8bit", "adamw", "cpu_adam"] = "auto"
+    """adamw8bit: bitsandbytes AdamW8bit; adamw: torch AdamW; cpu_adam: DeepSpeedCPUAdam (offload); auto: cpu_adam
+    when the DeepSpeed config offloads the optimizer (its step then runs on the host, where bitsandbytes' 8-bit
+    AdamW is ~50x slower per parameter: bench/host_optimizer.py), else adamw8bit."""
     weight_decay: float = 1e-2
     """Decoupled weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)

@@ -107,6 +107,18 @@ def offloads_optimizer(ds_cfg: dict) -> bool:
     return dev not in (None, "none")
 
 
+def resolve_optimizer(name: str, ds_cfg: dict) -> str:
+    """train.optimizer=auto -> DeepSpeed's CPU Adam where the config offloads the optimizer, else 8-bit AdamW.
+
+    With the optimizer offloaded its step runs on the host: bitsandbytes' CPU 8-bit AdamW costs 12 ns per parameter
+    there, DeepSpeedCPUAdam 0.24 (bench/host_optimizer.py), and on an H200 the 8-bit step made the offload configs'
+    step 28x the no-offload one (bench/results/memory-cuda.json). CPU Adam keeps fp32 moments: 6 more bytes per
+    parameter of host RAM. Where nothing is offloaded the 8-bit states save device (or, on CPU, host) memory."""
+    if name != "auto":
+        return name
+    return "cpu_adam" if offloads_optimizer(ds_cfg) else "adamw8bit"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Process group and accelerator
 

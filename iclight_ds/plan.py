@@ -1,10 +1,12 @@
 """Memory planner: which DeepSpeed config fits this machine?
 
 `python -m iclight_ds.plan [--gpu-mem GB] [--gpus N] [--ram GB] [--resolution R] [--variant fc|fbc]
-                           [--consistency on|off] [--size full|tiny] [--json]`
+                           [--consistency on|off] [--size full|tiny] [--optimizer auto|adamw8bit|adamw|cpu_adam]
+                           [--json]`
 
 Per rank, for each config in ds_configs/: model states counted from the parameter count and the config's
-stage, offload, precision and the optimizer (8-bit AdamW by default); activations measured by running the
+stage, offload, precision and the optimizer (train.optimizer; auto: DeepSpeed's CPU Adam where the config
+offloads the optimizer, 8-bit AdamW elsewhere); activations measured by running the
 UNet on PyTorch's meta device (no memory, no compute) and summing the tensors autograd saves, with gradient
 checkpointing: the checkpoint inputs plus the largest block recomputed in backward, times the batch (3x
 with the consistency objective). It prints a table and names the fastest config that fits with headroom.
@@ -132,7 +134,10 @@ def _measure_saved(UNet2DConditionModel, AttnProcessor2_0, spec: dict, resolutio
 
 
 def model_state_bytes(params: int, ds_cfg: dict, world: int, optimizer: str) -> tuple[float, float]:
-    """(device, host) bytes per rank for weights, gradients, fp32 master and optimizer states."""
+    """(device, host) bytes per rank for weights, gradients, fp32 master and optimizer states.
+
+    `optimizer`: a train.optimizer value; auto is resolved for this config (engine.resolve_optimizer)."""
+    optimizer = eng.resolve_optimizer(optimizer, ds_cfg)
     stage = eng.zero_stage(ds_cfg)
     zero = ds_cfg.get("zero_optimization", {})
     off_opt = eng.offloads_optimizer(ds_cfg)
@@ -155,14 +160,16 @@ def model_state_bytes(params: int, ds_cfg: dict, world: int, optimizer: str) -> 
     host += weights if off_param else 0
     device += grads + buckets
     if off_opt:
-        host += master + states + grads  # offload keeps an fp32 gradient copy on the host too
+        # offload keeps an fp32 copy of the gradient partition on the host too (measured on an H200: 3.2 GiB of
+        # fp32 gradients for the full UNet with 1gpu-8gb.json)
+        host += master + states + 4 * shard(params)
     else:
         device += master + states
     return device, host
 
 
 def plan(*, gpu_mem_gib: float | None, gpus: int, ram_gib: float, resolution: int, variant: str,
-         consistency: bool, size: str = "full", optimizer: str = "adamw8bit") -> tuple[list[Estimate], str | None]:
+         consistency: bool, size: str = "full", optimizer: str = "auto") -> tuple[list[Estimate], str | None]:
     in_channels = 8 if variant == "fc" else 12
     params = unet_parameters(size, in_channels)
     act_per_sample = activation_bytes(size, in_channels, resolution)
@@ -236,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", choices=["fc", "fbc"], default="fc")
     p.add_argument("--consistency", choices=["on", "off"], default="on")
     p.add_argument("--size", choices=["full", "tiny"], default="full")
-    p.add_argument("--optimizer", choices=sorted(OPTIMIZER_STATE_BYTES), default="adamw8bit")
+    p.add_argument("--optimizer", choices=["auto", *sorted(OPTIMIZER_STATE_BYTES)], default="auto",
+                   help="train.optimizer (auto: cpu_adam for configs that offload the optimizer, else adamw8bit)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     found = detect()

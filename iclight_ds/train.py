@@ -88,15 +88,16 @@ class Trainer:
         self.geometry = eng.batch_geometry(self.ds_cfg, self.acc.world_size)
         self.dtype = eng.training_dtype(self.ds_cfg)
         stage = eng.zero_stage(self.ds_cfg)
+        self.optimizer_name = eng.resolve_optimizer(cfg.train.optimizer, self.ds_cfg)
         check_precision(self.acc.name, self.dtype, bf16_ok=self.acc.bf16, fp16_ok=self.acc.fp16, ds_path=self.ds_path)
-        check_optimizer(cfg.train.optimizer, accelerator=self.acc.name, stage=stage,
+        check_optimizer(self.optimizer_name, accelerator=self.acc.name, stage=stage,
                         offload_optimizer=eng.offloads_optimizer(self.ds_cfg), ds_path=self.ds_path)
         self._check_offload_ram()
         if self.acc.name == "cpu" and stage == 3 and eng.pin_malloc_mmap_threshold():
             log.info("glibc malloc: mmap threshold pinned at %d KiB for ZeRO-3 on CPU (see engine.py)",
                      eng.MALLOC_MMAP_THRESHOLD // 1024)
-        log.info("%s (ds_config=%s)", describe(self.acc.name, self.acc.world_size, self.dtype, stage, self.geometry),
-                 self.ds_path)
+        log.info("%s (ds_config=%s, optimizer=%s)", describe(self.acc.name, self.acc.world_size, self.dtype, stage,
+                                                             self.geometry), self.ds_path, self.optimizer_name)
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.json")
@@ -148,7 +149,7 @@ class Trainer:
         from .plan import GiB, model_state_bytes, unet_parameters
 
         params = unet_parameters(self.cfg.model.size, self.cfg.model.in_channels)
-        _, host = model_state_bytes(params, self.ds_cfg, self.acc.world_size, self.cfg.train.optimizer)
+        _, host = model_state_bytes(params, self.ds_cfg, self.acc.world_size, self.optimizer_name)
         ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", self.acc.world_size))
         check_offload_ram(needed_gib=host / GiB, ranks_here=ranks_here,
                           ram_gib=psutil.virtual_memory().total / GiB, ds_path=self.ds_path)
@@ -257,7 +258,7 @@ class Trainer:
                                                        dtype=frozen_dtype, device=device, vae=cfg.model.vae)
 
         optimizer = eng.build_optimizer(
-            cfg.train.optimizer,
+            self.optimizer_name,
             [p for p in model.parameters() if p.requires_grad],
             lr=cfg.train.lr,
             weight_decay=cfg.train.weight_decay,
@@ -269,7 +270,7 @@ class Trainer:
             optimizer,
             lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
             self.ds_cfg,
-            optimizer_name=cfg.train.optimizer,
+            optimizer_name=self.optimizer_name,
         )
         modules = {"model": self.engine.module, "vae": self.vae, "text_encoder": self.text_encoder}
         check_module_devices({k: m for k, m in modules.items() if m is not None}, device)

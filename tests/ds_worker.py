@@ -77,7 +77,9 @@ def run_one(ds_config: str, args, rank: int) -> dict:
     before = eng.gathered_state_dict(trainer.engine)
     trainer.train()
     after = eng.gathered_state_dict(trainer.engine)
-    result = {"trace": trainer.trace, "accumulation": trainer.geometry.accumulation}
+    inner = getattr(trainer.engine.optimizer, "optimizer", trainer.engine.optimizer)  # the client optimizer
+    result = {"trace": trainer.trace, "accumulation": trainer.geometry.accumulation,
+              "optimizer": [trainer.optimizer_name, type(inner).__name__]}
     if rank == 0:
         unchanged = [k for k in before if torch.equal(before[k], after[k])]
         last = max(k for k in before if k.startswith("merger.mlp.") and k.endswith(".weight"))
@@ -115,7 +117,7 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--optimizer", default="adamw8bit")
+    p.add_argument("--optimizer", default="auto")
     p.add_argument("--variant", default="fc")
     args = p.parse_args()
     results = {}

@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from iclight_ds import engine as eng
+
 REPO = Path(__file__).resolve().parent.parent
 # ZeRO-3 configs first: the worker's first engine is then built under zero.Init in a fresh process, the case
 # where importing diffusers/torch._dynamo under DeepSpeed's patched tensor constructors once broke.
@@ -53,7 +55,7 @@ def synth_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def worker_results(synth_data, tmp_path_factory) -> dict:
-    """One 2-rank launch stepping every shipped DeepSpeed config with AdamW8bit."""
+    """One 2-rank launch stepping every shipped DeepSpeed config with train.optimizer=auto."""
     out = tmp_path_factory.mktemp("ds")
     cmd = [
         "deepspeed", "--num_gpus", "2", "--master_port", "29531", "--no_local_rank",
@@ -68,6 +70,9 @@ def worker_results(synth_data, tmp_path_factory) -> dict:
 def test_shipped_config_trains_on_two_ranks(worker_results, name):
     r = worker_results[name]
     assert r["finite"], r["trace"]
+    # train.optimizer=auto: DeepSpeed's CPU Adam where the optimizer is offloaded to the host, else 8-bit AdamW
+    offloaded = eng.offloads_optimizer(eng.read_ds_config(REPO / "ds_configs" / f"{name}.json"))
+    assert r["optimizer"] == (["cpu_adam", "DeepSpeedCPUAdam"] if offloaded else ["adamw8bit", "AdamW8bit"])
     # every trainable tensor moved, the zero-initialised conv_in channels and merger layer included, except
     # norm scales sitting at 1.0, where a 1e-3 update is below half a bf16 ulp (the fp32 master still moved)
     assert r["params"] > 100

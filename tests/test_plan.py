@@ -19,7 +19,12 @@ def test_model_state_bytes_follow_stage_and_offload():
     assert device_adam - device == pytest.approx(6 * P)  # fp32 m, v instead of uint8
     off = eng.read_ds_config(eng.REPO_DS_CONFIGS / "zero2_offload.json")
     d_off, h_off = plan.model_state_bytes(P, off, world=1, optimizer="adamw8bit")
-    assert h_off == pytest.approx(4 * P + 2 * P + 2 * P) and d_off < device / 2
+    # fp32 master + 8-bit states + the fp32 gradient copy the offload keeps on the host
+    assert h_off == pytest.approx(4 * P + 2 * P + 4 * P) and d_off < device / 2
+    # auto: DeepSpeed's CPU Adam (fp32 m, v on the host) where the optimizer is offloaded, 8-bit AdamW elsewhere
+    _, h_auto = plan.model_state_bytes(P, off, world=1, optimizer="auto")
+    assert h_auto - h_off == pytest.approx(6 * P)
+    assert plan.model_state_bytes(P, zero2, world=1, optimizer="auto") == (device, host)
     z3 = eng.read_ds_config(eng.REPO_DS_CONFIGS / "zero3.json")
     d1, _ = plan.model_state_bytes(P, z3, world=1, optimizer="adamw8bit")
     d4, _ = plan.model_state_bytes(P, z3, world=4, optimizer="adamw8bit")

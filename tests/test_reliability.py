@@ -234,6 +234,18 @@ def test_optimizer_combinations_refused():
     check_optimizer("adamw8bit", accelerator="cuda", stage=3, offload_optimizer=False, ds_path="zero3.json")
 
 
+def test_optimizer_auto_follows_the_offload():
+    """auto: DeepSpeed's CPU Adam where the step runs on the host because of offload; 8-bit AdamW elsewhere."""
+    from iclight_ds import engine as eng
+
+    offload = eng.read_ds_config(eng.REPO_DS_CONFIGS / "1gpu-8gb.json")
+    plain = eng.read_ds_config(eng.REPO_DS_CONFIGS / "zero2.json")
+    assert eng.resolve_optimizer("auto", offload) == "cpu_adam"
+    assert eng.resolve_optimizer("auto", plain) == "adamw8bit"
+    assert eng.resolve_optimizer("auto", eng.read_ds_config(eng.REPO_DS_CONFIGS / "cpu-1rank.json")) == "adamw8bit"
+    assert eng.resolve_optimizer("adamw8bit", offload) == "adamw8bit"  # an explicit choice is kept
+
+
 def test_offload_without_enough_host_ram_is_refused(make_trainer, monkeypatch):
     import psutil
 
