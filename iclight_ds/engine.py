@@ -291,7 +291,13 @@ def build_optimizer(name: str, params, *, lr: float, weight_decay: float, betas:
     if name == "cpu_adam":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(params, lr=lr, betas=betas, weight_decay=weight_decay, adamw_mode=True)
+        try:  # DeepSpeed compiles its CPU Adam op on first use (C++ compiler + ninja)
+            return DeepSpeedCPUAdam(params, lr=lr, betas=betas, weight_decay=weight_decay, adamw_mode=True)
+        except Exception as e:
+            raise EngineConfigError(
+                f"train.optimizer: DeepSpeed's CPU Adam (cpu_adam, what 'auto' picks for a config that offloads the "
+                f"optimizer) could not be built or loaded: {type(e).__name__}: {e}. It needs a C++ compiler and "
+                f"ninja at first use; or set train.optimizer=adamw8bit (slower optimizer step on the host)") from e
     raise EngineConfigError(f"train.optimizer: unknown optimizer {name!r}")
 
 

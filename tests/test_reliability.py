@@ -246,6 +246,22 @@ def test_optimizer_auto_follows_the_offload():
     assert eng.resolve_optimizer("adamw8bit", offload) == "adamw8bit"  # an explicit choice is kept
 
 
+def test_cpu_adam_that_cannot_be_built_says_what_to_do(monkeypatch):
+    """DeepSpeed compiles its CPU Adam at first use: a machine without a compiler gets a message, not a traceback."""
+    import deepspeed.ops.adam
+
+    from iclight_ds import engine as eng
+
+    class Unbuildable:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(deepspeed.ops.adam, "DeepSpeedCPUAdam", Unbuildable)
+    with pytest.raises(eng.EngineConfigError, match="cpu_adam.*Ninja is required.*train.optimizer=adamw8bit"):
+        eng.build_optimizer("cpu_adam", [torch.nn.Parameter(torch.zeros(3))], lr=1e-3, weight_decay=0.0,
+                            betas=(0.9, 0.999))
+
+
 def test_offload_without_enough_host_ram_is_refused(make_trainer, monkeypatch):
     import psutil
 
