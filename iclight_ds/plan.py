@@ -41,6 +41,11 @@ MULTI_NODE_ONLY = {"multi-node"}
 # whole optimizer step that ZeRO-2 splits between them (on CPU, 8-bit AdamW is most of a full-size step).
 ONE_RANK_SUFFIX = "-1rank"
 OPTIMIZER_STATE_BYTES = {"adamw8bit": 2.0, "adamw": 8.0, "cpu_adam": 8.0}  # m and v per parameter
+# Offload with pin_memory on a GPU: torch's pinned-memory allocator rounds every block up to a power of two, and
+# DeepSpeed pins an fp32 master, an fp32 gradient and (ZeRO-1/2) a bf16 buffer per parameter group. For the full
+# UNet's 48 groups of <= 20M elements the rounded sizes sum to 1.46x the exact ones. With it the count gives
+# 14.2 GiB of host RAM for 1gpu-8gb.json after init; an H200 measured 14.3 (bench/results/memory-cuda.json).
+PINNED_ROUNDUP = 1.46
 
 
 @dataclass
@@ -53,6 +58,7 @@ class Estimate:
     host_gib: float  # per rank, in host RAM
     fits: bool
     why: str
+    optimizer: str = "adamw8bit"  # what train.optimizer resolves to with this config (auto: see optimizer_for)
 
 
 def unet_parameters(size: str, in_channels: int) -> int:
@@ -133,15 +139,18 @@ def _measure_saved(UNet2DConditionModel, AttnProcessor2_0, spec: dict, resolutio
     return saved[0] + min(full, largest)
 
 
-def model_state_bytes(params: int, ds_cfg: dict, world: int, optimizer: str) -> tuple[float, float]:
+def model_state_bytes(params: int, ds_cfg: dict, world: int, optimizer: str,
+                      pinned: bool = False) -> tuple[float, float]:
     """(device, host) bytes per rank for weights, gradients, fp32 master and optimizer states.
 
-    `optimizer`: a train.optimizer value; auto is resolved for this config (engine.resolve_optimizer)."""
+    `optimizer`: a train.optimizer value; auto is resolved for this config (engine.resolve_optimizer).
+    `pinned`: the accelerator is a GPU, so offloaded buffers with pin_memory pay the pinned allocator's rounding."""
     optimizer = eng.resolve_optimizer(optimizer, ds_cfg)
     stage = eng.zero_stage(ds_cfg)
     zero = ds_cfg.get("zero_optimization", {})
     off_opt = eng.offloads_optimizer(ds_cfg)
     off_param = zero.get("offload_param", {}).get("device", "none") not in (None, "none")
+    roundup = lambda key: PINNED_ROUNDUP if pinned and zero.get(key, {}).get("pin_memory") else 1.0  # noqa: E731
     half = 2 if eng.training_dtype(ds_cfg) != torch.float32 else 4
     shard = lambda n: n / world if world > 1 else n  # noqa: E731
     weights = half * (shard(params) if stage == 3 else params)
@@ -157,15 +166,30 @@ def model_state_bytes(params: int, ds_cfg: dict, world: int, optimizer: str) -> 
     states = OPTIMIZER_STATE_BYTES[optimizer] * (shard(params) if stage >= 1 else params)
     device = host = 0.0
     device += 0 if off_param else weights
-    host += weights if off_param else 0
+    host += weights * roundup("offload_param") if off_param else 0
     device += grads + buckets
     if off_opt:
         # offload keeps an fp32 copy of the gradient partition on the host too (measured on an H200: 3.2 GiB of
-        # fp32 gradients for the full UNet with 1gpu-8gb.json)
-        host += master + states + 4 * shard(params)
+        # fp32 gradients for the full UNet with 1gpu-8gb.json) and, at ZeRO-1/2, a bf16 buffer for the weights'
+        # way back to the GPU; the optimizer's own states are not pinned
+        copy_back = half * shard(params) if stage < 3 else 0
+        host += states + (master + 4 * shard(params) + copy_back) * roundup("offload_optimizer")
     else:
         device += master + states
     return device, host
+
+
+def optimizer_for(optimizer: str, params: int, ds_cfg: dict, *, world: int, ranks_here: int, ram_gib: float,
+                  on_gpu: bool) -> str:
+    """train.optimizer as it will run with this config: auto is DeepSpeed's CPU Adam where the config offloads the
+    optimizer (engine.resolve_optimizer), unless its fp32 moments (6 bytes per parameter more than 8-bit states)
+    would not fit this machine's RAM with the planner's headroom; then 8-bit AdamW, slower on the host but 2 bytes."""
+    name = eng.resolve_optimizer(optimizer, ds_cfg)
+    if optimizer != "auto" or name != "cpu_adam":
+        return name
+    _, host = model_state_bytes(params, ds_cfg, world, name, pinned=on_gpu)
+    host += HOST_BASE if on_gpu else HOST_BASE_CPU
+    return name if host * ranks_here <= HEADROOM * ram_gib * GiB else "adamw8bit"
 
 
 def plan(*, gpu_mem_gib: float | None, gpus: int, ram_gib: float, resolution: int, variant: str,
@@ -177,12 +201,13 @@ def plan(*, gpu_mem_gib: float | None, gpus: int, ram_gib: float, resolution: in
     for path in sorted(eng.REPO_DS_CONFIGS.glob("*.json")):
         ds_cfg = eng.read_ds_config(path)
         micro = int(ds_cfg["train_micro_batch_size_per_gpu"])
-        device, host = model_state_bytes(params, ds_cfg, gpus, optimizer)
+        on_cpu = gpu_mem_gib is None
+        opt = optimizer_for(optimizer, params, ds_cfg, world=gpus, ranks_here=gpus, ram_gib=ram_gib, on_gpu=not on_cpu)
+        device, host = model_state_bytes(params, ds_cfg, gpus, opt, pinned=not on_cpu)
         activations = act_per_sample * micro * (3 if consistency else 1)
         zero = ds_cfg.get("zero_optimization", {})
         offload = "+".join(k.split("_")[1] for k in ("offload_param", "offload_optimizer")
                            if zero.get(k, {}).get("device", "none") not in (None, "none")) or "none"
-        on_cpu = gpu_mem_gib is None
         if on_cpu:  # everything lives in host RAM
             host, device = host + device + activations, 0.0
         else:
@@ -201,7 +226,7 @@ def plan(*, gpu_mem_gib: float | None, gpus: int, ram_gib: float, resolution: in
         if path.stem in MULTI_NODE_ONLY:
             reasons.append("for several machines (pick it by name with --hostfile)")
         estimates.append(Estimate(path.stem, eng.zero_stage(ds_cfg), offload, micro, device / GiB, host / GiB,
-                                  not reasons, "; ".join(reasons) or "fits"))
+                                  not reasons, "; ".join(reasons) or "fits", opt))
     fitting = {e.config for e in estimates if e.fits}
     order = (["multi-gpu"] if gpus > 1 else []) + SPEED_ORDER  # one config per rank count: prefer its own
     choice = next((name for name in order if name in fitting), None)
@@ -244,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--consistency", choices=["on", "off"], default="on")
     p.add_argument("--size", choices=["full", "tiny"], default="full")
     p.add_argument("--optimizer", choices=["auto", *sorted(OPTIMIZER_STATE_BYTES)], default="auto",
-                   help="train.optimizer (auto: cpu_adam for configs that offload the optimizer, else adamw8bit)")
+                   help="train.optimizer (auto: cpu_adam for configs that offload the optimizer when RAM allows, "
+                        "else adamw8bit)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     found = detect()
@@ -260,10 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     where = f"{gpus} x {gpu_mem:.0f} GiB GPU" if gpu_mem else f"CPU only, {gpus} rank(s)"
     print(f"machine: {where}, {ram:.0f} GiB RAM; {args.size} UNet {args.variant}, {args.resolution} px, "
           f"consistency {args.consistency}, {args.optimizer}")
-    print(f"{'config':<16}{'stage':>6} {'offload':<16}{'micro':>6}{'GPU GiB/rank':>14}{'host GiB/rank':>15}  verdict")
+    print(f"{'config':<16}{'stage':>6} {'offload':<16}{'micro':>6} {'optimizer':<10}{'GPU GiB/rank':>13}"
+          f"{'host GiB/rank':>15}  verdict")
     for e in estimates:
-        print(f"{e.config:<16}{e.stage:>6} {e.offload:<16}{e.micro_batch:>6}{e.device_gib:>14.2f}{e.host_gib:>15.2f}"
-              f"  {e.why}")
+        print(f"{e.config:<16}{e.stage:>6} {e.offload:<16}{e.micro_batch:>6} {e.optimizer:<10}{e.device_gib:>13.2f}"
+              f"{e.host_gib:>15.2f}  {e.why}")
     print(f"choice: {choice or 'nothing fits'}")
     return 0 if choice else 1
 

@@ -88,7 +88,7 @@ class Trainer:
         self.geometry = eng.batch_geometry(self.ds_cfg, self.acc.world_size)
         self.dtype = eng.training_dtype(self.ds_cfg)
         stage = eng.zero_stage(self.ds_cfg)
-        self.optimizer_name = eng.resolve_optimizer(cfg.train.optimizer, self.ds_cfg)
+        self.optimizer_name = self._choose_optimizer()
         check_precision(self.acc.name, self.dtype, bf16_ok=self.acc.bf16, fp16_ok=self.acc.fp16, ds_path=self.ds_path)
         check_optimizer(self.optimizer_name, accelerator=self.acc.name, stage=stage,
                         offload_optimizer=eng.offloads_optimizer(self.ds_cfg), ds_path=self.ds_path)
@@ -129,14 +129,38 @@ class Trainer:
         choice = [None]
         if self.is_main:
             cfg = self.cfg
-            # ranks on this machine: the deepspeed launcher says LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE
-            here = os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or self.acc.world_size
             choice[0] = str(choose_config(cfg.data.resolution, cfg.model.variant, cfg.objective.lambda_consistency > 0,
-                                          cfg.model.size, cfg.train.optimizer, ranks=int(here)))
+                                          cfg.model.size, cfg.train.optimizer, ranks=self._ranks_here()))
         if torch.distributed.is_initialized():
             torch.distributed.broadcast_object_list(choice, src=0)
         log.info("train.ds_config=auto: the planner chose %s", choice[0])
         return Path(choice[0])
+
+    def _choose_optimizer(self) -> str:
+        """train.optimizer, with auto resolved for this config and machine (plan.optimizer_for); with offload the
+        RAM decides, so rank 0 decides and broadcasts, as for the config: every rank must build the same one."""
+        if self.cfg.train.optimizer != "auto" or not eng.offloads_optimizer(self.ds_cfg):
+            return eng.resolve_optimizer(self.cfg.train.optimizer, self.ds_cfg)
+        import psutil
+
+        from .plan import GiB, optimizer_for, unet_parameters
+
+        choice = [None]
+        if self.is_main:
+            params = unet_parameters(self.cfg.model.size, self.cfg.model.in_channels)
+            choice[0] = optimizer_for("auto", params, self.ds_cfg, world=self.acc.world_size,
+                                      ranks_here=self._ranks_here(), ram_gib=psutil.virtual_memory().total / GiB,
+                                      on_gpu=self.acc.name == "cuda")
+            if choice[0] != "cpu_adam":
+                log.warning("train.optimizer=auto: DeepSpeed's CPU Adam would not fit this machine's RAM with %s; "
+                            "using %s (8-bit states, a slower step on the host)", self.ds_path, choice[0])
+        if torch.distributed.is_initialized():
+            torch.distributed.broadcast_object_list(choice, src=0)
+        return choice[0]
+
+    def _ranks_here(self) -> int:
+        """Ranks on this machine: the deepspeed launcher says LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE."""
+        return int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or self.acc.world_size)
 
     def _check_offload_ram(self) -> None:
         """With offload, the planner's count of host-side model states must fit this machine's RAM."""
@@ -149,9 +173,9 @@ class Trainer:
         from .plan import GiB, model_state_bytes, unet_parameters
 
         params = unet_parameters(self.cfg.model.size, self.cfg.model.in_channels)
-        _, host = model_state_bytes(params, self.ds_cfg, self.acc.world_size, self.optimizer_name)
-        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", self.acc.world_size))
-        check_offload_ram(needed_gib=host / GiB, ranks_here=ranks_here,
+        _, host = model_state_bytes(params, self.ds_cfg, self.acc.world_size, self.optimizer_name,
+                                    pinned=self.acc.name == "cuda")
+        check_offload_ram(needed_gib=host / GiB, ranks_here=self._ranks_here(),
                           ram_gib=psutil.virtual_memory().total / GiB, ds_path=self.ds_path)
 
     def _setup_logging(self) -> None:
