@@ -30,9 +30,9 @@ inputs are encoded and the frozen encoders dropped): naive, plain-bf16, zero2-1r
   batching
 
 Per case: bytes held in parameters, gradients and optimizer state (counted from the tensors), peak RSS, the
-attention kernel used, and the step time: the fastest of the steps after a warm-up step (this shared 2-core
-machine's timings of one step vary by 20% or more; noise only adds time). Prints a table, writes JSON, and names the device. The JSON is
-rewritten after every case, so a run cut short keeps the cases it finished.
+attention kernel and optimizer used, and the step time: the fastest of the steps after a warm-up step (this
+shared 2-core machine's timings of one step vary by 20% or more; noise only adds time). Prints a table, writes
+JSON, and names the device. The JSON is rewritten after every case, so a run cut short keeps the cases it finished.
 """
 
 from __future__ import annotations

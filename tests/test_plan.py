@@ -33,7 +33,8 @@ def test_model_state_bytes_follow_stage_and_offload():
 def test_host_estimate_of_offload_matches_the_gpu_measurement():
     """1gpu-8gb.json on an H200 (bench/results/memory-cuda.json): 14.28 GiB of host RAM after init (8-bit states are
     created at the first step); the count with the pinned allocator's rounding and the process base is within
-    0.5 GiB of it. Without the rounding it was 6 GiB short."""
+    0.5 GiB of it. Before the rounding and the fp32 gradient / bf16 copy-back buffers were counted, it was ~6 GiB
+    short."""
     import json
 
     measured = json.loads((eng.REPO_DS_CONFIGS.parent / "bench/results/memory-cuda.json").read_text())
