@@ -1,7 +1,8 @@
 """Checkpoints: DeepSpeed's engine state plus a small client state, written so a crash never damages the last one.
 
 Layout under <output_dir>/checkpoints/:
-    step_00000100/          DeepSpeed files + config.json + rng_rank<R>.pt (each rank's random streams)
+    step_00000100/          DeepSpeed files + config.json + resolved.json (the optimizer `auto` chose) +
+                            rng_rank<R>.pt (each rank's random streams)
     latest                  the tag of the newest COMPLETE checkpoint (replaced atomically after the rename)
 A save goes to `.tmp-<tag>/` first; only a finished folder is renamed to its tag, and only then `latest` moves.
 """
@@ -20,6 +21,7 @@ import torch
 from . import engine as eng
 
 LATEST = "latest"
+RESOLVED = "resolved.json"  # what the run's `auto` settings resolved to (train.optimizer)
 
 
 def tag_for(step: int) -> str:
@@ -69,8 +71,10 @@ class CheckpointError(RuntimeError):
 
 
 def save(engine, root: Path, *, step: int, client_state: dict, config: dict, generator, rank: int,
-         keep: int = 0) -> Path:
+         keep: int = 0, resolved: dict | None = None) -> Path:
     """Collective: every rank calls it, and every rank learns whether it succeeded. Returns the final folder.
+
+    `resolved`: what the run's `auto` settings resolved to (resolved.json), so that a resume builds the same.
 
     Ranks write their parts into `.tmp-<tag>/`; only when all succeeded does rank 0 rename it to `<tag>/` and
     move `latest`. On any failure the temporary folder is removed and CheckpointError says why.
@@ -91,6 +95,8 @@ def save(engine, root: Path, *, step: int, client_state: dict, config: dict, gen
         torch.save(rng_state(generator), tmp / f"rng_rank{rank}.pt")
         if rank == 0:
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            if resolved is not None:
+                (tmp / RESOLVED).write_text(json.dumps(resolved, indent=2) + "\n")
     except OSError as e:
         error = error or f"{e}"
     failed = eng.all_reduce_max(torch.tensor(1.0 if error else 0.0)).item() > 0
@@ -144,6 +150,17 @@ def resolve(resume: str, default_root: Path) -> tuple[Path, str]:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (expected {path / 'config.json'})")
     return path.parent, path.name
+
+
+def read_resolved(folder: Path) -> dict:
+    """A checkpoint's resolved.json ({} for checkpoints written before it existed)."""
+    path = folder / RESOLVED
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e}); expected JSON such as {{\"optimizer\": \"cpu_adam\"}}") from e
 
 
 def load(engine, root: Path, tag: str, *, generator, rank: int) -> dict:

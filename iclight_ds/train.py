@@ -138,7 +138,17 @@ class Trainer:
 
     def _choose_optimizer(self) -> str:
         """train.optimizer, with auto resolved for this config and machine (plan.optimizer_for); with offload the
-        RAM decides, so rank 0 decides and broadcasts, as for the config: every rank must build the same one."""
+        RAM decides, so rank 0 decides and broadcasts, as for the config: every rank must build the same one.
+        A resumed run builds the optimizer its checkpoint was written with (its states are that optimizer's)."""
+        saved = self._resumed_optimizer()
+        if saved is not None:
+            wanted = eng.resolve_optimizer(self.cfg.train.optimizer, self.ds_cfg)
+            if self.cfg.train.optimizer != "auto" and wanted != saved:
+                raise eng.EngineConfigError(
+                    f"train.optimizer={wanted}, but the checkpoint being resumed ({self.cfg.train.resume}) holds "
+                    f"{saved} states; resume with train.optimizer={saved} (or auto)")
+            log.info("train.optimizer: %s, as recorded in the checkpoint being resumed", saved)
+            return saved
         if self.cfg.train.optimizer != "auto" or not eng.offloads_optimizer(self.ds_cfg):
             return eng.resolve_optimizer(self.cfg.train.optimizer, self.ds_cfg)
         import psutil
@@ -157,6 +167,13 @@ class Trainer:
         if torch.distributed.is_initialized():
             torch.distributed.broadcast_object_list(choice, src=0)
         return choice[0]
+
+    def _resumed_optimizer(self) -> str | None:
+        """The optimizer recorded in the checkpoint train.resume names (None: not resuming, or an older checkpoint)."""
+        if not self.cfg.train.resume:
+            return None
+        root, tag = ckpt.resolve(self.cfg.train.resume, self.ckpt_root)
+        return ckpt.read_resolved(root / tag).get("optimizer")
 
     def _ranks_here(self) -> int:
         """Ranks on this machine: the deepspeed launcher says LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE."""
@@ -618,6 +635,7 @@ class Trainer:
             generator=self.generator,
             rank=self.acc.rank,
             keep=self.cfg.train.keep,
+            resolved={"optimizer": self.optimizer_name},
         )
         log.info("checkpoint %s", path)
         return path

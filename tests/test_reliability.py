@@ -279,6 +279,27 @@ def test_offload_without_enough_host_ram_is_refused(make_trainer, monkeypatch):
         make_trainer(**{"train.ds_config": "zero2_offload", "model.size": "full", "data.resolution": 256})
 
 
+def test_resume_builds_the_optimizer_the_checkpoint_holds(make_trainer, monkeypatch):
+    """auto may resolve differently on another machine (RAM); a resume must load states into the same optimizer."""
+    import json
+
+    from iclight_ds import engine as eng
+    from iclight_ds import plan
+
+    first = make_trainer(**{"train.ds_config": "zero2_offload", "train.steps": 1})
+    first.train()
+    ckpt_dir = first.ckpt_root / "step_00000001"
+    assert json.loads((ckpt_dir / "resolved.json").read_text()) == {"optimizer": "cpu_adam"}
+    with pytest.raises(eng.EngineConfigError, match="train.optimizer=adamw8bit, but the checkpoint .* holds cpu_adam"):
+        make_trainer(**{"train.ds_config": "zero2_offload", "train.resume": "latest", "train.optimizer": "adamw8bit"})
+    # a machine where auto would now pick 8-bit states still resumes with the checkpoint's CPU Adam
+    monkeypatch.setattr(plan, "optimizer_for", lambda *a, **k: "adamw8bit")
+    again = make_trainer(**{"train.ds_config": "zero2_offload", "train.resume": "latest", "train.steps": 2})
+    assert again.optimizer_name == "cpu_adam"
+    again.train()
+    assert again.step == 2
+
+
 def test_refused_configurations(tmp_path, data):
     from iclight_ds.config import ConfigError, load_config
     from iclight_ds.engine import EngineConfigError, batch_geometry, read_ds_config
