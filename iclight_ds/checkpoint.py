@@ -1,7 +1,7 @@
 """Checkpoints: DeepSpeed's engine state plus a small client state, written so a crash never damages the last one.
 
 Layout under <output_dir>/checkpoints/:
-    step_00000100/          DeepSpeed files + config.json + resolved.json (the optimizer `auto` chose) +
+    step_00000100/          DeepSpeed files + config.json + resolved.json (the optimizer and config `auto` chose) +
                             rng_rank<R>.pt (each rank's random streams)
     latest                  the tag of the newest COMPLETE checkpoint (replaced atomically after the rename)
 A save goes to `.tmp-<tag>/` first; only a finished folder is renamed to its tag, and only then `latest` moves.
@@ -21,7 +21,7 @@ import torch
 from . import engine as eng
 
 LATEST = "latest"
-RESOLVED = "resolved.json"  # what the run's `auto` settings resolved to (train.optimizer)
+RESOLVED = "resolved.json"  # what the run's `auto` settings resolved to (train.optimizer, train.ds_config)
 
 
 def tag_for(step: int) -> str:

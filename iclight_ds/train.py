@@ -81,9 +81,13 @@ class Trainer:
         self._setup_logging()
         self.out_dir = Path(cfg.train.output_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
+        # what the checkpoint being resumed recorded of its `auto` choices ({} when not resuming)
+        self.resumed = ckpt.read_resolved(self._resume_folder()) if cfg.train.resume else {}
 
-        self.ds_path = self._choose_ds_config() if cfg.train.ds_config == "auto" else eng.resolve_ds_config_path(
-            cfg.train.ds_config)
+        if cfg.train.ds_config != "auto":
+            self.ds_path = eng.resolve_ds_config_path(cfg.train.ds_config)
+        else:
+            self.ds_path = self._recorded_ds_config() or self._choose_ds_config()
         self.ds_cfg = eng.read_ds_config(self.ds_path)
         self.geometry = eng.batch_geometry(self.ds_cfg, self.acc.world_size)
         self.dtype = eng.training_dtype(self.ds_cfg)
@@ -140,7 +144,7 @@ class Trainer:
         """train.optimizer, with auto resolved for this config and machine (plan.optimizer_for); with offload the
         RAM decides, so rank 0 decides and broadcasts, as for the config: every rank must build the same one.
         A resumed run builds the optimizer its checkpoint was written with (its states are that optimizer's)."""
-        saved = self._resumed_optimizer()
+        saved = self.resumed.get("optimizer")
         if saved is not None:
             wanted = eng.resolve_optimizer(self.cfg.train.optimizer, self.ds_cfg)
             if self.cfg.train.optimizer != "auto" and wanted != saved:
@@ -168,12 +172,22 @@ class Trainer:
             torch.distributed.broadcast_object_list(choice, src=0)
         return choice[0]
 
-    def _resumed_optimizer(self) -> str | None:
-        """The optimizer recorded in the checkpoint train.resume names (None: not resuming, or an older checkpoint)."""
-        if not self.cfg.train.resume:
-            return None
+    def _resume_folder(self) -> Path:
         root, tag = ckpt.resolve(self.cfg.train.resume, self.ckpt_root)
-        return ckpt.read_resolved(root / tag).get("optimizer")
+        return root / tag
+
+    def _recorded_ds_config(self) -> Path | None:
+        """train.ds_config=auto on resume: the config the checkpoint was trained with (the planner could answer
+        differently on another machine, and exact resume needs the same batch geometry and ZeRO stage)."""
+        saved = self.resumed.get("ds_config")
+        if saved is None:
+            return None
+        for path in (Path(saved), eng.REPO_DS_CONFIGS / Path(saved).name):  # the repo may have moved
+            if path.is_file():
+                log.info("train.ds_config=auto: %s, as recorded in the checkpoint being resumed", path)
+                return path
+        raise FileNotFoundError(f"the checkpoint being resumed was trained with {saved}, which no longer exists; "
+                                "pass that DeepSpeed config with --ds-config")
 
     def _ranks_here(self) -> int:
         """Ranks on this machine: the deepspeed launcher says LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE."""
@@ -635,7 +649,7 @@ class Trainer:
             generator=self.generator,
             rank=self.acc.rank,
             keep=self.cfg.train.keep,
-            resolved={"optimizer": self.optimizer_name},
+            resolved={"optimizer": self.optimizer_name, "ds_config": str(self.ds_path)},
         )
         log.info("checkpoint %s", path)
         return path

@@ -279,8 +279,9 @@ def test_offload_without_enough_host_ram_is_refused(make_trainer, monkeypatch):
         make_trainer(**{"train.ds_config": "zero2_offload", "model.size": "full", "data.resolution": 256})
 
 
-def test_resume_builds_the_optimizer_the_checkpoint_holds(make_trainer, monkeypatch):
-    """auto may resolve differently on another machine (RAM); a resume must load states into the same optimizer."""
+def test_resume_builds_the_optimizer_and_config_the_checkpoint_holds(make_trainer, monkeypatch):
+    """auto may resolve differently on another machine (RAM, GPUs); a resume must load its states into the same
+    optimizer under the same DeepSpeed config."""
     import json
 
     from iclight_ds import engine as eng
@@ -289,13 +290,15 @@ def test_resume_builds_the_optimizer_the_checkpoint_holds(make_trainer, monkeypa
     first = make_trainer(**{"train.ds_config": "zero2_offload", "train.steps": 1})
     first.train()
     ckpt_dir = first.ckpt_root / "step_00000001"
-    assert json.loads((ckpt_dir / "resolved.json").read_text()) == {"optimizer": "cpu_adam"}
+    assert json.loads((ckpt_dir / "resolved.json").read_text()) == {
+        "optimizer": "cpu_adam", "ds_config": str(eng.REPO_DS_CONFIGS / "zero2_offload.json")}
     with pytest.raises(eng.EngineConfigError, match="train.optimizer=adamw8bit, but the checkpoint .* holds cpu_adam"):
         make_trainer(**{"train.ds_config": "zero2_offload", "train.resume": "latest", "train.optimizer": "adamw8bit"})
-    # a machine where auto would now pick 8-bit states still resumes with the checkpoint's CPU Adam
+    # a machine where auto would now pick 8-bit states (and, on CPU, cpu-1rank.json) still resumes with the
+    # checkpoint's CPU Adam and DeepSpeed config
     monkeypatch.setattr(plan, "optimizer_for", lambda *a, **k: "adamw8bit")
-    again = make_trainer(**{"train.ds_config": "zero2_offload", "train.resume": "latest", "train.steps": 2})
-    assert again.optimizer_name == "cpu_adam"
+    again = make_trainer(**{"train.ds_config": "auto", "train.resume": "latest", "train.steps": 2})
+    assert again.optimizer_name == "cpu_adam" and again.ds_path.name == "zero2_offload.json"
     again.train()
     assert again.step == 2
 
