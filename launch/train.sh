@@ -15,6 +15,9 @@
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# the interpreter: $PYTHON, else python, else python3 (some images, e.g. CUDA ones, have only python3)
+py="${PYTHON:-$(command -v python || command -v python3 || true)}"
+[[ -n "$py" ]] || { echo "launch/train.sh: no python or python3 on PATH (or set PYTHON)" >&2; exit 2; }
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 export WANDB_MODE="${WANDB_MODE:-offline}"
 
@@ -40,7 +43,8 @@ while [[ $# -gt 0 ]]; do
 done
 
 if [[ -z "$num_gpus" ]]; then
-  num_gpus=$(python -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
+  num_gpus=$("$py" -c "import torch; print(max(1, torch.cuda.device_count()))") || {
+    echo "launch/train.sh: could not count the GPUs with $py (is torch installed for it?)" >&2; exit 2; }
 fi
 
 case "$launcher" in
@@ -55,7 +59,7 @@ case "$launcher" in
     ;;
   python)
     [[ "$num_gpus" == 1 && -z "$hostfile" ]] || { echo "launch/train.sh: --launcher python runs one process" >&2; exit 2; }
-    exec python -m iclight_ds.train "${passthrough[@]}"
+    exec "$py" -m iclight_ds.train "${passthrough[@]}"
     ;;
   *) echo "launch/train.sh: unknown --launcher $launcher (deepspeed, torchrun, python)" >&2; exit 2 ;;
 esac
