@@ -198,10 +198,10 @@ def plan(*, gpu_mem_gib: float | None, gpus: int, ram_gib: float, resolution: in
     params = unet_parameters(size, in_channels)
     act_per_sample = activation_bytes(size, in_channels, resolution)
     estimates = []
+    on_cpu = gpu_mem_gib is None
     for path in sorted(eng.REPO_DS_CONFIGS.glob("*.json")):
         ds_cfg = eng.read_ds_config(path)
         micro = int(ds_cfg["train_micro_batch_size_per_gpu"])
-        on_cpu = gpu_mem_gib is None
         opt = optimizer_for(optimizer, params, ds_cfg, world=gpus, ranks_here=gpus, ram_gib=ram_gib, on_gpu=not on_cpu)
         device, host = model_state_bytes(params, ds_cfg, gpus, opt, pinned=not on_cpu)
         activations = act_per_sample * micro * (3 if consistency else 1)

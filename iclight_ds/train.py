@@ -130,15 +130,19 @@ class Trainer:
         """train.ds_config=auto: the planner's choice on rank 0, broadcast so every rank (node) agrees."""
         from .plan import choose_config
 
-        choice = [None]
-        if self.is_main:
-            cfg = self.cfg
-            choice[0] = str(choose_config(cfg.data.resolution, cfg.model.variant, cfg.objective.lambda_consistency > 0,
-                                          cfg.model.size, cfg.train.optimizer, ranks=self._ranks_here()))
+        cfg = self.cfg
+        choice = self._rank0_decides(lambda: str(choose_config(
+            cfg.data.resolution, cfg.model.variant, cfg.objective.lambda_consistency > 0, cfg.model.size,
+            cfg.train.optimizer, ranks=self._ranks_here())))
+        log.info("train.ds_config=auto: the planner chose %s", choice)
+        return Path(choice)
+
+    def _rank0_decides(self, decide):
+        """`decide()` on rank 0 only, its answer broadcast: every rank (node) must build the same thing."""
+        choice = [decide() if self.is_main else None]
         if torch.distributed.is_initialized():
             torch.distributed.broadcast_object_list(choice, src=0)
-        log.info("train.ds_config=auto: the planner chose %s", choice[0])
-        return Path(choice[0])
+        return choice[0]
 
     def _choose_optimizer(self) -> str:
         """train.optimizer, with auto resolved for this config and machine (plan.optimizer_for); with offload the
@@ -159,18 +163,16 @@ class Trainer:
 
         from .plan import GiB, optimizer_for, unet_parameters
 
-        choice = [None]
-        if self.is_main:
+        def decide() -> str:
             params = unet_parameters(self.cfg.model.size, self.cfg.model.in_channels)
-            choice[0] = optimizer_for("auto", params, self.ds_cfg, world=self.acc.world_size,
-                                      ranks_here=self._ranks_here(), ram_gib=psutil.virtual_memory().total / GiB,
-                                      on_gpu=self.acc.name == "cuda")
-            if choice[0] != "cpu_adam":
+            name = optimizer_for("auto", params, self.ds_cfg, world=self.acc.world_size, ranks_here=self._ranks_here(),
+                                 ram_gib=psutil.virtual_memory().total / GiB, on_gpu=self.acc.name == "cuda")
+            if name != "cpu_adam":
                 log.warning("train.optimizer=auto: DeepSpeed's CPU Adam would not fit this machine's RAM with %s; "
-                            "using %s (8-bit states, a slower step on the host)", self.ds_path, choice[0])
-        if torch.distributed.is_initialized():
-            torch.distributed.broadcast_object_list(choice, src=0)
-        return choice[0]
+                            "using %s (8-bit states, a slower step on the host)", self.ds_path, name)
+            return name
+
+        return self._rank0_decides(decide)
 
     def _resume_folder(self) -> Path:
         root, tag = ckpt.resolve(self.cfg.train.resume, self.ckpt_root)
