@@ -47,6 +47,21 @@ def test_host_estimate_of_offload_matches_the_gpu_measurement():
     assert abs(at_init - case["init_rss_gib"]) < 0.5, (at_init, case["init_rss_gib"])
 
 
+def test_offload_host_ram_with_cpu_adam_matches_the_h200_peak():
+    """1gpu-8gb.json with DeepSpeed's CPU Adam on an H200 (bench/results/memory-cuda-offload.json): 21.07 GiB peak
+    RSS. The planner's host count (pinned buffers, fp32 master and moments, process base) is within 0.6 GiB of it
+    and does not undercount by more than that: an undercount sends a machine into an OOM."""
+    import json
+
+    measured = json.loads((eng.REPO_DS_CONFIGS.parent / "bench/results/memory-cuda-offload.json").read_text())
+    case = measured["cases"]["offload-opt"][0]
+    assert case["optimizer"] == "cpu_adam"
+    ds = eng.read_ds_config(eng.REPO_DS_CONFIGS / "1gpu-8gb.json")
+    _, host = plan.model_state_bytes(plan.unet_parameters("full", 8), ds, world=1, optimizer="cpu_adam", pinned=True)
+    counted = (host + plan.HOST_BASE) / 2**30
+    assert abs(counted - case["peak_rss_gib"]) < 0.6, (counted, case["peak_rss_gib"])
+
+
 def test_auto_optimizer_falls_back_to_8bit_states_where_cpu_adam_does_not_fit():
     kw = dict(gpu_mem_gib=8, gpus=1, resolution=512, variant="fc", consistency=True)
     roomy = {e.config: e for e in plan.plan(ram_gib=32, **kw)[0]}
