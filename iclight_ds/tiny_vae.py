@@ -120,20 +120,26 @@ def train(args: argparse.Namespace) -> dict:
         generate(Path(tmp) / "held", 64, size=args.resolution, seed=args.data_seed + 1, extras=False)
         images = training_images(Path(tmp) / "train", args.resolution)
         held = training_images(Path(tmp) / "held", args.resolution)
-    config = dict(TINY_VAE, block_out_channels=tuple(args.channels), norm_num_groups=min(16, min(args.channels)))
-    vae = AutoencoderKL(**config).train()
+    levels = len(args.channels)  # downsampling factor 2 ** (levels - 1), as diffusers' pipelines compute it
+    config = dict(TINY_VAE, block_out_channels=tuple(args.channels), norm_num_groups=min(16, min(args.channels)),
+                  down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels)
+    device = torch.device(args.device)
+    images, held = images.to(device), held.to(device)
+    vae = AutoencoderKL(**config).to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / args.steps))))
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator(device).manual_seed(args.seed)
     start = time.time()
     for step in range(args.steps):
-        idx = torch.randint(0, len(images), (args.batch,), generator=gen)
+        idx = torch.randint(0, len(images), (args.batch,), generator=gen, device=device)
         x = images[idx]
         if args.crop and args.crop < x.shape[-1]:  # a convolutional VAE: random crops train it as well, faster
-            i, j = (int(v) for v in torch.randint(0, x.shape[-1] - args.crop + 1, (2,), generator=gen) // 8 * 8)
+            cell = 2 ** (levels - 1)  # crops aligned to the latent grid
+            i, j = (int(v) for v in torch.randint(0, x.shape[-1] - args.crop + 1, (2,), generator=gen, device=device)
+                    // cell * cell)
             x = x[..., i:i + args.crop, j:j + args.crop]
-        flip = torch.rand(args.batch, generator=gen) < 0.5
+        flip = torch.rand(args.batch, generator=gen, device=device) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         post = vae.encode(x).latent_dist
         recon = vae.decode(post.sample(generator=gen)).sample
@@ -146,7 +152,8 @@ def train(args: argparse.Namespace) -> dict:
         sched.step()
         if step % 200 == 0 or step == args.steps - 1:
             print(f"step {step:5d}  loss {loss.item():.4f}  {time.time() - start:6.0f} s", flush=True)
-    vae.eval()
+    vae.eval().cpu()
+    images, held = images.cpu(), held.cpu()
     train_psnr, std = evaluate(vae, images[:512])
     held_psnr, _ = evaluate(vae, held)
     vae.register_to_config(scaling_factor=round(1.0 / std, 4))
@@ -167,10 +174,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--crop", type=int, default=32, help="train on random crops of this size (0: whole images)")
-    p.add_argument("--channels", type=int, nargs=4, default=(32, 64, 64, 64), help="block_out_channels")
+    p.add_argument("--channels", type=int, nargs="+", default=(32, 64, 64, 64),
+                   help="block_out_channels; N widths downsample by 2 ** (N - 1): 4 as SD1.5 (8x), 3 for 4x")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--kl", type=float, default=1e-6, help="weight of the per-element KL term")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
     p.add_argument("--data-seed", type=int, default=1000, help="synthetic data seed (held-out scenes: +1)")
     args = p.parse_args(argv)
     info = train(args)

@@ -92,6 +92,22 @@ def test_shipped_tiny_vae_reconstructs_synthetic_images(tmp_path):
     assert 0.5 < std * vae.config.scaling_factor < 2  # the scaling factor makes latents ~unit variance
 
 
+def test_tiny_vae_script_makes_a_4x_vae_from_three_widths(tmp_path):
+    """`--channels` with three widths trains a VAE that downsamples 4x (diffusers' 2 ** (levels - 1)), and the
+    file it writes loads with that layout and its scaling factor."""
+    from iclight_ds.tiny_vae import load_vae_file, main
+
+    out = tmp_path / "vae4.safetensors"
+    main(["--out", str(out), "--channels", "16", "32", "32", "--steps", "2", "--samples", "8", "--batch", "4",
+          "--resolution", "32", "--crop", "16"])
+    vae = load_vae_file(out)
+    assert tuple(vae.config.block_out_channels) == (16, 32, 32)
+    with torch.no_grad():
+        z = vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mode()
+    assert z.shape == (1, 4, 8, 8)
+    assert vae.config.scaling_factor != 4.0  # measured (1 / std), not the random tiny VAE's default
+
+
 def test_vae_file_errors_name_the_file(tmp_path):
     from iclight_ds.tiny_vae import TinyVaeError, load_vae_file
 

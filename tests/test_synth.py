@@ -51,6 +51,11 @@ def test_sample_depends_only_on_seed_and_index(synth_dir, tmp_path):
         assert (prefix / rec["target"]).read_bytes() == (synth_dir / rec["target"]).read_bytes()
 
 
+def test_parallel_workers_write_the_same_files(synth_dir, tmp_path):
+    parallel = synth.generate(tmp_path / "parallel", N, size=SIZE, seed=7, workers=2)
+    assert file_bytes(parallel) == file_bytes(synth_dir)
+
+
 def test_light_transport_is_additive(synth_dir):
     for rec in records(synth_dir):
         env = np.load(synth_dir / rec["env"])

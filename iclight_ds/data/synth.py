@@ -15,13 +15,15 @@ composited target frame is additive too.
 Conventions: camera looks down -z with x right, y up; env row i has polar angle theta from +y, column
 j has azimuth phi in (-pi, pi) with phi = 0 towards the camera (+z) and phi = -pi/2 to the left (-x).
 
-CLI: python -m iclight_ds.data.synth --out DIR --n N --size S --seed K [--env-shape H W] [--no-extras]
+CLI: python -m iclight_ds.data.synth --out DIR --n N --size S --seed K [--env-shape H W] [--no-extras] [--workers P]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -315,21 +317,29 @@ def write_sample(out_dir: Path, sample_id: str, s: SynthSample, extras: bool = T
     return rec
 
 
+def _write_one(out: Path, i: int, size: int, seed: int, env_shape: tuple[int, int], extras: bool) -> str:
+    sample = render_sample(np.random.default_rng([seed, i]), size, env_shape)
+    return json.dumps(write_sample(out, f"{i:06d}", sample, extras=extras))
+
+
 def generate(out_dir: str | Path, n: int, size: int = 64, seed: int = 0,
-             env_shape: tuple[int, int] = (16, 32), extras: bool = True) -> Path:
+             env_shape: tuple[int, int] = (16, 32), extras: bool = True, workers: int = 1) -> Path:
     """Write `n` samples and `manifest.jsonl` to `out_dir`; bit-identical for the same arguments.
 
-    Sample i depends only on (seed, i), so a larger `n` extends a smaller one. `extras=False` skips
-    the env parts and linear images (the trainer draws its own light splits).
+    Sample i depends only on (seed, i), so a larger `n` extends a smaller one, and `workers` processes
+    write the same files as one. `extras=False` skips the env parts and linear images (the trainer
+    draws its own light splits).
     """
     out = Path(out_dir)
     for sub in ("target", "foreground", "mask", "background", "env") + (("linear",) if extras else ()):
         (out / sub).mkdir(parents=True, exist_ok=True)
     env_shape = (int(env_shape[0]), int(env_shape[1]))
-    lines = []
-    for i in range(n):
-        sample = render_sample(np.random.default_rng([seed, i]), size, env_shape)
-        lines.append(json.dumps(write_sample(out, f"{i:06d}", sample, extras=extras)))
+    job = functools.partial(_write_one, out, size=size, seed=seed, env_shape=env_shape, extras=extras)
+    if workers > 1 and n > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            lines = pool.map(job, range(n), chunksize=max(1, n // (workers * 8)))
+    else:
+        lines = [job(i) for i in range(n)]
     (out / "manifest.jsonl").write_text("\n".join(lines) + "\n" if lines else "")
     return out
 
@@ -344,9 +354,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="environment map height and width (equirectangular, W = 2H)")
     parser.add_argument("--no-extras", action="store_true",
                         help="skip env parts and linear .npy images (large at high resolution)")
+    parser.add_argument("--workers", type=int, default=1, help="processes rendering in parallel (same files)")
     args = parser.parse_args(argv)
     generate(args.out, args.n, size=args.size, seed=args.seed, env_shape=tuple(args.env_shape),
-             extras=not args.no_extras)
+             extras=not args.no_extras, workers=args.workers)
     print(f"wrote {args.n} samples to {args.out}")
 
 
