@@ -161,7 +161,8 @@ def train(args: argparse.Namespace) -> dict:
                           f"{args.samples} samples x target/foreground/background, {args.resolution}px)",
             "steps": args.steps, "batch": args.batch, "crop": args.crop, "channels": list(args.channels), "lr": args.lr, "kl_weight": args.kl, "seed": args.seed,
             "psnr_train_db": round(train_psnr, 2), "psnr_heldout_db": round(held_psnr, 2),
-            "latent_std": round(std, 4), "train_seconds": round(time.time() - start)}
+            "latent_std": round(std, 4), "train_seconds": round(time.time() - start),
+            "device": f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type}
     save_vae_file(vae, args.out, info)
     return info
 

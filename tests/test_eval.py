@@ -106,6 +106,11 @@ def test_tiny_vae_script_makes_a_4x_vae_from_three_widths(tmp_path):
         z = vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mode()
     assert z.shape == (1, 4, 8, 8)
     assert vae.config.scaling_factor != 4.0  # measured (1 / std), not the random tiny VAE's default
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["channels"]) == [16, 32, 32] and meta["device"] == "cpu" and meta["steps"] == "2"
 
 
 def test_vae_file_errors_name_the_file(tmp_path):
