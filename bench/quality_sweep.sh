@@ -50,9 +50,11 @@ run f4-b64 29603 --model.vae "$R/vae_f4.safetensors" "${big[@]}" &
 run f4-b64-lc0 29604 --model.vae "$R/vae_f4.safetensors" "${big[@]}" --objective.lambda_consistency 0 &
 run f4w-b64 29605 --model.vae "$R/vae_f4w.safetensors" "${big[@]}" &
 wait
-for n in f8-b64 f4-b8 f4-b64 f4-b64-lc0 f4w-b64; do
-  [[ -f "$R/$n/unet.safetensors" ]] && CUDA_VISIBLE_DEVICES= "$py" -m iclight_ds.eval --run "$R/$n" --data "$R/held" \
-    --samples 32 --steps 20 --seed 0 --out "$R/$n/eval32.json" > "$R/$n.eval.log" 2>&1 &
+for unet in "$R"/*/unet.safetensors; do  # the runs that finished (and exported)
+  [[ -f "$unet" ]] || continue
+  run_dir="$(dirname "$unet")"
+  CUDA_VISIBLE_DEVICES= "$py" -m iclight_ds.eval --run "$run_dir" --data "$R/held" --samples 32 --steps 20 --seed 0 \
+    --out "$run_dir/eval32.json" > "$run_dir.eval.log" 2>&1 &
 done
 wait
 "$py" bench/quality_summary.py "$R" --out "$RESULT" --train-seconds "$TRAIN_S"
