@@ -68,6 +68,15 @@ class ResumableSampler(DistributedSampler):
         return iter(indices[start:])
 
 
+def leave_stop_signals_to_main(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: the worker leaves the trainer's process group. A signal sent to the whole group
+    (Ctrl-C in a terminal, `timeout`, `kill -- -PGID`) then reaches the main process alone, which saves and shuts its
+    workers down; otherwise the workers died first and the main process stopped on "DataLoader worker ... is killed
+    by signal" without saving. (Ignoring the signals in the workers instead hangs the exit: multiprocessing stops
+    leftover workers with SIGTERM and waits for them.) A worker whose main process is gone exits by itself."""
+    os.setpgid(0, 0)
+
+
 def generator_seed(seed: int, rank: int) -> int:
     """Per-rank stream for noise, timesteps and light splits, derived from the one run seed."""
     return seed * 1_000_003 + rank
@@ -353,6 +362,7 @@ class Trainer:
             num_workers=self.cfg.data.num_workers,
             drop_last=True,
             persistent_workers=self.cfg.data.num_workers > 0,
+            worker_init_fn=leave_stop_signals_to_main,
         )
         return loader, sampler
 

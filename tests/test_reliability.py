@@ -123,16 +123,27 @@ def test_kill_during_save_keeps_previous_checkpoint(data, reference, tmp_path):
     assert (ckpts / "latest").read_text() == "step_00000006"
 
 
-def test_sigterm_saves_and_exits_zero(data, tmp_path):
+@pytest.mark.parametrize("to", ["process", "group"])
+def test_sigterm_saves_and_exits_zero(data, tmp_path, to):
+    """SIGTERM to the trainer alone, or to its whole process group as `timeout` does (and Ctrl-C, with SIGINT): the
+    DataLoader worker must not die first, or the main process stops on the dead worker without saving."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "iclight_ds.train", "--train.ds_config", "cpu", "--data.path", str(data),
            "--train.output_dir", str(out), "--train.steps", "100000", "--logging.every", "1",
-           "--logging.wandb", "false", "--logging.progress", "false"]
+           "--logging.wandb", "false", "--logging.progress", "false", "--data.num_workers", "1"]
     with (tmp_path / "log.txt").open("w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
-        _wait_for_step(out, 2, proc)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 0, (tmp_path / "log.txt").read_text()[-3000:]
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            _wait_for_step(out, 2, proc)
+            if to == "group":
+                os.killpg(proc.pid, signal.SIGTERM)
+            else:
+                proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=120) == 0, (tmp_path / "log.txt").read_text()[-3000:]
+        finally:
+            if proc.poll() is None:  # a hung exit must not outlive the test (its worker follows its main process)
+                proc.kill()
     last = max(_losses(out))
     assert (out / "checkpoints" / "latest").read_text() == f"step_{last:08d}"
     assert "signal 15: saving at step" in (tmp_path / "log.txt").read_text()
