@@ -1,10 +1,11 @@
-"""Collect the runs of bench/quality_sweep.sh into one JSON and print a table.
+"""Collect the runs of bench/quality_sweep.sh or bench/quality_scale.sh into one JSON and print a table.
 
 python bench/quality_summary.py WORK_DIR [--out bench/results/quality-sweep.json] [--device NAME] [--train-seconds S]
 
-Reads every `WORK_DIR/<run>/metrics.jsonl` (its evaluation records: `eval/*` every 250 steps on 8 scenes), the
+Reads every `WORK_DIR/<run>/metrics.jsonl` (its evaluation records `eval/*`, every `logging.eval_every` steps), the
 run's `config.json`, the VAE training logs (`vae_*.log`, whose last lines are the VAE's JSON info) and `rc.txt`
-(124: the run was stopped at the time limit, so its last evaluation is its last point).
+(its last line per run: 124 = stopped at the time limit) and the 32-scene scores `eval32.json` (and
+`eval32-step<N>.json`, where a stopped run was scored before it was resumed).
 """
 
 from __future__ import annotations
@@ -41,16 +42,20 @@ def run_summary(run: Path, rc: dict) -> dict:
     train = [r for r in records if "loss" in r]
     evals = [{"step": r["step"], **{k: round(r[f"eval/{k}"], 4) for k in EVAL_KEYS if f"eval/{k}" in r}}
              for r in records if "eval/psnr" in r]
-    final = None
-    if (run / "eval32.json").is_file():  # the finished run scored on 32 held-out scenes
-        final = {k: round(v, 4) for k, v in json.loads((run / "eval32.json").read_text())["summary"].items()
-                 if k in EVAL_KEYS}
+    def eval32(path: Path) -> dict:
+        return {k: round(v, 4) for k, v in json.loads(path.read_text())["summary"].items() if k in EVAL_KEYS}
+
+    final = eval32(run / "eval32.json") if (run / "eval32.json").is_file() else None  # scored on 32 held-out scenes
+    # scored where a time limit stopped the run, before it was resumed (bench/quality_scale.sh RESUME=1)
+    earlier = {int(p.stem.removeprefix("eval32-step")): eval32(p) for p in run.glob("eval32-step*.json")}
     return {
         "vae": cfg["model"]["vae"], "eval_data": eval_data(cfg), "micro_batch": ds["train_micro_batch_size_per_gpu"],
         "lambda_c": cfg["objective"]["lambda_consistency"], "steps_planned": cfg["train"]["steps"],
         "steps_reached": train[-1]["step"] if train else 0, "rc": rc.get(run.name),
         "samples_per_s": round(sum(r["samples_per_s"] for r in train[-5:]) / max(1, len(train[-5:])), 1),
         "final_loss": round(train[-1]["loss"], 4) if train else None, "evals": evals, "final_eval_32": final,
+        "stopped_eval_32": {str(k): earlier[k] for k in sorted(earlier)},
+        "logging": {k: cfg["logging"][k] for k in ("eval_every", "eval_samples")},
     }
 
 
@@ -77,7 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
 
-    print(f"device: {device}; per-run limit {args.train_seconds} s; eval: 8 scenes every 250 steps")
+    log = next(iter(runs.values()))["logging"]
+    print(f"device: {device}; per-run limit {args.train_seconds} s; "
+          f"eval: {log['eval_samples']} scenes every {log['eval_every']} steps")
     for name, v in vaes.items():
         print(f"  {name}: widths {v['channels']}, {v['steps']} steps, held-out full-frame PSNR {v['psnr_heldout_db']} dB")
     steps = sorted({e["step"] for r in runs.values() for e in r["evals"]})
@@ -90,7 +97,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{last.get('baseline_psnr', float('nan')):6.2f} {last.get('vae_psnr', float('nan')):6.2f} "
               + " ".join(f"{by_step[s]['psnr']:6.2f}" if s in by_step else f"{'-':>6s}" for s in steps)
               + f"  {last.get('additivity_error', float('nan')):.3f}"
-              + (f"  final (32 held-out): {r['final_eval_32']['psnr']:.2f} dB" if r["final_eval_32"] else ""))
+              + (f"  final (32 held-out): {r['final_eval_32']['psnr']:.2f} dB (copy {r['final_eval_32']['baseline_psnr']:.2f}),"
+                 f" SSIM {r['final_eval_32']['ssim']:.3f}, additivity {r['final_eval_32']['additivity_error']:.3f}"
+                 if r["final_eval_32"] else ""))
     print(f"wrote {args.out}")
 
 
