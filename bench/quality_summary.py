@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -48,10 +49,13 @@ def run_summary(run: Path, rc: dict) -> dict:
     final = eval32(run / "eval32.json") if (run / "eval32.json").is_file() else None  # scored on 32 held-out scenes
     # scored where a time limit stopped the run, before it was resumed (bench/quality_scale.sh RESUME=1)
     earlier = {int(p.stem.removeprefix("eval32-step")): eval32(p) for p in run.glob("eval32-step*.json")}
+    log = run.parent / f"{run.name}.log"  # the trainer's log: where a time limit stopped it (SIGTERM, a save)
+    stops = [int(m) for m in re.findall(r"saving at step (\d+)", log.read_text())] if log.is_file() else []
     return {
         "vae": cfg["model"]["vae"], "eval_data": eval_data(cfg), "micro_batch": ds["train_micro_batch_size_per_gpu"],
         "lambda_c": cfg["objective"]["lambda_consistency"], "steps_planned": cfg["train"]["steps"],
-        "steps_reached": train[-1]["step"] if train else 0, "rc": rc.get(run.name),
+        "steps_reached": max([train[-1]["step"] if train else 0, *stops]), "stopped_at_steps": stops,
+        "rc": rc.get(run.name),
         "samples_per_s": round(sum(r["samples_per_s"] for r in train[-5:]) / max(1, len(train[-5:])), 1),
         "final_loss": round(train[-1]["loss"], 4) if train else None, "evals": evals, "final_eval_32": final,
         "stopped_eval_32": {str(k): earlier[k] for k in sorted(earlier)},
