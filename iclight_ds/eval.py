@@ -342,8 +342,14 @@ def format_table(summary: dict) -> str:
 
 
 def run_eval(args: argparse.Namespace) -> dict:
+    from .relight import resolve_device
+
+    device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     unet, vae, text_encoder, tokenizer, env_encoder, cfg = load_run(args.run, args.weights)
+    for module in (unet, vae, text_encoder, env_encoder):  # fp32 on every device
+        if module is not None:
+            module.to(device)
     fbc = unet.config.in_channels == 12
     samples = load_eval_samples(args.data, cfg.data.resolution, tokenizer, tuple(cfg.model.env_shape),
                                 count=args.samples, require_background=fbc)
@@ -354,7 +360,7 @@ def run_eval(args: argparse.Namespace) -> dict:
     result["settings"] = {"run": str(args.run), "data": str(args.data), "steps": args.steps, "seed": args.seed,
                           "cfg": args.cfg, "sampler": args.sampler or "dpmpp_2m_sde_karras",
                           "variant": cfg.model.variant, "resolution": cfg.data.resolution,
-                          "device": "cpu", "seconds": round(time.perf_counter() - start, 1)}
+                          "device": str(device), "seconds": round(time.perf_counter() - start, 1)}
     if args.grid:
         result["settings"]["grid"] = str(save_grid(result.pop("images"), args.grid))
     return result
@@ -371,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance (1: off, as trained)")
     p.add_argument("--sampler", default=None, help="default: dpmpp_2m_sde_karras (the demo's)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu", help="cpu (default: the README's numbers), cuda, cuda:N or auto; fp32 on "
+                   "every device")
     p.add_argument("--out", default=None, help="JSON result (default: <run>/eval.json)")
     p.add_argument("--grid", default=None, help="also save a PNG: input | target | relit under L, L1, L2 per row")
     p.add_argument("--grid-samples", type=int, default=8, help="rows of --grid")

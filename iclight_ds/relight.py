@@ -366,6 +366,25 @@ def _env_shape(meta: dict) -> tuple[int, int]:
         return DEFAULT_ENV_SHAPE
 
 
+def resolve_device(spec: str) -> torch.device:
+    """A `--device` value: 'auto' (CUDA when there is one), 'cpu', 'cuda', 'cuda:N'. One this machine lacks is refused
+    by name instead of failing later inside torch."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise RelightError(f"--device {spec}: not a device name ({e}); expected auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RelightError(f"--device {spec}: no CUDA device here (torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RelightError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise RelightError(f"--device {spec}: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
 def _move(module, device: torch.device, dtype: torch.dtype) -> None:
     p = next(module.parameters())
     if p.device != device:
@@ -391,7 +410,7 @@ def relight_file(args: argparse.Namespace) -> Path:
         value = getattr(args, flag)
         if value is not None and not Path(value).is_file():
             raise RelightError(f"--{flag} {value} does not exist")
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(
         args.dtype, torch.float16 if device.type == "cuda" else torch.float32)
 

@@ -174,6 +174,7 @@ def test_eval_cli_scores_a_run_and_its_baseline(tmp_path):
     for key in ("psnr", "baseline_psnr", "ssim", "chroma_drift", "additivity_error", "additivity_floor", "vae_psnr"):
         assert math.isfinite(summary[key]), key
     assert summary["psnr_gain_db"] == pytest.approx(summary["psnr"] - summary["baseline_psnr"])
+    assert result["settings"]["device"] == "cpu"
     from PIL import Image
 
     assert Image.open(tmp_path / "grid.png").size == (5 * 64, 3 * 64)  # input | target | relit L, L1, L2
@@ -190,3 +191,7 @@ def test_eval_cli_scores_a_run_and_its_baseline(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "iclight_ds.eval", "--run", str(tmp_path / "nope"), "--data",
                           str(held)], cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True)
     assert bad.returncode == 2 and "no config.json" in bad.stderr
+    missing = f"cuda:{torch.cuda.device_count()}"  # a GPU this machine does not have
+    bad = subprocess.run([sys.executable, "-m", "iclight_ds.eval", "--run", str(run), "--data", str(held), "--device",
+                          missing], cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True)
+    assert bad.returncode == 2 and f"--device {missing}" in bad.stderr

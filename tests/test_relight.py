@@ -222,3 +222,16 @@ def test_preview_grid(variant, columns):
     assert np.array_equal(arr[64:, col * 64:(col + 1) * 64], target)
     assert np.array_equal(arr, np.asarray(relight.make_preview_grid(
         model.unet, vae, te, tok, model.env_encoder, samples, seed=0, steps=2)))
+
+
+def test_device_names_are_checked_before_any_work():
+    """`--device` of the relight and eval CLIs: auto/cpu resolve; a device this machine lacks is refused by name."""
+    assert relight.resolve_device("cpu") == torch.device("cpu")
+    assert relight.resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(relight.RelightError, match="--device tpu: not a device name"):
+        relight.resolve_device("tpu")
+    with pytest.raises(relight.RelightError, match="--device mps: expected auto, cpu, cuda or cuda:N"):
+        relight.resolve_device("mps")
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU, or any GPU where there is none
+    with pytest.raises(relight.RelightError, match=f"--device {missing}: (no CUDA device here|this machine has)"):
+        relight.resolve_device(missing)
