@@ -6,6 +6,7 @@ under the deepspeed launcher (or torchrun, or a plain single process).
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -13,6 +14,7 @@ import os
 import signal
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -69,12 +71,23 @@ class ResumableSampler(DistributedSampler):
 
 
 def leave_stop_signals_to_main(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: the worker leaves the trainer's process group. A signal sent to the whole group
-    (Ctrl-C in a terminal, `timeout`, `kill -- -PGID`) then reaches the main process alone, which saves and shuts its
-    workers down; otherwise the workers died first and the main process stopped on "DataLoader worker ... is killed
-    by signal" without saving. (Ignoring the signals in the workers instead hangs the exit: multiprocessing stops
-    leftover workers with SIGTERM and waits for them.) A worker whose main process is gone exits by itself."""
-    os.setpgid(0, 0)
+    """DataLoader `worker_init_fn`: workers ignore SIGINT/SIGTERM; stopping is the main process's job (it saves, then
+    shuts them down). Otherwise a signal that reaches them too killed them first (Ctrl-C and `timeout` signal the
+    whole process group; the deepspeed launcher sends SIGTERM to every process under each rank), and the main process
+    died on "DataLoader worker ... is killed by signal" without saving. A worker whose main process is gone exits by
+    itself (the DataLoader's watchdog)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _shut_workers_down(loader_ref: "weakref.ref[DataLoader]") -> None:
+    """atexit, registered after torch's and multiprocessing's handlers, so it runs before them: end the persistent
+    workers the DataLoader way. Left to multiprocessing, they would get SIGTERM, which they ignore, and the exit would
+    wait for them forever."""
+    loader = loader_ref()
+    iterator = getattr(loader, "_iterator", None)  # the persistent workers' iterator (torch DataLoader internals)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
 
 
 def generator_seed(seed: int, rank: int) -> int:
@@ -364,6 +377,8 @@ class Trainer:
             persistent_workers=self.cfg.data.num_workers > 0,
             worker_init_fn=leave_stop_signals_to_main,
         )
+        if self.cfg.data.num_workers > 0:
+            atexit.register(_shut_workers_down, weakref.ref(loader))
         return loader, sampler
 
     def _resume(self, resume: str) -> None:

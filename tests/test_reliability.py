@@ -125,8 +125,8 @@ def test_kill_during_save_keeps_previous_checkpoint(data, reference, tmp_path):
 
 @pytest.mark.parametrize("to", ["process", "group"])
 def test_sigterm_saves_and_exits_zero(data, tmp_path, to):
-    """SIGTERM to the trainer alone, or to its whole process group as `timeout` does (and Ctrl-C, with SIGINT): the
-    DataLoader worker must not die first, or the main process stops on the dead worker without saving."""
+    """SIGTERM to the trainer alone, or to its whole process group as `timeout` does: the DataLoader worker must not
+    die first, or the main process stops on the dead worker without saving; nor may it hang the exit."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "iclight_ds.train", "--train.ds_config", "cpu", "--data.path", str(data),
            "--train.output_dir", str(out), "--train.steps", "100000", "--logging.every", "1",
@@ -142,11 +142,35 @@ def test_sigterm_saves_and_exits_zero(data, tmp_path, to):
                 proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=120) == 0, (tmp_path / "log.txt").read_text()[-3000:]
         finally:
-            if proc.poll() is None:  # a hung exit must not outlive the test (its worker follows its main process)
-                proc.kill()
+            if proc.poll() is None:  # a hung exit must not outlive the test
+                os.killpg(proc.pid, signal.SIGKILL)
     last = max(_losses(out))
     assert (out / "checkpoints" / "latest").read_text() == f"step_{last:08d}"
     assert "signal 15: saving at step" in (tmp_path / "log.txt").read_text()
+
+
+def test_ctrl_c_through_the_deepspeed_launcher_saves(data, tmp_path):
+    """`bash launch/train.sh` and Ctrl-C: SIGINT reaches the whole process group, and the deepspeed launcher then sends
+    SIGTERM to every process under the rank, DataLoader workers included. The rank must still save its last step."""
+    out = tmp_path / "run"
+    cmd = ["bash", "launch/train.sh", "--ds-config", "cpu", "--output-dir", str(out), "--data.path", str(data),
+           "--train.steps", "100000", "--logging.every", "1", "--logging.wandb", "false", "--logging.progress",
+           "false", "--data.num_workers", "1"]
+    with (tmp_path / "log.txt").open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            _wait_for_step(out, 2, proc)
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(timeout=120)  # its exit status is the deepspeed runner's (KeyboardInterrupt), not the rank's
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = (tmp_path / "log.txt").read_text()
+    assert "signal 2: saving at step" in text, text[-3000:]
+    assert "is killed by signal" not in text, text[-3000:]
+    last = max(_losses(out))
+    assert (out / "checkpoints" / "latest").read_text() == f"step_{last:08d}"
 
 
 # ------------------------------------------------------------------------------------------------- in-process
