@@ -88,6 +88,9 @@ def _shut_workers_down(loader_ref: "weakref.ref[DataLoader]") -> None:
     iterator = getattr(loader, "_iterator", None)  # the persistent workers' iterator (torch DataLoader internals)
     if iterator is not None and hasattr(iterator, "_shutdown_workers"):
         iterator._shutdown_workers()
+        for worker in getattr(iterator, "_workers", []):  # one stuck past the DataLoader's timeouts ignores SIGTERM
+            if worker.is_alive():
+                worker.kill()
 
 
 def generator_seed(seed: int, rank: int) -> int:
