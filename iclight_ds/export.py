@@ -130,6 +130,8 @@ def _save_diffusers_folder(unet: dict[str, torch.Tensor], out: Path, *, dtype: t
         model = UNet2DConditionModel.from_config(config)
     model.load_state_dict({k: v.detach().to(dtype).contiguous() for k, v in unet.items()}, strict=True, assign=True)
     model.save_pretrained(str(out), safe_serialization=True)
+    for weights in out.glob("*.safetensors"):  # safetensors writes them 0600
+        weights.chmod(fmt.new_file_mode())
     return out
 
 

@@ -13,6 +13,7 @@ Pure conversions on state dicts; no DeepSpeed, no checkpoints, no command line (
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Mapping
@@ -246,7 +247,7 @@ def write_ldm_checkpoint(path: str | Path, *, unet: Mapping, unet_config: Mappin
     state = {**unet_to_ldm(unet, unet_config, prefix=LDM_UNET_PREFIX), **vae_to_ldm(vae),
              **text_encoder_to_ldm(text_encoder), **(extra or {})}
     if path.suffix == ".safetensors":
-        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        save_safetensors(state, path, dtype=None, metadata={})
     else:
         torch.save({"state_dict": state}, path)
     return path
@@ -256,14 +257,29 @@ def write_ldm_checkpoint(path: str | Path, *, unet: Mapping, unet_config: Mappin
 # safetensors files
 
 
+def new_file_mode() -> int:
+    """The permissions the umask gives a new file (0o644 usually). safetensors (0.8) creates its files 0600 whatever
+    the umask, which other users' tools, e.g. a ComfyUI reading a shared models folder, cannot open."""
+    mask = None
+    try:  # read where Linux shows it: setting the umask to read it would change it process-wide for a moment
+        mask = next(int(line.split()[1], 8) for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, *, dtype: torch.dtype | None,
                      metadata: Mapping[str, str]) -> Path:
-    """Write atomically (a crash mid-write leaves any previous file intact); `dtype` None keeps each tensor's."""
+    """Write atomically (a crash mid-write leaves any previous file intact); `dtype` None keeps each tensor's.
+    The file gets the usual permissions of a new file (`new_file_mode`), not safetensors' 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     data = {k: (v.detach().to(dtype) if dtype is not None else v.detach()).contiguous() for k, v in tensors.items()}
     save_file(data, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+    tmp.chmod(new_file_mode())
     tmp.replace(path)
     return path
 

@@ -72,17 +72,11 @@ def file_sha256(path: str | Path) -> str:
 
 def save_vae_file(vae, path: str | Path, info: dict) -> Path:
     """Write the VAE's weights (fp16) with its config and `info` in the metadata; atomic (tmp + rename)."""
-    from safetensors.torch import save_file
+    from .formats import save_safetensors
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vae.config.items() if not k.startswith("_")}
     meta = {"format": FORMAT, "config": json.dumps(config), **{k: str(v) for k, v in info.items()}}
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in vae.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return save_safetensors(vae.state_dict(), path, dtype=torch.float16, metadata=meta)
 
 
 def training_images(root: Path, resolution: int) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -185,8 +186,15 @@ def test_every_format_round_trips(tmp_path, fmt_name):
 
     base, state = _trained("fc")
     trained, small = split_state_dict(state)
-    paths = export_formatted(trained, small, fmt_name=fmt_name, out=tmp_path / "out", config=CONFIG, step=7,
-                             base=base)
+    old_umask = os.umask(0o022)
+    try:
+        paths = export_formatted(trained, small, fmt_name=fmt_name, out=tmp_path / "out", config=CONFIG, step=7,
+                                 base=base)
+    finally:
+        os.umask(old_umask)
+    weights = sorted((tmp_path / "out").rglob("*.safetensors"))
+    assert len(weights) == 2  # readable by other users (a shared models folder), not safetensors' own 0600
+    assert all(stat.S_IMODE(w.stat().st_mode) == 0o644 for w in weights), [oct(w.stat().st_mode) for w in weights]
     modules = paths[-1]
     assert modules.name == {"unet": "iclight_modules.safetensors", "diffusers": "iclight_modules.safetensors",
                             "iclight-offset": "iclight_fc_offset.modules.safetensors",
