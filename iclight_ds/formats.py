@@ -260,7 +260,6 @@ def write_ldm_checkpoint(path: str | Path, *, unet: Mapping, unet_config: Mappin
 def new_file_mode() -> int:
     """The permissions the umask gives a new file (0o644 usually). safetensors (0.8) creates its files 0600 whatever
     the umask, which other users' tools, e.g. a ComfyUI reading a shared models folder, cannot open."""
-    mask = None
     try:  # read where Linux shows it: setting the umask to read it would change it process-wide for a moment
         mask = next(int(line.split()[1], 8) for line in Path("/proc/self/status").read_text().splitlines()
                     if line.startswith("Umask:"))
