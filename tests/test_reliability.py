@@ -123,6 +123,21 @@ def test_kill_during_save_keeps_previous_checkpoint(data, reference, tmp_path):
     assert (ckpts / "latest").read_text() == "step_00000006"
 
 
+def _signal_at_step_2(cmd: list[str], out: Path, log_path: Path, send) -> int:
+    """Run `cmd` in a session of its own, call `send(proc)` once step 2 is logged, return its exit status. A run whose
+    exit hangs is killed with its whole group, so it cannot outlive the test."""
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            _wait_for_step(out, 2, proc)
+            send(proc)
+            return proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("to", ["process", "group"])
 def test_sigterm_saves_and_exits_zero(data, tmp_path, to):
     """SIGTERM to the trainer alone, or to its whole process group as `timeout` does: the DataLoader worker must not
@@ -131,19 +146,9 @@ def test_sigterm_saves_and_exits_zero(data, tmp_path, to):
     cmd = [sys.executable, "-m", "iclight_ds.train", "--train.ds_config", "cpu", "--data.path", str(data),
            "--train.output_dir", str(out), "--train.steps", "100000", "--logging.every", "1",
            "--logging.wandb", "false", "--logging.progress", "false", "--data.num_workers", "1"]
-    with (tmp_path / "log.txt").open("w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            _wait_for_step(out, 2, proc)
-            if to == "group":
-                os.killpg(proc.pid, signal.SIGTERM)
-            else:
-                proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=120) == 0, (tmp_path / "log.txt").read_text()[-3000:]
-        finally:
-            if proc.poll() is None:  # a hung exit must not outlive the test
-                os.killpg(proc.pid, signal.SIGKILL)
+    send = {"group": lambda p: os.killpg(p.pid, signal.SIGTERM), "process": lambda p: p.send_signal(signal.SIGTERM)}
+    rc = _signal_at_step_2(cmd, out, tmp_path / "log.txt", send[to])
+    assert rc == 0, (tmp_path / "log.txt").read_text()[-3000:]
     last = max(_losses(out))
     assert (out / "checkpoints" / "latest").read_text() == f"step_{last:08d}"
     assert "signal 15: saving at step" in (tmp_path / "log.txt").read_text()
@@ -156,16 +161,8 @@ def test_ctrl_c_through_the_deepspeed_launcher_saves(data, tmp_path):
     cmd = ["bash", "launch/train.sh", "--ds-config", "cpu", "--output-dir", str(out), "--data.path", str(data),
            "--train.steps", "100000", "--logging.every", "1", "--logging.wandb", "false", "--logging.progress",
            "false", "--data.num_workers", "1"]
-    with (tmp_path / "log.txt").open("w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            _wait_for_step(out, 2, proc)
-            os.killpg(proc.pid, signal.SIGINT)
-            proc.wait(timeout=120)  # its exit status is the deepspeed runner's (KeyboardInterrupt), not the rank's
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+    # its exit status is the deepspeed runner's (KeyboardInterrupt), not the rank's
+    _signal_at_step_2(cmd, out, tmp_path / "log.txt", lambda p: os.killpg(p.pid, signal.SIGINT))
     text = (tmp_path / "log.txt").read_text()
     assert "signal 2: saving at step" in text, text[-3000:]
     assert "is killed by signal" not in text, text[-3000:]
