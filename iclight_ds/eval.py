@@ -1,6 +1,7 @@
 """Measure what a trained model learned: relight held-out scenes and compare with their ground truth.
 
-    python -m iclight_ds.eval --run DIR --data DIR [--steps 20] [--seed 0] [--samples 32] [--out FILE.json]
+    python -m iclight_ds.eval --run DIR --data DIR [--steps 20] [--seed 0] [--samples 32] [--strength 1]
+                              [--out FILE.json]
 
 `--run` is a trainer output folder (config.json, unet.safetensors, iclight_modules.safetensors); `--data` a dataset
 in the manifest format, ideally scenes the run never saw (`python -m iclight_ds.data.synth --seed <other>`). Each
@@ -114,10 +115,11 @@ def _backgrounds_of(env: torch.Tensor, resolution: int) -> torch.Tensor:
 @torch.no_grad()
 def relight_samples(unet, vae, text_encoder, env_encoder, samples: Sequence[dict], *, light: str = "full",
                     steps: int = 20, seed: int = 0, guidance: float = 1.0, sampler: str | None = None,
-                    tokenizer=None) -> torch.Tensor:
+                    tokenizer=None, strength: float = 1.0) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1]: `samples` (RelightDataset items) relit under their light L ('full') or its parts
     ('part1' = L1, 'part2' = L2; samples with env_parts). The same seed for every light, so that the three relights
-    of a scene share their initial noise. `tokenizer` is needed for guidance > 1 (the empty negative prompt)."""
+    of a scene share their initial noise. `tokenizer` is needed for guidance > 1 (the empty negative prompt).
+    strength < 1: sampling starts from the degraded input's latent noised to that share of the schedule (img2img)."""
     from .relight import DEFAULT_SAMPLER, _env_tokens, _with_env, prompt_embeddings, relight_images
 
     fbc = unet.config.in_channels == 12
@@ -133,13 +135,15 @@ def relight_samples(unet, vae, text_encoder, env_encoder, samples: Sequence[dict
         if tokenizer is None:
             raise EvalError("guidance > 1 needs the tokenizer (for the empty negative prompt)")
         negative = prompt_embeddings(text_encoder, tokenizer, [""] * len(samples), env_tokens)
+    foreground = _stack(samples, "foreground")
     background = None
     if fbc:
         background = _stack(samples, "background") if light == "full" else _backgrounds_of(
             env, samples[0]["target"].shape[-1])
     return relight_images(unet, vae, prompt_embeds=embeds, negative_embeds=negative,
-                          foreground=_stack(samples, "foreground"), background=background, seed=seed, steps=steps,
-                          guidance=guidance, sampler=sampler or DEFAULT_SAMPLER)
+                          foreground=foreground, background=background, seed=seed, steps=steps,
+                          guidance=guidance, sampler=sampler or DEFAULT_SAMPLER,
+                          init=foreground if strength < 1 else None, strength=strength)
 
 
 def _eval_mode(*modules):
@@ -158,7 +162,7 @@ def _eval_mode(*modules):
 @torch.no_grad()
 def evaluate_samples(unet, vae, text_encoder, env_encoder, samples: Sequence[dict], *, steps: int = 20, seed: int = 0,
                      guidance: float = 1.0, batch_size: int = 16, sampler: str | None = None,
-                     additivity: bool = True, tokenizer=None, keep_images: int = 0) -> dict:
+                     additivity: bool = True, tokenizer=None, keep_images: int = 0, strength: float = 1.0) -> dict:
     """Score `samples` (RelightDataset items; `parts_linear` (2, 3, H, W) optional, for the floor).
 
     Returns {"summary": {metric: mean}, "samples": [{metric: value, ...}, ...]}, plus "images" (a list of
@@ -174,6 +178,7 @@ def evaluate_samples(unet, vae, text_encoder, env_encoder, samples: Sequence[dic
             chunk = list(samples[start:start + batch_size])
             rows += _score_chunk(unet, vae, text_encoder, env_encoder, chunk, steps=steps, seed=seed + start,
                                  guidance=guidance, sampler=sampler, additivity=additivity, tokenizer=tokenizer,
+                                 strength=strength,
                                  images=images if len(images) < keep_images else None)
     finally:
         restore()
@@ -190,8 +195,8 @@ def evaluate_samples(unet, vae, text_encoder, env_encoder, samples: Sequence[dic
 
 
 def _score_chunk(unet, vae, text_encoder, env_encoder, chunk, *, steps, seed, guidance, sampler, additivity, tokenizer,
-                 images=None):
-    how = dict(steps=steps, seed=seed, guidance=guidance, sampler=sampler, tokenizer=tokenizer)
+                 strength, images=None):
+    how = dict(steps=steps, seed=seed, guidance=guidance, sampler=sampler, tokenizer=tokenizer, strength=strength)
     relit = relight_samples(unet, vae, text_encoder, env_encoder, chunk, **how)  # (B, 3, H, W) in [0, 1]
     target = (_stack(chunk, "target").float() + 1) / 2
     degraded = ((_stack(chunk, "foreground").float() + 1) * GREY / 255).clamp(0, 1)  # undo x / 127 - 1
@@ -356,8 +361,9 @@ def run_eval(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     result = evaluate_samples(unet, vae, text_encoder, env_encoder, samples, steps=args.steps, seed=args.seed,
                               guidance=args.cfg, batch_size=args.batch_size, sampler=args.sampler, tokenizer=tokenizer,
-                              keep_images=args.grid_samples if args.grid else 0)
+                              keep_images=args.grid_samples if args.grid else 0, strength=args.strength)
     result["settings"] = {"run": str(args.run), "data": str(args.data), "steps": args.steps, "seed": args.seed,
+                          "strength": args.strength,
                           "cfg": args.cfg, "sampler": args.sampler or "dpmpp_2m_sde_karras",
                           "variant": cfg.model.variant, "resolution": cfg.data.resolution,
                           "device": str(device), "seconds": round(time.perf_counter() - start, 1)}
@@ -375,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=32, help="first N samples of --data")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance (1: off, as trained)")
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="1 (default, every README score): sample from pure noise; < 1: start from the degraded "
+                        "input's latent noised to this share of the sampler steps (img2img, like the demo's initial "
+                        "latent), which hands the model the silhouette")
     p.add_argument("--sampler", default=None, help="default: dpmpp_2m_sde_karras (the demo's)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu", help="cpu (default: the README's numbers), cuda, cuda:N or auto; fp32 on "

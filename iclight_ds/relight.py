@@ -2,7 +2,8 @@
 
     python -m iclight_ds.relight --base MODEL --weights FILE --fg IMAGE [--mask MASK] [--bg IMAGE] [--env ENV.npy]
         --prompt TEXT --out OUT.png [--steps 25] [--cfg 7.0] [--seed 0] [--width W] [--height H]
-        [--sampler dpmpp_2m_sde_karras] [--tokenizer DIR] [--modules FILE] [--weights-kind auto|offset|full]
+        [--sampler dpmpp_2m_sde_karras] [--init IMAGE [--strength 0.9]] [--tokenizer DIR] [--modules FILE]
+        [--weights-kind auto|offset|full]
 
 Inference follows the official demo: diffusers' StableDiffusionPipeline drives a UNet wrapper that concatenates the
 condition latents (foreground, and background for FBC) to the noisy latent, passed as
@@ -37,6 +38,7 @@ DEFAULT_SAMPLER = "dpmpp_2m_sde_karras"
 SAMPLERS = ("dpmpp_2m_sde_karras", "dpmpp_2m_karras", "euler_a", "ddim")
 DEMO_NEGATIVE_PROMPT = "lowres, bad anatomy, bad hands, cropped, worst quality"  # the official demo's default
 GREY = 127
+INIT_STRENGTH = 0.9  # the official demo's lowres_denoise: the share of the schedule run from an initial latent
 DEFAULT_ENV_SHAPE = (16, 32)
 
 
@@ -165,12 +167,16 @@ def relight_images(
     steps: int = 25,
     guidance: float = 7.0,
     sampler: str = DEFAULT_SAMPLER,
+    init: torch.Tensor | None = None,  # (B, 3, H, W) in [-1, 1]: start from this image instead of pure noise
+    strength: float = 1.0,
 ) -> torch.Tensor:
     """Sample relit images with the widened `unet`; returns (B, 3, H, W) in [0, 1], float32 on the CPU.
 
+    With `init`, sampling starts from its latent noised to `strength` (the last `strength` of the `steps`; img2img,
+    as the official demo's initial latent and its `lowres_denoise`, 0.9 by default there) instead of pure noise.
     Deterministic for a given seed: one CPU generator drives the initial latents and the SDE noise.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
     height, width = foreground.shape[-2:]
     if height % 8 or width % 8:
@@ -184,22 +190,31 @@ def relight_images(
         raise RelightError(f"this UNet takes {unet.config.in_channels} input channels: it needs {need}")
     if guidance > 1 and negative_embeds is None:
         raise RelightError("guidance > 1 needs negative_embeds (classifier-free guidance)")
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=None, tokenizer=None, unet=ConcatConditionUNet(unet), scheduler=make_scheduler(sampler),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    if not 0 < strength <= 1:
+        raise RelightError(f"strength must be in (0, 1], got {strength}")
+    if init is None and strength != 1:
+        raise RelightError("strength < 1 needs an initial image to start from (init)")
+    if init is not None and init.shape != foreground.shape:
+        raise RelightError(f"the initial image is {tuple(init.shape[-2:])}, the foreground {(height, width)}")
+    if init is not None and int(steps * strength) < 1:
+        raise RelightError(f"strength {strength} of {steps} steps leaves no step to sample")
+    parts = dict(vae=vae, text_encoder=None, tokenizer=None, unet=ConcatConditionUNet(unet),
+                 scheduler=make_scheduler(sampler), safety_checker=None, feature_extractor=None,
+                 requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(**parts) if init is None else StableDiffusionImg2ImgPipeline(**parts)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator("cpu").manual_seed(seed)
+    start = dict(height=height, width=width) if init is None else dict(
+        image=encode_images(vae, init.to(device)), strength=strength)  # 4-channel latents are taken as they are
     latents = pipe(
         prompt_embeds=prompt_embeds,
         negative_prompt_embeds=negative_embeds if guidance > 1 else None,
-        height=height,
-        width=width,
         num_inference_steps=steps,
         guidance_scale=guidance,
         generator=generator,
         output_type="latent",
         cross_attention_kwargs={"concat_conds": concat},
+        **start,
     ).images  # (B, 4, h, w)
     vae_dtype = next(vae.parameters()).dtype
     decoded = vae.decode(latents.to(vae_dtype) / vae.config.scaling_factor).sample  # (B, 3, H, W) in ~[-1, 1]
@@ -406,7 +421,7 @@ def relight_file(args: argparse.Namespace) -> Path:
     """The CLI's work: load, check the inputs against the weights, sample, write the PNG."""
     from .base_model import load_base
 
-    for flag in ("fg", "mask", "bg", "env"):
+    for flag in ("fg", "mask", "bg", "env", "init"):
         value = getattr(args, flag)
         if value is not None and not Path(value).is_file():
             raise RelightError(f"--{flag} {value} does not exist")
@@ -434,6 +449,10 @@ def relight_file(args: argparse.Namespace) -> Path:
     fg = foreground_tensor(_open_image(args.fg, "--fg"), _open_image(args.mask, "--mask") if args.mask else None,
                            width, height)[None]
     bg = background_tensor(_open_image(args.bg, "--bg"), width, height)[None] if fbc else None
+    if args.strength is not None and args.init is None:
+        raise RelightError("--strength needs --init IMAGE (the image sampling starts from)")
+    init = background_tensor(_open_image(args.init, "--init"), width, height)[None] if args.init else None
+    strength = 1.0 if init is None else (INIT_STRENGTH if args.strength is None else args.strength)
     for m in (unet, base.vae, base.text_encoder, env_encoder):
         if m is not None:
             _move(m, device, dtype)
@@ -443,7 +462,8 @@ def relight_file(args: argparse.Namespace) -> Path:
     embeds = prompt_embeddings(base.text_encoder, base.tokenizer, [args.prompt], env_tokens)
     negative = prompt_embeddings(base.text_encoder, base.tokenizer, [args.negative_prompt], env_tokens)
     image = relight_images(unet, base.vae, prompt_embeds=embeds, negative_embeds=negative, foreground=fg,
-                           background=bg, seed=args.seed, steps=args.steps, guidance=args.cfg, sampler=args.sampler)
+                           background=bg, seed=args.seed, steps=args.steps, guidance=args.cfg, sampler=args.sampler,
+                           init=init, strength=strength)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     to_pil(image[0]).save(out)
@@ -472,6 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None, help="default: the UNet's sample size x 8 (512 for SD1.5)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER)
+    p.add_argument("--init", default=None, help="start sampling from this image (resized and centre-cropped like "
+                   "--bg) noised to --strength, instead of pure noise: the demo's initial latent, e.g. a light "
+                   "gradient, the background, or the foreground itself")
+    p.add_argument("--strength", type=float, default=None,
+                   help=f"with --init: the share of the sampler steps run from the noised image, in (0, 1] "
+                        f"(default {INIT_STRENGTH}, the demo's lowres_denoise); lower keeps more of the image")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
                    help="auto: fp16 on CUDA, fp32 on the CPU")

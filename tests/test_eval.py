@@ -187,6 +187,17 @@ def test_eval_cli_scores_a_run_and_its_baseline(tmp_path):
     mask = torch.stack([it["mask"] for it in items])
     expected = ev.masked_psnr(degraded, target, mask)
     assert [r["baseline_psnr"] for r in rows] == pytest.approx(expected.tolist(), abs=1e-4)
+    # --strength < 1 starts each relight from the degraded input's noised latent: other relit scores, same baseline
+    img2img = tmp_path / "img2img.json"
+    proc = subprocess.run([sys.executable, "-m", "iclight_ds.eval", "--run", str(run), "--data", str(held),
+                           "--samples", "4", "--steps", "3", "--batch-size", "2", "--strength", "0.5", "--out",
+                           str(img2img)], cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    started = json.loads(img2img.read_text())
+    assert started["settings"]["strength"] == 0.5 and result["settings"]["strength"] == 1.0
+    assert started["summary"]["baseline_psnr"] == pytest.approx(summary["baseline_psnr"])
+    assert abs(started["summary"]["psnr"] - summary["psnr"]) > 1e-3
     # errors name what is missing
     bad = subprocess.run([sys.executable, "-m", "iclight_ds.eval", "--run", str(tmp_path / "nope"), "--data",
                           str(held)], cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True)

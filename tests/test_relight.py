@@ -139,6 +139,32 @@ def test_relight_images_size_determinism_and_seed(fc_models, inputs):
                                foreground=fg, steps=1, guidance=1.0)
 
 
+def test_relight_from_an_initial_image(fc_models, inputs):
+    """init + strength (img2img, the demo's initial latent): a low strength keeps the initial image, strength 1 from
+    pure noise does not; a different initial image changes the result; bad strengths are named."""
+    from iclight_ds.conditioning import encode_images
+
+    base, unet, env_encoder = fc_models
+    fg = relight.foreground_tensor(Image.open(inputs["fg"]), None, W, H)[None]
+    tokens = relight._env_tokens(env_encoder, relight.env_tensor(inputs["env"], (16, 32))[None])
+    embeds = relight.prompt_embeddings(base.text_encoder, base.tokenizer, ["light from the left"], tokens)
+    init = relight.background_tensor(Image.open(inputs["bg"]), W, H)[None]
+    latents = encode_images(base.vae, init) / base.vae.config.scaling_factor
+    kept = ((base.vae.decode(latents).sample + 1) / 2).clamp(0, 1)  # what the VAE keeps of the initial image
+    run = lambda **kw: relight.relight_images(unet, base.vae, prompt_embeds=embeds, foreground=fg, seed=0,  # noqa
+                                              steps=20, guidance=1.0, **kw)
+    low, half, noise = run(init=init, strength=0.05), run(init=init, strength=0.5), run()
+    assert (low - kept).abs().mean() < 0.5 * (noise - kept).abs().mean()
+    assert torch.equal(half, run(init=init, strength=0.5))
+    assert (half - run(init=-init, strength=0.5)).abs().max() > 1e-2
+    for kw, match in (({"strength": 0.5}, "needs an initial image"),
+                      ({"init": init, "strength": 0.0}, "in \\(0, 1\\]"),
+                      ({"init": init[..., :8, :8], "strength": 0.5}, "initial image is"),
+                      ({"init": init, "strength": 0.01}, "leaves no step")):
+        with pytest.raises(relight.RelightError, match=match):
+            run(**kw)
+
+
 def _cli(tiny_base: Path, weights: Path, inputs: dict, out: Path, *extra: str) -> int:
     args = ["--base", str(tiny_base), "--weights", str(weights), "--fg", str(inputs["fg"]), "--prompt", "a red box",
             "--out", str(out), "--steps", "3", "--width", str(W), "--height", str(H), *extra]
@@ -157,6 +183,13 @@ def test_cli_fc_with_env_map(tiny_base, inputs, tmp_path, capsys):
     capsys.readouterr()
     assert _cli(tiny_base, weights, inputs, tmp_path / "d.png") == 2
     assert "pass --env" in capsys.readouterr().err
+    env = ("--env", str(inputs["env"]))
+    assert _cli(tiny_base, weights, inputs, tmp_path / "e.png", *env, "--init", str(inputs["bg"])) == 0
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "e.png")), a)  # started from the image, not noise
+    assert _cli(tiny_base, weights, inputs, tmp_path / "f.png", *env, "--strength", "0.5") == 2
+    assert "--strength needs --init" in capsys.readouterr().err
+    assert _cli(tiny_base, weights, inputs, tmp_path / "f.png", *env, "--init", str(tmp_path / "no.png")) == 2
+    assert "--init" in capsys.readouterr().err
 
 
 def test_cli_fbc_needs_a_background(tiny_base, inputs, tmp_path, capsys):
