@@ -49,6 +49,7 @@ def trainer_for(out: Path, **over: str):
     from iclight_ds.train import Trainer
 
     values = {"train.ds_config": "cpu", "train.output_dir": str(out), "train.export": "false",
+              "train.optimizer": "adamw8bit", "model.gradient_checkpointing": "true",  # as measured (the README)
               "logging.wandb": "false", "logging.progress": "false", **over}
     return Trainer(load_config(None, values))
 

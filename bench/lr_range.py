@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> dict:
     train_mod.lr_lambda = lambda cfg: (lambda s: ratio ** (s / args.steps))  # multiplier of train.lr = lr_min
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, {"train.ds_config": "cpu", "train.output_dir": tmp, "train.export": "false",
+                                 "train.optimizer": "adamw8bit", "model.gradient_checkpointing": "true",  # as measured
                                  "train.lr": str(args.lr_min), "train.steps": str(args.steps),
                                  "data.synth_samples": str(args.samples), "logging.wandb": "false",
                                  "logging.progress": "false", "data.num_workers": "0"})

@@ -13,7 +13,9 @@ weights, batch 1 (x3 rows for the consistency objective), the same synthetic sam
   plain-bf16   plain PyTorch loop with our math: bf16 weights + fp32 master, AdamW8bit, checkpointing
   zero2-1rank  our Trainer, ds_configs/zero2.json, 1 rank, AdamW8bit, checkpointing (same math as plain-bf16)
   cpu-1rank    our Trainer, ds_configs/cpu-1rank.json (ZeRO stage 0: with one rank ZeRO has nothing to partition,
-               and stage 2's gradient bucket copies are measurable on a CPU), 1 rank: what `auto` picks here
+               and stage 2's gradient bucket copies are measurable on a CPU), 1 rank: the config `auto` picks here;
+               AdamW8bit, like every trainer case on a CPU, so that it compares with plain-bf16
+  cpu-1rank-adamw  cpu-1rank with torch's fused AdamW, the optimizer train.optimizer=auto picks on a CPU-only machine
   zero3-2rank  our Trainer, ds_configs/cpu-zero3.json, 2 CPU ranks (deepspeed launcher), AdamW8bit, checkpointing
   batched / separate   forward+backward of the three consistency evaluations as one batch of 3 vs 3 calls
 
@@ -369,11 +371,11 @@ def run_case(args_list: list[str], launcher: list[str] | None = None, timeout: i
     return results
 
 
-CPU_CASES = "naive,naive-pinned,plain-bf16,zero2-1rank,cpu-1rank,zero3-2rank,batching"
+CPU_CASES = "naive,naive-pinned,plain-bf16,zero2-1rank,cpu-1rank,cpu-1rank-adamw,zero3-2rank,batching"
 GPU_CASES = ("naive,plain-bf16,zero2-1rank,zero2-1rank-sdpa,offload-opt,offload-opt-8bit,offload-all,zero3-2rank,"
              "batching")
-TABLE_ORDER = ("naive", "naive-pinned", "plain-bf16", "zero2-1rank", "zero2-1rank-sdpa", "cpu-1rank", "offload-opt",
-               "offload-opt-8bit", "offload-all", "zero3-2rank")
+TABLE_ORDER = ("naive", "naive-pinned", "plain-bf16", "zero2-1rank", "zero2-1rank-sdpa", "cpu-1rank",
+               "cpu-1rank-adamw", "offload-opt", "offload-opt-8bit", "offload-all", "zero3-2rank")
 
 
 def _ok(cases: dict, name: str) -> list[dict]:
@@ -402,6 +404,10 @@ def summarise(cases: dict, device: str) -> tuple[dict, dict]:
             r = _first_ok(cases, name)
             if plain and r:
                 ratios[f"{name.replace('-', '_')}_step_vs_plain_loop"] = r["step_s"] / plain["step_s"]
+        eight, fused = _first_ok(cases, "cpu-1rank"), _first_ok(cases, "cpu-1rank-adamw")
+        if eight and fused:  # no target: what auto's optimizer on a CPU changes against 8-bit AdamW, same config
+            ratios["cpu_1rank_step_adamw_vs_8bit"] = fused["step_s"] / eight["step_s"]
+            ratios["cpu_1rank_peak_rss_adamw_vs_8bit"] = fused["peak_rss_gib"] / eight["peak_rss_gib"]
     else:
         targets.update(offload_opt_device_peak_gib=6.0, offload_all_device_peak_gib=4.0,
                        offload_opt_step_vs_no_offload=1.5, offload_all_step_vs_no_offload=1.5)
@@ -466,6 +472,7 @@ def main() -> None:
     bench_tmp = Path(os.environ.setdefault("BENCH_TMP", "/tmp/iclight-bench"))
     bench_tmp.mkdir(parents=True, exist_ok=True)
     config_of = {"zero2-1rank": "zero2", "zero2-1rank-sdpa": "zero2", "cpu-1rank": "cpu-1rank",
+                 "cpu-1rank-adamw": "cpu-1rank",
                  "offload-opt": "1gpu-8gb", "offload-opt-8bit": "1gpu-8gb", "offload-all": "1gpu-6gb",
                  "zero3-2rank": "cpu-zero3" if device == "cpu" else "zero3"}
     for name in set(config_of.values()):
@@ -481,9 +488,17 @@ def main() -> None:
     header = {"device": device, "device_name": desc, "cores": os.cpu_count(), "resolution": resolution}
     cases: dict[str, list[dict]] = {}
     two_ranks = ["deepspeed", "--num_gpus", "2", "--master_port", "29650", "--no_local_rank"]
+
+    def optimizer(name: str) -> str:
+        """On a GPU auto (8-bit AdamW, CPU Adam with offload); on a CPU, where auto is torch's AdamW, 8-bit AdamW
+        unless the case names another: the plain loops step AdamW8bit, and the trainer cases compare with them."""
+        for suffix, opt in (("-8bit", "adamw8bit"), ("-adamw", "adamw")):
+            if name.endswith(suffix):
+                return opt
+        return "auto" if device == "cuda" else "adamw8bit"
+
     plan = {name: (["--case", "trainer", "--ds", str(bench_tmp / f"{cfg}.json"),
-                    "--attention", "sdpa" if name.endswith("-sdpa") else "auto",
-                    "--optimizer", "adamw8bit" if name.endswith("-8bit") else "auto"],
+                    "--attention", "sdpa" if name.endswith("-sdpa") else "auto", "--optimizer", optimizer(name)],
                    two_ranks if name == "zero3-2rank" else None) for name, cfg in config_of.items()}
     plan.update({name: (["--case", name], None) for name in ("naive", "naive-pinned", "plain-bf16", "batching")})
     for name in wanted:

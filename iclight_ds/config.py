@@ -39,8 +39,9 @@ class ModelConfig:
     """Width of the latent-space consistency MLP (per latent pixel, 8 -> hidden -> ... -> 4)."""
     merger_layers: int = 5
     """Number of linear layers in the consistency MLP."""
-    gradient_checkpointing: bool = True
-    """Recompute UNet activations in backward: ~1/3 more compute for most of the activation memory."""
+    gradient_checkpointing: Literal["auto"] | bool = "auto"
+    """Recompute UNet activations in backward: ~1/3 more compute for most of the activation memory. auto: on for a
+    UNet of SD1.5's size, off for the tiny ones, whose activations are a few MB (models.wants_checkpointing)."""
     attention: Literal["auto", "xformers", "sdpa"] = "auto"
     """auto: xformers when it imports and the device is CUDA, else PyTorch SDPA."""
     frozen_dtype: Literal["bf16", "fp16", "fp32", "auto"] = "auto"
@@ -107,9 +108,10 @@ class TrainConfig:
     schedule: Literal["constant", "cosine"] = "cosine"
     """LR after warm-up: constant, or cosine decay to 10% of the peak at `steps`."""
     optimizer: Literal["auto", "adamw8bit", "adamw", "cpu_adam"] = "auto"
-    """adamw8bit: bitsandbytes AdamW8bit; adamw: torch AdamW; cpu_adam: DeepSpeedCPUAdam (offload); auto: cpu_adam
-    when the DeepSpeed config offloads the optimizer (its step then runs on the host, where bitsandbytes' 8-bit
-    AdamW is ~50x slower per parameter: bench/host_optimizer.py), else adamw8bit."""
+    """adamw8bit: bitsandbytes AdamW8bit; adamw: torch AdamW (fused on the CPU); cpu_adam: DeepSpeedCPUAdam (offload).
+    auto: where the step runs on the host, where bitsandbytes' 8-bit AdamW is ~30-50x slower per parameter
+    (bench/host_optimizer.py), cpu_adam when the DeepSpeed config offloads the optimizer and adamw on a CPU-only
+    machine, each only if its fp32 moments fit the RAM; else (and on a GPU) adamw8bit."""
     weight_decay: float = 1e-2
     """Decoupled weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -179,7 +181,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        errors = []
+        for hint_ in inner:  # the first type that takes the value, e.g. "auto" or true/false
+            try:
+                return _coerce(value, hint_, key)
+            except ConfigError as e:
+                errors.append(str(e).removeprefix(f"{key}: "))
+        raise ConfigError(f"{key}: " + "; or ".join(errors))
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")

@@ -2,14 +2,15 @@
 
 `python -m iclight_ds.plan [--gpu-mem GB] [--gpus N] [--ram GB] [--resolution R] [--variant fc|fbc]
                            [--consistency on|off] [--size full|tiny] [--optimizer auto|adamw8bit|adamw|cpu_adam]
-                           [--json]`
+                           [--checkpointing auto|on|off] [--json]`
 
 Per rank, for each config in ds_configs/: model states counted from the parameter count and the config's
 stage, offload, precision and the optimizer (train.optimizer; auto: DeepSpeed's CPU Adam where the config
-offloads the optimizer, 8-bit AdamW elsewhere); activations measured by running the
-UNet on PyTorch's meta device (no memory, no compute) and summing the tensors autograd saves, with gradient
-checkpointing: the checkpoint inputs plus the largest block recomputed in backward, times the batch (3x
-with the consistency objective). It prints a table and names the fastest config that fits with headroom.
+offloads the optimizer, torch's AdamW on a CPU-only machine, 8-bit AdamW on a GPU; see optimizer_for);
+activations measured by running the UNet on PyTorch's meta device (no memory, no compute) and summing the tensors
+autograd saves, with gradient checkpointing (model.gradient_checkpointing; auto: on for the full UNet) the
+checkpoint inputs plus the largest block recomputed in backward, times the batch (3x with the consistency
+objective). It prints a table and names the fastest config that fits with headroom.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from . import engine as eng
+from .models import wants_checkpointing
 
 GiB = 2**30
 HEADROOM = 0.85  # use at most 85% of a device: allocator fragmentation, CUDA context, kernels' workspaces
@@ -91,8 +93,10 @@ def _flash_like_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
     return _FlashLikeAttention.apply(q, k, v)
 
 
-def activation_bytes(size: str, in_channels: int, resolution: int, tokens: int = 81) -> float:
-    """Bytes one sample's activations need with gradient checkpointing (bf16), measured on the meta device."""
+def activation_bytes(size: str, in_channels: int, resolution: int, tokens: int = 81,
+                     checkpointing: bool = True) -> float:
+    """Bytes one sample's activations need (bf16), with or without gradient checkpointing, measured on the meta
+    device."""
     from unittest import mock
 
     import torch.nn.functional as F
@@ -103,10 +107,11 @@ def activation_bytes(size: str, in_channels: int, resolution: int, tokens: int =
 
     with mock.patch.object(F, "scaled_dot_product_attention", _flash_like_sdpa):
         return _measure_saved(UNet2DConditionModel, AttnProcessor2_0, dict(ARCHS[size][0], in_channels=in_channels),
-                              resolution, tokens)
+                              resolution, tokens, checkpointing)
 
 
-def _measure_saved(UNet2DConditionModel, AttnProcessor2_0, spec: dict, resolution: int, tokens: int) -> float:
+def _measure_saved(UNet2DConditionModel, AttnProcessor2_0, spec: dict, resolution: int, tokens: int,
+                   checkpointing: bool) -> float:
     in_channels = spec["in_channels"]
 
     with torch.device("meta"):
@@ -132,6 +137,8 @@ def _measure_saved(UNet2DConditionModel, AttnProcessor2_0, spec: dict, resolutio
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         unet(x, torch.zeros(1, device="meta", dtype=torch.long), text)  # no checkpointing: every block's cost
     full, largest = saved[0], max(per_block.values())
+    if not checkpointing:
+        return full
     unet.enable_gradient_checkpointing()
     saved[0] = 0
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -145,7 +152,7 @@ def model_state_bytes(params: int, ds_cfg: dict, world: int, optimizer: str,
 
     `optimizer`: a train.optimizer value; auto is resolved for this config (engine.resolve_optimizer).
     `pinned`: the accelerator is a GPU, so offloaded buffers with pin_memory pay the pinned allocator's rounding."""
-    optimizer = eng.resolve_optimizer(optimizer, ds_cfg)
+    optimizer = eng.resolve_optimizer(optimizer, ds_cfg, on_gpu=pinned)
     stage = eng.zero_stage(ds_cfg)
     zero = ds_cfg.get("zero_optimization", {})
     off_opt = eng.offloads_optimizer(ds_cfg)
@@ -180,31 +187,39 @@ def model_state_bytes(params: int, ds_cfg: dict, world: int, optimizer: str,
 
 
 def optimizer_for(optimizer: str, params: int, ds_cfg: dict, *, world: int, ranks_here: int, ram_gib: float,
-                  on_gpu: bool) -> str:
-    """train.optimizer as it will run with this config: auto is DeepSpeed's CPU Adam where the config offloads the
-    optimizer (engine.resolve_optimizer), unless its fp32 moments (6 bytes per parameter more than 8-bit states)
-    would not fit this machine's RAM with the planner's headroom; then 8-bit AdamW, slower on the host but 2 bytes."""
-    name = eng.resolve_optimizer(optimizer, ds_cfg)
-    if optimizer != "auto" or name != "cpu_adam":
+                  on_gpu: bool, activations: float = 0.0) -> str:
+    """train.optimizer as it will run with this config on this machine: auto is a fast fp32 optimizer where its step
+    runs on the host (DeepSpeed's CPU Adam with offload, torch's AdamW on a CPU-only machine; engine.resolve_optimizer)
+    unless its moments (6 bytes per parameter more than 8-bit states) would not fit this machine's RAM with the
+    planner's headroom; then 8-bit AdamW, slower on the host but 2 bytes. `activations`: bytes per rank of a CPU-only
+    machine's activations, which share that RAM."""
+    name = eng.resolve_optimizer(optimizer, ds_cfg, on_gpu=on_gpu)
+    if optimizer != "auto" or name == "adamw8bit":
         return name
-    _, host = model_state_bytes(params, ds_cfg, world, name, pinned=on_gpu)
+    device, host = model_state_bytes(params, ds_cfg, world, name, pinned=on_gpu)
+    if not on_gpu:  # everything lives in host RAM
+        host += device + activations
     host += HOST_BASE if on_gpu else HOST_BASE_CPU
     return name if host * ranks_here <= HEADROOM * ram_gib * GiB else "adamw8bit"
 
 
 def plan(*, gpu_mem_gib: float | None, gpus: int, ram_gib: float, resolution: int, variant: str,
-         consistency: bool, size: str = "full", optimizer: str = "auto") -> tuple[list[Estimate], str | None]:
+         consistency: bool, size: str = "full", optimizer: str = "auto",
+         checkpointing: str | bool = "auto") -> tuple[list[Estimate], str | None]:
+    """`checkpointing`: model.gradient_checkpointing (auto: on for the full UNet, off for the tiny one)."""
     in_channels = 8 if variant == "fc" else 12
     params = unet_parameters(size, in_channels)
-    act_per_sample = activation_bytes(size, in_channels, resolution)
+    act_per_sample = activation_bytes(size, in_channels, resolution,
+                                      checkpointing=wants_checkpointing(checkpointing, params))
     estimates = []
     on_cpu = gpu_mem_gib is None
     for path in sorted(eng.REPO_DS_CONFIGS.glob("*.json")):
         ds_cfg = eng.read_ds_config(path)
         micro = int(ds_cfg["train_micro_batch_size_per_gpu"])
-        opt = optimizer_for(optimizer, params, ds_cfg, world=gpus, ranks_here=gpus, ram_gib=ram_gib, on_gpu=not on_cpu)
-        device, host = model_state_bytes(params, ds_cfg, gpus, opt, pinned=not on_cpu)
         activations = act_per_sample * micro * (3 if consistency else 1)
+        opt = optimizer_for(optimizer, params, ds_cfg, world=gpus, ranks_here=gpus, ram_gib=ram_gib, on_gpu=not on_cpu,
+                            activations=activations)
+        device, host = model_state_bytes(params, ds_cfg, gpus, opt, pinned=not on_cpu)
         zero = ds_cfg.get("zero_optimization", {})
         offload = "+".join(k.split("_")[1] for k in ("offload_param", "offload_optimizer")
                            if zero.get(k, {}).get("device", "none") not in (None, "none")) or "none"
@@ -244,13 +259,13 @@ def detect() -> dict:
 
 
 def choose_config(resolution: int, variant: str, consistency: bool, size: str, optimizer: str,
-                  ranks: int | None = None) -> Path:
+                  ranks: int | None = None, checkpointing: str | bool = "auto") -> Path:
     """What `--ds-config auto` uses: the planner's choice for this machine with `ranks` processes on it (default:
     one per detected GPU, at least one). CPU ranks are not detected, so the trainer passes its own count."""
     found = detect()
     _, choice = plan(gpu_mem_gib=found["gpu_mem_gib"], gpus=ranks or max(1, found["gpus"]), ram_gib=found["ram_gib"],
                      resolution=resolution, variant=variant, consistency=consistency, size=size,
-                     optimizer=optimizer)
+                     optimizer=optimizer, checkpointing=checkpointing)
     if choice is None:
         raise eng.EngineConfigError(
             f"no shipped DeepSpeed config fits this machine at {resolution} px ({size} model); "
@@ -269,8 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--consistency", choices=["on", "off"], default="on")
     p.add_argument("--size", choices=["full", "tiny"], default="full")
     p.add_argument("--optimizer", choices=["auto", *sorted(OPTIMIZER_STATE_BYTES)], default="auto",
-                   help="train.optimizer (auto: cpu_adam for configs that offload the optimizer when RAM allows, "
-                        "else adamw8bit)")
+                   help="train.optimizer (auto, where RAM allows: cpu_adam for configs that offload the optimizer, "
+                        "adamw on a CPU-only machine; else adamw8bit)")
+    p.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto",
+                   help="model.gradient_checkpointing (auto: on for the full UNet, off for the tiny one)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     found = detect()
@@ -279,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     ram = args.ram or found["ram_gib"]
     estimates, choice = plan(gpu_mem_gib=gpu_mem, gpus=gpus, ram_gib=ram, resolution=args.resolution,
                              variant=args.variant, consistency=args.consistency == "on", size=args.size,
-                             optimizer=args.optimizer)
+                             optimizer=args.optimizer,
+                             checkpointing={"on": True, "off": False}.get(args.checkpointing, "auto"))
     if args.json:
         print(json.dumps({"choice": choice, "estimates": [asdict(e) for e in estimates]}, indent=1))
         return 0

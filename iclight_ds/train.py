@@ -25,7 +25,8 @@ from . import engine as eng
 from .checks import check_module_devices, check_offload_ram, check_optimizer, check_precision, describe
 from .conditioning import build_frozen, condition_batch, condition_cached_batch
 from .config import ConfigError, RunConfig, load_config, parse_overrides, save_config, to_dict
-from .models import build_iclight_model, configure_attention, count_parameters, default_dtype, freeze
+from .models import (build_iclight_model, configure_attention, count_parameters, default_dtype, freeze,
+                     wants_checkpointing)
 from .objectives import iclight_losses
 
 log = logging.getLogger("iclight_ds")
@@ -158,7 +159,7 @@ class Trainer:
         cfg = self.cfg
         choice = self._rank0_decides(lambda: str(choose_config(
             cfg.data.resolution, cfg.model.variant, cfg.objective.lambda_consistency > 0, cfg.model.size,
-            cfg.train.optimizer, ranks=self._ranks_here())))
+            cfg.train.optimizer, ranks=self._ranks_here(), checkpointing=cfg.model.gradient_checkpointing)))
         log.info("train.ds_config=auto: the planner chose %s", choice)
         return Path(choice)
 
@@ -170,31 +171,39 @@ class Trainer:
         return choice[0]
 
     def _choose_optimizer(self) -> str:
-        """train.optimizer, with auto resolved for this config and machine (plan.optimizer_for); with offload the
-        RAM decides, so rank 0 decides and broadcasts, as for the config: every rank must build the same one.
+        """train.optimizer, with auto resolved for this config and machine (plan.optimizer_for); where the step runs
+        on the host (offload, or a CPU-only machine) the RAM decides, so rank 0 decides and broadcasts, as for the
+        config: every rank must build the same one.
         A resumed run builds the optimizer its checkpoint was written with (its states are that optimizer's)."""
+        on_gpu = self.acc.name == "cuda"
         saved = self.resumed.get("optimizer")
         if saved is not None:
-            wanted = eng.resolve_optimizer(self.cfg.train.optimizer, self.ds_cfg)
+            wanted = eng.resolve_optimizer(self.cfg.train.optimizer, self.ds_cfg, on_gpu=on_gpu)
             if self.cfg.train.optimizer != "auto" and wanted != saved:
                 raise eng.EngineConfigError(
                     f"train.optimizer={wanted}, but the checkpoint being resumed ({self.cfg.train.resume}) holds "
                     f"{saved} states; resume with train.optimizer={saved} (or auto)")
             log.info("train.optimizer: %s, as recorded in the checkpoint being resumed", saved)
             return saved
-        if self.cfg.train.optimizer != "auto" or not eng.offloads_optimizer(self.ds_cfg):
-            return eng.resolve_optimizer(self.cfg.train.optimizer, self.ds_cfg)
+        wanted = eng.resolve_optimizer(self.cfg.train.optimizer, self.ds_cfg, on_gpu=on_gpu)
+        if self.cfg.train.optimizer != "auto" or wanted == "adamw8bit":
+            return wanted
         import psutil
 
-        from .plan import GiB, optimizer_for, unet_parameters
+        from .plan import GiB, activation_bytes, optimizer_for, unet_parameters
 
         def decide() -> str:
-            params = unet_parameters(self.cfg.model.size, self.cfg.model.in_channels)
+            cfg = self.cfg
+            params = unet_parameters(cfg.model.size, cfg.model.in_channels)
+            checkpointing = wants_checkpointing(cfg.model.gradient_checkpointing, params)
+            activations = (activation_bytes(cfg.model.size, cfg.model.in_channels, cfg.data.resolution,
+                                            checkpointing=checkpointing)
+                           * self.geometry.micro_batch * (3 if cfg.objective.lambda_consistency > 0 else 1))
             name = optimizer_for("auto", params, self.ds_cfg, world=self.acc.world_size, ranks_here=self._ranks_here(),
-                                 ram_gib=psutil.virtual_memory().total / GiB, on_gpu=self.acc.name == "cuda")
-            if name != "cpu_adam":
-                log.warning("train.optimizer=auto: DeepSpeed's CPU Adam would not fit this machine's RAM with %s; "
-                            "using %s (8-bit states, a slower step on the host)", self.ds_path, name)
+                                 ram_gib=psutil.virtual_memory().total / GiB, on_gpu=on_gpu, activations=activations)
+            if name != wanted:
+                log.warning("train.optimizer=auto: %s's fp32 moments would not fit this machine's RAM with %s; "
+                            "using %s (8-bit states, a slower step on the host)", wanted, self.ds_path, name)
             return name
 
         return self._rank0_decides(decide)
@@ -325,10 +334,12 @@ class Trainer:
         else:
             with eng.model_init_context(self.ds_cfg), default_dtype(self.dtype):
                 model = build_iclight_model(cfg.model, modify=eng.whole_params(self.ds_cfg))
-        if cfg.model.gradient_checkpointing:
+        self.checkpointing = wants_checkpointing(cfg.model.gradient_checkpointing, count_parameters(model.unet))
+        if self.checkpointing:
             model.unet.enable_gradient_checkpointing()
         self.attention = configure_attention(model.unet, cfg.model.attention, self.acc.name)
-        log.info("attention: %s; trainable parameters: %.2fM", self.attention, count_parameters(model) / 1e6)
+        log.info("attention: %s; gradient checkpointing: %s; trainable parameters: %.2fM", self.attention,
+                 "on" if self.checkpointing else "off", count_parameters(model) / 1e6)
         frozen_dtype = self.dtype if cfg.model.frozen_dtype == "auto" else _DTYPES[cfg.model.frozen_dtype]
         if cfg.data.cache:  # the cache holds their outputs: not built at all
             self.vae = self.text_encoder = None

@@ -55,18 +55,29 @@ class ProbedTrainer(Trainer):
         return terms
 
 
+def optimizer_for(ds_config: str, optimizer: str) -> str:
+    """`optimizer`, except that a GPU config without offload gets what auto picks on a GPU, 8-bit AdamW (auto on these
+    CPU ranks would pick torch's AdamW): so bitsandbytes' optimizer is stepped under every ZeRO stage here."""
+    ds_cfg = eng.read_ds_config(eng.resolve_ds_config_path(ds_config))
+    gpu_config = not Path(ds_config).stem.startswith("cpu")
+    if optimizer == "auto" and gpu_config and not eng.offloads_optimizer(ds_cfg):
+        return eng.resolve_optimizer("auto", ds_cfg, on_gpu=True)
+    return optimizer
+
+
 def run_one(ds_config: str, args, rank: int) -> dict:
     out = Path(args.out) / Path(ds_config).stem
     overrides = {
         "train.ds_config": ds_config,
         "train.output_dir": str(out),
         "train.steps": args.steps,
-        "train.optimizer": args.optimizer,
+        "train.optimizer": optimizer_for(ds_config, args.optimizer),
         "train.lr": 1e-3,
         "train.warmup_steps": 0,
         "data.path": args.data,
         "data.num_workers": 0,
         "model.variant": args.variant,
+        "model.gradient_checkpointing": True,  # auto leaves it off for tiny UNets; here it runs under every stage
         "logging.every": 1,
         "logging.wandb": False,
         "logging.progress": False,
@@ -79,7 +90,7 @@ def run_one(ds_config: str, args, rank: int) -> dict:
     after = eng.gathered_state_dict(trainer.engine)
     inner = getattr(trainer.engine.optimizer, "optimizer", trainer.engine.optimizer)  # the client optimizer
     result = {"trace": trainer.trace, "accumulation": trainer.geometry.accumulation,
-              "optimizer": [trainer.optimizer_name, type(inner).__name__]}
+              "optimizer": [trainer.optimizer_name, type(inner).__name__], "checkpointing": trainer.checkpointing}
     if rank == 0:
         unchanged = [k for k in before if torch.equal(before[k], after[k])]
         last = max(k for k in before if k.startswith("merger.mlp.") and k.endswith(".weight"))

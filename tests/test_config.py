@@ -38,6 +38,8 @@ def test_json_file_and_saved_config_round_trip(tmp_path):
         (["--train.steps", "1.5"], "train.steps: expected an integer"),
         (["--model.variant", "fcb"], "model.variant: 'fcb' is not one of"),
         (["--logging.wandb", "maybe"], "logging.wandb: expected true/false"),
+        (["--model.gradient_checkpointing", "maybe"],
+         "model.gradient_checkpointing: 'maybe' is not one of ['auto']; or expected true/false"),
         (["--train.betas", "0.9"], "train.betas: expected 2 values"),
         (["--data.resolution", "60"], "data.resolution=60"),
         (["--objective.lambda_vanilla", "0", "--objective.lambda_consistency", "0"], "nothing to train"),
@@ -48,6 +50,17 @@ def test_json_file_and_saved_config_round_trip(tmp_path):
 def test_bad_overrides_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         load_config(None, parse_overrides(overrides))
+
+
+def test_a_setting_that_is_auto_or_a_bool(tmp_path):
+    """model.gradient_checkpointing takes auto (the default) or a boolean, from a file or the command line."""
+    assert load_config(None).model.gradient_checkpointing == "auto"
+    for text, value in (("auto", "auto"), ("true", True), ("off", False)):
+        cfg = load_config(None, parse_overrides(["--model.gradient_checkpointing", text]))
+        assert cfg.model.gradient_checkpointing == value
+    f = tmp_path / "run.yaml"
+    f.write_text("model:\n  gradient_checkpointing: false\n")
+    assert load_config(f).model.gradient_checkpointing is False
 
 
 def test_unknown_key_in_file_is_named(tmp_path):

@@ -11,6 +11,8 @@ from iclight_ds.models import (
     build_iclight_model,
     build_unet,
     configure_attention,
+    count_parameters,
+    wants_checkpointing,
     widen_conv_in,
 )
 
@@ -110,3 +112,30 @@ def test_attention_falls_back_to_sdpa_on_cpu():
     assert all(isinstance(p, AttnProcessor2_0) for p in unet.attn_processors.values())
     with pytest.raises(RuntimeError, match="xformers"):
         configure_attention(unet, "xformers", "cpu")
+
+
+def test_checkpointing_auto_by_size_and_parity():
+    """auto: on for SD1.5's UNet, off for the tiny one; recomputation gives the same gradients as keeping activations."""
+    from iclight_ds.plan import unet_parameters
+
+    assert wants_checkpointing("auto", unet_parameters("full", 8)) is True
+    assert wants_checkpointing("auto", unet_parameters("tiny", 8)) is False
+    assert wants_checkpointing(True, 1) is True and wants_checkpointing(False, 10**9) is False
+    torch.manual_seed(0)
+    model = build_iclight_model(ModelConfig(size="tiny")).train()
+    assert not wants_checkpointing("auto", count_parameters(model.unet))
+    for p in model.unet.conv_in.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    args = (torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32),
+            torch.rand(2, 3, 16, 32))
+
+    def grads():
+        model.zero_grad()
+        model(*args).square().mean().backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    kept = grads()
+    model.unet.enable_gradient_checkpointing()
+    recomputed = grads()
+    assert kept.keys() == recomputed.keys() and len(kept) > 50
+    assert all(torch.allclose(kept[k], recomputed[k], atol=1e-6) for k in kept)

@@ -24,10 +24,13 @@ def test_model_state_bytes_follow_stage_and_offload():
     # on a GPU the pinned buffers (not the optimizer's states) pay torch's power-of-two rounding
     _, h_pinned = plan.model_state_bytes(P, off, world=1, optimizer="adamw8bit", pinned=True)
     assert h_pinned == pytest.approx(2 * P + plan.PINNED_ROUNDUP * 10 * P)
-    # auto: DeepSpeed's CPU Adam (fp32 m, v on the host) where the optimizer is offloaded, 8-bit AdamW elsewhere
+    # auto: DeepSpeed's CPU Adam (fp32 m, v on the host) where the optimizer is offloaded, 8-bit AdamW on a GPU,
+    # torch's AdamW (fp32 m, v) on a CPU-only machine
     _, h_auto = plan.model_state_bytes(P, off, world=1, optimizer="auto")
     assert h_auto - h_off == pytest.approx(6 * P)
-    assert plan.model_state_bytes(P, zero2, world=1, optimizer="auto") == (device, host)
+    assert plan.model_state_bytes(P, zero2, world=1, optimizer="auto", pinned=True) == plan.model_state_bytes(
+        P, zero2, world=1, optimizer="adamw8bit", pinned=True)
+    assert plan.model_state_bytes(P, zero2, world=1, optimizer="auto")[0] == device_adam
 
 
 def test_host_estimate_of_offload_matches_the_gpu_measurement():
@@ -77,6 +80,21 @@ def test_auto_optimizer_falls_back_to_8bit_states_where_cpu_adam_does_not_fit():
     d1, _ = plan.model_state_bytes(P, z3, world=1, optimizer="adamw8bit")
     d4, _ = plan.model_state_bytes(P, z3, world=4, optimizer="adamw8bit")
     assert d4 < d1 / 3  # ZeRO-3 shards everything
+
+
+def test_auto_optimizer_on_a_cpu_is_adamw_where_its_states_fit():
+    """A CPU-only machine steps the optimizer on the host: auto picks torch's AdamW (fp32 m, v) where the RAM allows,
+    counted with the activations that share it, and 8-bit AdamW where it does not."""
+    kw = dict(gpu_mem_gib=None, gpus=1, resolution=256, variant="fc", consistency=True)
+    roomy = {e.config: e for e in plan.plan(ram_gib=64, **kw)[0]}
+    tight = {e.config: e for e in plan.plan(ram_gib=16, **kw)[0]}
+    assert roomy["cpu-1rank"].optimizer == "adamw" and roomy["cpu-1rank"].fits
+    assert tight["cpu-1rank"].optimizer == "adamw8bit"
+    assert roomy["cpu-1rank"].host_gib - tight["cpu-1rank"].host_gib == pytest.approx(6 * plan.unet_parameters(
+        "full", 8) / 2**30)
+    tiny = {e.config: e for e in plan.plan(gpu_mem_gib=None, gpus=1, ram_gib=8, resolution=64, variant="fc",
+                                           consistency=True, size="tiny")[0]}
+    assert tiny["cpu-1rank"].optimizer == "adamw" and tiny["cpu-1rank"].fits
 
 
 def test_activations_grow_with_resolution_and_checkpointing_saves():

@@ -266,16 +266,40 @@ def test_optimizer_combinations_refused():
     check_optimizer("adamw8bit", accelerator="cuda", stage=3, offload_optimizer=False, ds_path="zero3.json")
 
 
-def test_optimizer_auto_follows_the_offload():
-    """auto: DeepSpeed's CPU Adam where the step runs on the host because of offload; 8-bit AdamW elsewhere."""
+def test_optimizer_auto_follows_where_the_step_runs():
+    """auto: a fast fp32 optimizer where the step runs on the host (DeepSpeed's CPU Adam with offload, torch's AdamW on
+    a CPU-only machine); 8-bit AdamW on a GPU."""
     from iclight_ds import engine as eng
 
     offload = eng.read_ds_config(eng.REPO_DS_CONFIGS / "1gpu-8gb.json")
     plain = eng.read_ds_config(eng.REPO_DS_CONFIGS / "zero2.json")
-    assert eng.resolve_optimizer("auto", offload) == "cpu_adam"
-    assert eng.resolve_optimizer("auto", plain) == "adamw8bit"
-    assert eng.resolve_optimizer("auto", eng.read_ds_config(eng.REPO_DS_CONFIGS / "cpu-1rank.json")) == "adamw8bit"
-    assert eng.resolve_optimizer("adamw8bit", offload) == "adamw8bit"  # an explicit choice is kept
+    cpu = eng.read_ds_config(eng.REPO_DS_CONFIGS / "cpu-1rank.json")
+    assert eng.resolve_optimizer("auto", offload, on_gpu=True) == "cpu_adam"
+    assert eng.resolve_optimizer("auto", plain, on_gpu=True) == "adamw8bit"
+    assert eng.resolve_optimizer("auto", cpu, on_gpu=False) == "adamw"
+    assert eng.resolve_optimizer("auto", plain, on_gpu=False) == "adamw"
+    assert eng.resolve_optimizer("adamw8bit", offload, on_gpu=True) == "adamw8bit"  # an explicit choice is kept
+    assert eng.resolve_optimizer("adamw8bit", cpu, on_gpu=False) == "adamw8bit"
+
+
+def test_auto_on_a_cpu_trains_with_fused_adamw_unless_the_ram_is_short(make_trainer, monkeypatch):
+    """On a CPU-only machine auto builds torch's fused AdamW (bitsandbytes' 8-bit step costs ~30x more per parameter
+    on the host); where its fp32 moments would not fit the RAM, 8-bit AdamW."""
+    import psutil
+
+    trainer = make_trainer(**{"train.ds_config": "cpu-1rank", "train.steps": 2})
+    inner = getattr(trainer.engine.optimizer, "optimizer", trainer.engine.optimizer)
+    assert trainer.optimizer_name == "adamw" and type(inner) is torch.optim.AdamW
+    assert inner.defaults["fused"] is True
+    assert trainer.checkpointing is False  # model.gradient_checkpointing=auto: off for the tiny UNet
+    before = {k: v.detach().clone() for k, v in trainer.engine.module.unet.named_parameters()}
+    trainer.train()
+    moved = [k for k, v in trainer.engine.module.unet.named_parameters() if not torch.equal(before[k], v.detach())]
+    assert len(moved) > len(before) // 2
+    real = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(total=int(1.2 * 2**30)))
+    short = make_trainer(**{"train.ds_config": "cpu-1rank", "train.output_dir": str(trainer.out_dir) + "-short"})
+    assert short.optimizer_name == "adamw8bit"
 
 
 def test_cpu_adam_that_cannot_be_built_says_what_to_do(monkeypatch):
