@@ -99,7 +99,7 @@ class TrainConfig:
     ranks started on it; `python -m iclight_ds.plan` shows its table)."""
     output_dir: str = "runs/default"
     """Run folder: metrics.jsonl, checkpoints/, unet.safetensors, resolved config."""
-    steps: int = 1500
+    steps: int = 2000
     """Optimizer steps to train (each = gradient_accumulation_steps micro-batches per rank)."""
     lr: float = 3e-3
     """Peak learning rate."""
