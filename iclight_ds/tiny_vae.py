@@ -178,9 +178,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--kl", type=float, default=1e-6, help="weight of the per-element KL term")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
+    p.add_argument("--device", default="cpu", help="device to train on: cpu, cuda, cuda:N or auto")
     p.add_argument("--data-seed", type=int, default=1000, help="synthetic data seed (held-out scenes: +1)")
     args = p.parse_args(argv)
+    from .relight import RelightError, resolve_device
+
+    try:  # before minutes of data generation: a device this machine lacks is refused by name
+        args.device = resolve_device(args.device)
+    except RelightError as e:
+        raise SystemExit(f"error: {e}") from None
     info = train(args)
     print(json.dumps(info, indent=2))
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")

@@ -131,6 +131,16 @@ def test_tiny_vae_script_makes_a_4x_vae_from_three_widths(tmp_path):
     assert json.loads(meta["channels"]) == [16, 32, 32] and meta["device"] == "cpu" and meta["steps"] == "2"
 
 
+def test_tiny_vae_script_refuses_a_device_it_does_not_have(tmp_path, capsys):
+    """Checked before any data is generated, by the same rule as the eval and relight CLIs."""
+    from iclight_ds.tiny_vae import main
+
+    missing = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(SystemExit, match=f"error: --device {missing}"):
+        main(["--out", str(tmp_path / "v.safetensors"), "--device", missing])
+    assert not (tmp_path / "v.safetensors").exists()
+
+
 def test_vae_file_errors_name_the_file(tmp_path):
     from iclight_ds.tiny_vae import TinyVaeError, load_vae_file
 
