@@ -40,7 +40,8 @@ SPEED_ORDER = ["1gpu-24gb", "multi-gpu", "zero2", "zero3", "1gpu-12gb", "1gpu-8g
                "zero3_offload", "cpu-1rank", "cpu", "cpu-zero3"]
 MULTI_NODE_ONLY = {"multi-node"}
 # `*-1rank` configs (ZeRO stage 0) are the fastest with one rank only: with several, every rank would repeat the
-# whole optimizer step that ZeRO-2 splits between them (on CPU, 8-bit AdamW is most of a full-size step).
+# whole optimizer step that ZeRO-2 splits between them (the order was measured with AdamW8bit, whose CPU step is most
+# of a full-size step; with fused AdamW, auto's CPU choice, that step is cheaper, so the margin is smaller).
 ONE_RANK_SUFFIX = "-1rank"
 OPTIMIZER_STATE_BYTES = {"adamw8bit": 2.0, "adamw": 8.0, "cpu_adam": 8.0}  # m and v per parameter
 # Offload with pin_memory on a GPU: torch's pinned-memory allocator rounds every block up to a power of two, and

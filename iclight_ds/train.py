@@ -177,6 +177,8 @@ class Trainer:
         A resumed run builds the optimizer its checkpoint was written with (its states are that optimizer's)."""
         on_gpu = self.acc.name == "cuda"
         saved = self.resumed.get("optimizer")
+        if saved is None and self.cfg.train.resume and self.cfg.train.optimizer == "auto":
+            saved = self._older_checkpoint_optimizer()
         if saved is not None:
             wanted = eng.resolve_optimizer(self.cfg.train.optimizer, self.ds_cfg, on_gpu=on_gpu)
             if self.cfg.train.optimizer != "auto" and wanted != saved:
@@ -195,10 +197,12 @@ class Trainer:
         def decide() -> str:
             cfg = self.cfg
             params = unet_parameters(cfg.model.size, cfg.model.in_channels)
-            checkpointing = wants_checkpointing(cfg.model.gradient_checkpointing, params)
-            activations = (activation_bytes(cfg.model.size, cfg.model.in_channels, cfg.data.resolution,
-                                            checkpointing=checkpointing)
-                           * self.geometry.micro_batch * (3 if cfg.objective.lambda_consistency > 0 else 1))
+            activations = 0.0  # on a GPU they live in device memory, not in the RAM this decides on
+            if not on_gpu:
+                checkpointing = wants_checkpointing(cfg.model.gradient_checkpointing, params)
+                activations = (activation_bytes(cfg.model.size, cfg.model.in_channels, cfg.data.resolution,
+                                                checkpointing=checkpointing)
+                               * self.geometry.micro_batch * (3 if cfg.objective.lambda_consistency > 0 else 1))
             name = optimizer_for("auto", params, self.ds_cfg, world=self.acc.world_size, ranks_here=self._ranks_here(),
                                  ram_gib=psutil.virtual_memory().total / GiB, on_gpu=on_gpu, activations=activations)
             if name != wanted:
@@ -207,6 +211,29 @@ class Trainer:
             return name
 
         return self._rank0_decides(decide)
+
+    def _warn_if_planned_for_another_size(self, unet_params: int) -> None:
+        """The DeepSpeed config and optimizer `auto` chose were planned from model.size before the base was read."""
+        from .plan import unet_parameters
+
+        planned = unet_parameters(self.cfg.model.size, self.cfg.model.in_channels)
+        if not 0.5 < unet_params / planned < 2:
+            log.warning("model.base has a %.1fM-parameter UNet but model.size=%s (%.1fM): train.ds_config=auto and "
+                        "train.optimizer=auto were planned for the latter; set model.size=%s", unet_params / 1e6,
+                        self.cfg.model.size, planned / 1e6, "full" if unet_params >= 1e8 else "tiny")
+
+    def _older_checkpoint_optimizer(self) -> str:
+        """The optimizer of a checkpoint written before resolved.json existed: its config's train.optimizer, with
+        `auto` as it resolved then (CPU Adam where the optimizer was offloaded, else AdamW8bit, on a CPU too)."""
+        path = self._resume_folder() / "config.json"
+        try:
+            named = json.loads(path.read_text()).get("train", {}).get("optimizer", "adamw8bit")
+        except (OSError, ValueError) as e:
+            raise ckpt.CheckpointError(f"{path}: unreadable ({e}); it names the optimizer whose states the checkpoint "
+                                       "holds: resume with train.optimizer=adamw8bit, adamw or cpu_adam") from e
+        if named != "auto":
+            return named
+        return "cpu_adam" if eng.offloads_optimizer(self.ds_cfg) else "adamw8bit"
 
     def _resume_folder(self) -> Path:
         root, tag = ckpt.resolve(self.cfg.train.resume, self.ckpt_root)
@@ -334,7 +361,10 @@ class Trainer:
         else:
             with eng.model_init_context(self.ds_cfg), default_dtype(self.dtype):
                 model = build_iclight_model(cfg.model, modify=eng.whole_params(self.ds_cfg))
-        self.checkpointing = wants_checkpointing(cfg.model.gradient_checkpointing, count_parameters(model.unet))
+        unet_params = count_parameters(model.unet)
+        if self.base is not None:
+            self._warn_if_planned_for_another_size(unet_params)
+        self.checkpointing = wants_checkpointing(cfg.model.gradient_checkpointing, unet_params)
         if self.checkpointing:
             model.unet.enable_gradient_checkpointing()
         self.attention = configure_attention(model.unet, cfg.model.attention, self.acc.name)

@@ -97,6 +97,20 @@ def test_auto_optimizer_on_a_cpu_is_adamw_where_its_states_fit():
     assert tiny["cpu-1rank"].optimizer == "adamw" and tiny["cpu-1rank"].fits
 
 
+def test_auto_optimizer_on_a_cpu_counts_the_activations():
+    """On a CPU-only machine the activations share the RAM with the fp32 moments: a machine where the model states fit
+    but states plus activations do not gets 8-bit states."""
+    ds = eng.read_ds_config(eng.REPO_DS_CONFIGS / "cpu-1rank.json")
+    params = plan.unet_parameters("full", 8)
+    device, host = plan.model_state_bytes(params, ds, world=1, optimizer="adamw")
+    activations = plan.activation_bytes("full", 8, 256) * 8 * 3
+    ram_gib = (device + host + plan.HOST_BASE_CPU + activations / 2) / plan.HEADROOM / 2**30
+    kw = dict(world=1, ranks_here=1, ram_gib=ram_gib, on_gpu=False)
+    assert plan.optimizer_for("auto", params, ds, **kw) == "adamw"
+    assert plan.optimizer_for("auto", params, ds, activations=activations, **kw) == "adamw8bit"
+    assert plan.optimizer_for("adamw", params, ds, activations=activations, **kw) == "adamw"  # named: kept
+
+
 def test_activations_grow_with_resolution_and_checkpointing_saves():
     a256 = plan.activation_bytes("full", 8, 256)
     a512 = plan.activation_bytes("full", 8, 512)

@@ -335,6 +335,24 @@ def test_offload_without_enough_host_ram_is_refused(make_trainer, monkeypatch):
         make_trainer(**{"train.ds_config": "zero2_offload", "model.size": "full", "data.resolution": 256})
 
 
+def test_resume_of_a_checkpoint_without_resolved_json_builds_its_optimizer(make_trainer):
+    """Checkpoints written before resolved.json existed trained with AdamW8bit under auto, on a CPU too: a resume with
+    auto builds that one, not the fused AdamW auto picks on a CPU now (8-bit states do not load into it)."""
+    import json
+
+    first = make_trainer(**{"train.ds_config": "cpu-1rank", "train.optimizer": "adamw8bit", "train.steps": 1})
+    first.train()
+    folder = first.ckpt_root / "step_00000001"
+    (folder / "resolved.json").unlink()
+    config = json.loads((folder / "config.json").read_text())
+    config["train"]["optimizer"] = "auto"  # what such a run recorded
+    (folder / "config.json").write_text(json.dumps(config))
+    again = make_trainer(**{"train.ds_config": "cpu-1rank", "train.resume": "latest", "train.steps": 2})
+    assert again.optimizer_name == "adamw8bit"
+    again.train()
+    assert again.step == 2
+
+
 def test_resume_builds_the_optimizer_and_config_the_checkpoint_holds(make_trainer, monkeypatch):
     """auto may resolve differently on another machine (RAM, GPUs); a resume must load its states into the same
     optimizer under the same DeepSpeed config."""

@@ -192,6 +192,24 @@ def test_cli_fc_with_env_map(tiny_base, inputs, tmp_path, capsys):
     assert "--init" in capsys.readouterr().err
 
 
+def test_cli_init_strength_defaults_to_the_demos_lowres_denoise(tiny_base, inputs, tmp_path, monkeypatch):
+    weights = _export(tiny_base, tmp_path / "fc", "fc")
+    seen = []
+
+    def spy(unet, vae, **kw):
+        seen.append((kw["init"], kw["strength"]))
+        return torch.zeros(1, 3, H, W)
+
+    monkeypatch.setattr(relight, "relight_images", spy)
+    env = ("--env", str(inputs["env"]))
+    assert _cli(tiny_base, weights, inputs, tmp_path / "a.png", *env, "--init", str(inputs["bg"])) == 0
+    assert _cli(tiny_base, weights, inputs, tmp_path / "b.png", *env, "--init", str(inputs["bg"]),
+                "--strength", "0.3") == 0
+    assert _cli(tiny_base, weights, inputs, tmp_path / "c.png", *env) == 0
+    assert [strength for _, strength in seen] == [relight.INIT_STRENGTH, 0.3, 1.0] and relight.INIT_STRENGTH == 0.9
+    assert seen[0][0].shape == (1, 3, H, W) and seen[2][0] is None
+
+
 def test_cli_fbc_needs_a_background(tiny_base, inputs, tmp_path, capsys):
     weights = _export(tiny_base, tmp_path / "fbc", "fbc", with_modules=False)
     assert _cli(tiny_base, weights, inputs, tmp_path / "x.png") == 2

@@ -75,6 +75,21 @@ def test_trains_from_a_diffusers_folder_with_iclight_offsets_and_previews(tiny_b
     assert len(metrics) == 2 and all(m["loss"] == m["loss"] for m in metrics)
 
 
+def test_a_base_of_another_size_than_model_size_is_named(tiny_base, data, tmp_path, caplog):
+    """auto plans the DeepSpeed config and optimizer from model.size before the base is read: a mismatch is logged."""
+    import logging
+
+    from iclight_ds.config import load_config
+    from iclight_ds.train import Trainer
+
+    cfg = load_config(None, {"model.base": str(tiny_base), "model.size": "full", "train.ds_config": "cpu",
+                             "data.path": str(data), "train.output_dir": str(tmp_path / "run"), "train.steps": 1,
+                             "logging.wandb": False, "logging.progress": False, "data.num_workers": 0})
+    with caplog.at_level(logging.WARNING, logger="iclight_ds.train"):
+        Trainer(cfg)
+    assert "model.size=full (859.5M)" in caplog.text and "set model.size=tiny" in caplog.text
+
+
 def test_missing_base_is_named(tmp_path):
     from iclight_ds.config import ConfigError, load_config
 
