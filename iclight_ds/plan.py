@@ -245,6 +245,11 @@ def plan(*, gpu_mem_gib: float | None, gpus: int, ram_gib: float, resolution: in
                                   not reasons, "; ".join(reasons) or "fits", opt))
     fitting = {e.config for e in estimates if e.fits}
     order = (["multi-gpu"] if gpus > 1 else []) + SPEED_ORDER  # one config per rank count: prefer its own
+    if on_cpu and optimizer == "auto":
+        # SPEED_ORDER was measured with AdamW8bit everywhere; on a CPU its step is 2.8x the fused AdamW one
+        # (bench/results/memory-cpu-adamw.json), so a config that keeps fused AdamW goes before one that fell back
+        fell_back = {e.config for e in estimates if e.optimizer == "adamw8bit"}
+        order = [n for n in order if n not in fell_back] + [n for n in order if n in fell_back]
     choice = next((name for name in order if name in fitting), None)
     if choice is None and fitting:
         choice = sorted(fitting)[0]

@@ -97,6 +97,18 @@ def test_auto_optimizer_on_a_cpu_is_adamw_where_its_states_fit():
     assert tiny["cpu-1rank"].optimizer == "adamw" and tiny["cpu-1rank"].fits
 
 
+def test_on_a_cpu_a_config_that_keeps_fused_adamw_goes_first():
+    """Full UNet on one CPU rank with 22 GiB: cpu-1rank fits only with 8-bit states (2.8x slower step), cpu.json
+    (ZeRO-2) fits with fused AdamW: the planner takes the latter; with 24 GiB both keep AdamW and cpu-1rank wins."""
+    kw = dict(gpu_mem_gib=None, gpus=1, resolution=256, variant="fc", consistency=True)
+    estimates, choice = plan.plan(ram_gib=22, **kw)
+    by = {e.config: e for e in estimates}
+    assert by["cpu-1rank"].fits and by["cpu-1rank"].optimizer == "adamw8bit"
+    assert choice == "cpu" and by["cpu"].optimizer == "adamw"
+    assert plan.plan(ram_gib=24, **kw)[1] == "cpu-1rank"
+    assert plan.plan(ram_gib=22, optimizer="adamw8bit", **kw)[1] == "cpu-1rank"  # named: the speed order as measured
+
+
 def test_auto_optimizer_on_a_cpu_counts_the_activations():
     """On a CPU-only machine the activations share the RAM with the fp32 moments: a machine where the model states fit
     but states plus activations do not gets 8-bit states."""
