@@ -364,6 +364,34 @@ def _run_config_file(path: Path):
     return load_config(path)
 
 
+def base_unet_size(path: str | Path) -> str | None:
+    """The UNet size ('tiny' or 'full') of a base, read without loading its weights, for the planner (which decides
+    the DeepSpeed config and optimizer before the base is loaded); None where it cannot tell (load_base then names
+    the problem). Single files are SD1.5 (the only architecture they are read as); a diffusers folder is judged by
+    its unet/config.json's parameter count; a run folder by its own base or model.size."""
+    from diffusers import UNet2DConditionModel
+
+    from .models import CHECKPOINTING_MIN_PARAMETERS
+
+    path = Path(path)
+    if path.is_dir() and is_run_dir(path):
+        cfg = _run_config_file(path / "config.json")
+        return base_unet_size(cfg.model.base) if cfg.model.base else cfg.model.size
+    if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
+        return "full"
+    config = path / "unet" / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        spec = {k: v for k, v in json.loads(config.read_text()).items() if not k.startswith("_")}
+        with torch.device("meta"):
+            params = sum(p.numel() for p in UNet2DConditionModel.from_config(spec).parameters())
+    except Exception as e:  # a config diffusers cannot build: load_base reports it with its own message
+        log.debug("%s: could not size its UNet (%s)", config, e)
+        return None
+    return "full" if params >= CHECKPOINTING_MIN_PARAMETERS else "tiny"
+
+
 def load_base(
     path: str | Path,
     *,

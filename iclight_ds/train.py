@@ -109,6 +109,7 @@ class Trainer:
         self.ckpt_root = self.out_dir / "checkpoints"
         # what the checkpoint being resumed recorded of its `auto` choices ({} when not resuming)
         self.resumed = ckpt.read_resolved(self._resume_folder()) if cfg.train.resume else {}
+        self.plan_size = self._planning_size()
 
         if cfg.train.ds_config != "auto":
             self.ds_path = eng.resolve_ds_config_path(cfg.train.ds_config)
@@ -158,7 +159,7 @@ class Trainer:
 
         cfg = self.cfg
         choice = self._rank0_decides(lambda: str(choose_config(
-            cfg.data.resolution, cfg.model.variant, cfg.objective.lambda_consistency > 0, cfg.model.size,
+            cfg.data.resolution, cfg.model.variant, cfg.objective.lambda_consistency > 0, self.plan_size,
             cfg.train.optimizer, ranks=self._ranks_here(), checkpointing=cfg.model.gradient_checkpointing)))
         log.info("train.ds_config=auto: the planner chose %s", choice)
         return Path(choice)
@@ -196,11 +197,11 @@ class Trainer:
 
         def decide() -> str:
             cfg = self.cfg
-            params = unet_parameters(cfg.model.size, cfg.model.in_channels)
+            params = unet_parameters(self.plan_size, cfg.model.in_channels)
             activations = 0.0  # on a GPU they live in device memory, not in the RAM this decides on
             if not on_gpu:
                 checkpointing = wants_checkpointing(cfg.model.gradient_checkpointing, params)
-                activations = (activation_bytes(cfg.model.size, cfg.model.in_channels, cfg.data.resolution,
+                activations = (activation_bytes(self.plan_size, cfg.model.in_channels, cfg.data.resolution,
                                                 checkpointing=checkpointing)
                                * self.geometry.micro_batch * (3 if cfg.objective.lambda_consistency > 0 else 1))
             name = optimizer_for("auto", params, self.ds_cfg, world=self.acc.world_size, ranks_here=self._ranks_here(),
@@ -212,15 +213,29 @@ class Trainer:
 
         return self._rank0_decides(decide)
 
+    def _planning_size(self) -> str:
+        """The UNet size the planner counts (train.ds_config=auto, train.optimizer=auto, the offload RAM check): the
+        base's own, read from its config before its weights are loaded, else model.size."""
+        size = self.cfg.model.size
+        if self.cfg.model.base:
+            from .base_model import base_unet_size
+
+            found = base_unet_size(self.cfg.model.base)
+            if found is not None and found != size:
+                log.info("model.base %s has a %s UNet: planning for that, not model.size=%s", self.cfg.model.base,
+                         found, size)
+            size = found or size
+        return size
+
     def _warn_if_planned_for_another_size(self, unet_params: int) -> None:
-        """The DeepSpeed config and optimizer `auto` chose were planned from model.size before the base was read."""
+        """A base whose size could not be read from its config was planned as model.size: say so if that was wrong."""
         from .plan import unet_parameters
 
-        planned = unet_parameters(self.cfg.model.size, self.cfg.model.in_channels)
+        planned = unet_parameters(self.plan_size, self.cfg.model.in_channels)
         if not 0.5 < unet_params / planned < 2:
-            log.warning("model.base has a %.1fM-parameter UNet but model.size=%s (%.1fM): train.ds_config=auto and "
-                        "train.optimizer=auto were planned for the latter; set model.size=%s", unet_params / 1e6,
-                        self.cfg.model.size, planned / 1e6, "full" if unet_params >= 1e8 else "tiny")
+            log.warning("model.base has a %.1fM-parameter UNet but was planned as size %s (%.1fM): train.ds_config="
+                        "auto and train.optimizer=auto may not fit; set model.size=%s", unet_params / 1e6,
+                        self.plan_size, planned / 1e6, "full" if unet_params >= 1e8 else "tiny")
 
     def _older_checkpoint_optimizer(self) -> str:
         """The optimizer of a checkpoint written before resolved.json existed: its config's train.optimizer, with
@@ -266,7 +281,7 @@ class Trainer:
 
         from .plan import GiB, model_state_bytes, unet_parameters
 
-        params = unet_parameters(self.cfg.model.size, self.cfg.model.in_channels)
+        params = unet_parameters(self.plan_size, self.cfg.model.in_channels)
         _, host = model_state_bytes(params, self.ds_cfg, self.acc.world_size, self.optimizer_name,
                                     pinned=self.acc.name == "cuda")
         check_offload_ram(needed_gib=host / GiB, ranks_here=self._ranks_here(),

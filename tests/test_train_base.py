@@ -75,19 +75,39 @@ def test_trains_from_a_diffusers_folder_with_iclight_offsets_and_previews(tiny_b
     assert len(metrics) == 2 and all(m["loss"] == m["loss"] for m in metrics)
 
 
-def test_a_base_of_another_size_than_model_size_is_named(tiny_base, data, tmp_path, caplog):
-    """auto plans the DeepSpeed config and optimizer from model.size before the base is read: a mismatch is logged."""
+def test_the_planner_counts_the_base_s_own_unet_size(tiny_base, data, tmp_path, caplog, monkeypatch):
+    """auto plans the DeepSpeed config and optimizer before the base is loaded: from the base's config (a single file
+    is SD1.5, a diffusers folder by its unet/config.json, a run folder by its own base or size), not model.size; a
+    base whose size cannot be read is planned as model.size, and a mismatch is then logged."""
     import logging
 
+    from iclight_ds import base_model
     from iclight_ds.config import load_config
     from iclight_ds.train import Trainer
 
-    cfg = load_config(None, {"model.base": str(tiny_base), "model.size": "full", "train.ds_config": "cpu",
-                             "data.path": str(data), "train.output_dir": str(tmp_path / "run"), "train.steps": 1,
-                             "logging.wandb": False, "logging.progress": False, "data.num_workers": 0})
+    assert base_model.base_unet_size(tiny_base) == "tiny"
+    assert base_model.base_unet_size(base_model.SD15_CONFIG_DIR) == "full"  # unet/config.json of SD1.5
+    single = tmp_path / "sd15.safetensors"
+    single.write_bytes(b"")
+    assert base_model.base_unet_size(single) == "full"
+    run = tmp_path / "a-run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": {"size": "full"}, "data": {"resolution": 256}, "train": {}}))
+    assert base_model.base_unet_size(run) == "full"
+    assert base_model.base_unet_size(tmp_path / "nothing-here") is None
+
+    over = {"model.base": str(tiny_base), "model.size": "full", "train.ds_config": "cpu", "data.path": str(data),
+            "train.steps": 1, "logging.wandb": False, "logging.progress": False, "data.num_workers": 0}
+    with caplog.at_level(logging.INFO, logger="iclight_ds.train"):
+        trainer = Trainer(load_config(None, {**over, "train.output_dir": str(tmp_path / "run1")}))
+    assert trainer.plan_size == "tiny" and "has a tiny UNet: planning for that, not model.size=full" in caplog.text
+    assert "may not fit" not in caplog.text
+    monkeypatch.setattr(base_model, "base_unet_size", lambda path: None)
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="iclight_ds.train"):
-        Trainer(cfg)
-    assert "model.size=full (859.5M)" in caplog.text and "set model.size=tiny" in caplog.text
+        trainer = Trainer(load_config(None, {**over, "train.output_dir": str(tmp_path / "run2")}))
+    assert trainer.plan_size == "full"
+    assert "planned as size full (859.5M)" in caplog.text and "set model.size=tiny" in caplog.text
 
 
 def test_missing_base_is_named(tmp_path):
