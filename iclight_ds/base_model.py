@@ -371,7 +371,7 @@ def base_unet_size(path: str | Path) -> str | None:
     its unet/config.json's parameter count; a run folder by its own base or model.size."""
     from diffusers import UNet2DConditionModel
 
-    from .models import CHECKPOINTING_MIN_PARAMETERS
+    from .models import unet_size_of
 
     path = Path(path)
     if path.is_dir() and is_run_dir(path):
@@ -389,7 +389,7 @@ def base_unet_size(path: str | Path) -> str | None:
     except Exception as e:  # a config diffusers cannot build: load_base reports it with its own message
         log.debug("%s: could not size its UNet (%s)", config, e)
         return None
-    return "full" if params >= CHECKPOINTING_MIN_PARAMETERS else "tiny"
+    return unet_size_of(params)
 
 
 def load_base(

@@ -280,7 +280,12 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in module.parameters())
 
 
-CHECKPOINTING_MIN_PARAMETERS = 100_000_000
+FULL_SIZE_MIN_PARAMETERS = 100_000_000  # SD1.5's UNet has 860M, the tiny one 3M
+
+
+def unet_size_of(parameters: int) -> str:
+    """'full' for a UNet of SD1.5's size, 'tiny' for the small ones (the sizes of model.size)."""
+    return "full" if parameters >= FULL_SIZE_MIN_PARAMETERS else "tiny"
 
 
 def wants_checkpointing(setting: str | bool, unet_parameters: int) -> bool:
@@ -288,5 +293,5 @@ def wants_checkpointing(setting: str | bool, unet_parameters: int) -> bool:
     most of the activation memory, and off for the tiny ones (3M), whose activations are a few MB: there recomputing
     them only costs time (21% of the default run's step on the 2-core development CPU)."""
     if setting == "auto":
-        return unet_parameters >= CHECKPOINTING_MIN_PARAMETERS
+        return unet_size_of(unet_parameters) == "full"
     return bool(setting)

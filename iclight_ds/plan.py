@@ -111,6 +111,14 @@ def activation_bytes(size: str, in_channels: int, resolution: int, tokens: int =
                               resolution, tokens, checkpointing)
 
 
+def activations_per_sample(size: str, in_channels: int, resolution: int, params: int, *,
+                           checkpointing: str | bool, consistency: bool) -> float:
+    """Bytes of activations per sample of a micro-batch: the UNet's (`params` parameters; with gradient checkpointing
+    as model.gradient_checkpointing resolves for it), times its rows (3 with the consistency objective)."""
+    per_row = activation_bytes(size, in_channels, resolution, checkpointing=wants_checkpointing(checkpointing, params))
+    return per_row * (3 if consistency else 1)
+
+
 def _measure_saved(UNet2DConditionModel, AttnProcessor2_0, spec: dict, resolution: int, tokens: int,
                    checkpointing: bool) -> float:
     in_channels = spec["in_channels"]
@@ -210,14 +218,14 @@ def plan(*, gpu_mem_gib: float | None, gpus: int, ram_gib: float, resolution: in
     """`checkpointing`: model.gradient_checkpointing (auto: on for the full UNet, off for the tiny one)."""
     in_channels = 8 if variant == "fc" else 12
     params = unet_parameters(size, in_channels)
-    act_per_sample = activation_bytes(size, in_channels, resolution,
-                                      checkpointing=wants_checkpointing(checkpointing, params))
+    per_sample = activations_per_sample(size, in_channels, resolution, params, checkpointing=checkpointing,
+                                        consistency=consistency)
     estimates = []
     on_cpu = gpu_mem_gib is None
     for path in sorted(eng.REPO_DS_CONFIGS.glob("*.json")):
         ds_cfg = eng.read_ds_config(path)
         micro = int(ds_cfg["train_micro_batch_size_per_gpu"])
-        activations = act_per_sample * micro * (3 if consistency else 1)
+        activations = per_sample * micro
         opt = optimizer_for(optimizer, params, ds_cfg, world=gpus, ranks_here=gpus, ram_gib=ram_gib, on_gpu=not on_cpu,
                             activations=activations)
         device, host = model_state_bytes(params, ds_cfg, gpus, opt, pinned=not on_cpu)

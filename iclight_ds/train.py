@@ -26,7 +26,7 @@ from .checks import check_module_devices, check_offload_ram, check_optimizer, ch
 from .conditioning import build_frozen, condition_batch, condition_cached_batch
 from .config import ConfigError, RunConfig, load_config, parse_overrides, save_config, to_dict
 from .models import (build_iclight_model, configure_attention, count_parameters, default_dtype, freeze,
-                     wants_checkpointing)
+                     unet_size_of, wants_checkpointing)
 from .objectives import iclight_losses
 
 log = logging.getLogger("iclight_ds")
@@ -177,33 +177,31 @@ class Trainer:
         config: every rank must build the same one.
         A resumed run builds the optimizer its checkpoint was written with (its states are that optimizer's)."""
         on_gpu = self.acc.name == "cuda"
+        wanted = eng.resolve_optimizer(self.cfg.train.optimizer, self.ds_cfg, on_gpu=on_gpu)
         saved = self.resumed.get("optimizer")
         if saved is None and self.cfg.train.resume and self.cfg.train.optimizer == "auto":
             saved = self._older_checkpoint_optimizer()
         if saved is not None:
-            wanted = eng.resolve_optimizer(self.cfg.train.optimizer, self.ds_cfg, on_gpu=on_gpu)
             if self.cfg.train.optimizer != "auto" and wanted != saved:
                 raise eng.EngineConfigError(
                     f"train.optimizer={wanted}, but the checkpoint being resumed ({self.cfg.train.resume}) holds "
                     f"{saved} states; resume with train.optimizer={saved} (or auto)")
             log.info("train.optimizer: %s, as recorded in the checkpoint being resumed", saved)
             return saved
-        wanted = eng.resolve_optimizer(self.cfg.train.optimizer, self.ds_cfg, on_gpu=on_gpu)
         if self.cfg.train.optimizer != "auto" or wanted == "adamw8bit":
             return wanted
         import psutil
 
-        from .plan import GiB, activation_bytes, optimizer_for, unet_parameters
+        from .plan import GiB, activations_per_sample, optimizer_for, unet_parameters
 
         def decide() -> str:
             cfg = self.cfg
             params = unet_parameters(self.plan_size, cfg.model.in_channels)
             activations = 0.0  # on a GPU they live in device memory, not in the RAM this decides on
             if not on_gpu:
-                checkpointing = wants_checkpointing(cfg.model.gradient_checkpointing, params)
-                activations = (activation_bytes(self.plan_size, cfg.model.in_channels, cfg.data.resolution,
-                                                checkpointing=checkpointing)
-                               * self.geometry.micro_batch * (3 if cfg.objective.lambda_consistency > 0 else 1))
+                activations = self.geometry.micro_batch * activations_per_sample(
+                    self.plan_size, cfg.model.in_channels, cfg.data.resolution, params,
+                    checkpointing=cfg.model.gradient_checkpointing, consistency=cfg.objective.lambda_consistency > 0)
             name = optimizer_for("auto", params, self.ds_cfg, world=self.acc.world_size, ranks_here=self._ranks_here(),
                                  ram_gib=psutil.virtual_memory().total / GiB, on_gpu=on_gpu, activations=activations)
             if name != wanted:
@@ -235,7 +233,7 @@ class Trainer:
         if not 0.5 < unet_params / planned < 2:
             log.warning("model.base has a %.1fM-parameter UNet but was planned as size %s (%.1fM): train.ds_config="
                         "auto and train.optimizer=auto may not fit; set model.size=%s", unet_params / 1e6,
-                        self.plan_size, planned / 1e6, "full" if unet_params >= 1e8 else "tiny")
+                        self.plan_size, planned / 1e6, unet_size_of(unet_params))
 
     def _older_checkpoint_optimizer(self) -> str:
         """The optimizer of a checkpoint written before resolved.json existed: its config's train.optimizer, with
