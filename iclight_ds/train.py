@@ -338,16 +338,28 @@ class Trainer:
         )
 
     def _make_synthetic(self, root: Path, n: int, *, seed: int) -> None:
-        """Rank 0 writes `n` synthetic scenes into `root` unless it holds a dataset already (callers barrier after)."""
-        if not self.is_main or (root / "manifest.jsonl").is_file():
+        """Rank 0 writes `n` synthetic scenes into `root` unless it holds them already (callers barrier after).
+
+        The folder is the trainer's own: one holding another number of scenes (a run folder reused with another
+        data.synth_samples) is rewritten; scene i depends only on (seed, i), so the common ones stay the same."""
+        manifest = root / "manifest.jsonl"
+        if not self.is_main:
             return
+        if manifest.is_file():
+            held = sum(1 for line in manifest.read_text().splitlines() if line.strip())
+            if held == n:
+                return
+            log.info("%s holds %d synthetic scenes, not %d: writing them again", root, held, n)
         from .data.synth import generate
 
         cfg = self.cfg
-        log.info("generating %d synthetic relighting samples into %s", n, root)
+        # ~50 scenes/s per process at 64 px; a pool's start costs seconds, so only large sets get one
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = min(cores, max(1, n // 1024), 16)
+        log.info("generating %d synthetic relighting samples into %s (%d process(es))", n, root, workers)
         # the ground-truth light parts (for evaluation) cost ~9 MB a sample at 512 px: only small sizes keep them
         generate(root, n, size=cfg.data.resolution, seed=seed, env_shape=cfg.model.env_shape,
-                 extras=cfg.data.resolution <= 128)
+                 extras=cfg.data.resolution <= 128, workers=workers)
 
     def _validate_dataset(self, root: Path) -> None:
         from .data.dataset import DatasetError

@@ -139,3 +139,44 @@ def test_cli_writes_a_dataset(tmp_path, capsys):
     (lean,) = records(tmp_path / "lean")
     assert set(lean) == {"id", "prompt", "target", "foreground", "mask", "background", "env"}
     assert not (tmp_path / "lean" / "linear").exists() and len(list((tmp_path / "lean" / "env").iterdir())) == 1
+
+
+def test_the_trainer_rewrites_its_synthetic_folder_for_another_count(tmp_path):
+    """A run folder reused with another data.synth_samples gets that many scenes, not the old set."""
+    from types import SimpleNamespace
+
+    from iclight_ds.config import load_config
+    from iclight_ds.train import Trainer
+
+    fake = SimpleNamespace(is_main=True, cfg=load_config(None))
+    root = tmp_path / "data"
+    Trainer._make_synthetic(fake, root, 3, seed=0)
+    first = (root / "target" / "000001.png").read_bytes()
+    Trainer._make_synthetic(fake, root, 5, seed=0)
+    assert len((root / "manifest.jsonl").read_text().splitlines()) == 5
+    assert (root / "target" / "000001.png").read_bytes() == first  # scene i depends on (seed, i) only
+    stamp = (root / "manifest.jsonl").stat().st_mtime_ns
+    Trainer._make_synthetic(fake, root, 5, seed=0)  # the same count: kept as it is
+    assert (root / "manifest.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_parallel_workers_get_one_blas_thread_each(tmp_path, monkeypatch):
+    """Workers start with one BLAS thread (12 workers x 16 threads ran no faster than one process); the parent's
+    environment is left as it was."""
+    seen = []
+    real = synth.multiprocessing.get_context
+
+    class Recording:
+        def __init__(self, method):
+            self.ctx = real(method)
+
+        def Pool(self, workers):
+            seen.append({k: os.environ.get(k) for k in synth.BLAS_THREADS})
+            return self.ctx.Pool(workers)
+
+    monkeypatch.setattr(synth.multiprocessing, "get_context", Recording)
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    synth.generate(tmp_path / "p", 4, workers=2)
+    assert seen == [{k: "1" for k in synth.BLAS_THREADS}]
+    assert os.environ["OMP_NUM_THREADS"] == "7" and "OPENBLAS_NUM_THREADS" not in os.environ

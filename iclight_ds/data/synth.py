@@ -24,6 +24,7 @@ import argparse
 import functools
 import json
 import multiprocessing
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -322,6 +323,9 @@ def _write_one(out: Path, i: int, size: int, seed: int, env_shape: tuple[int, in
     return json.dumps(write_sample(out, f"{i:06d}", sample, extras=extras))
 
 
+BLAS_THREADS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def generate(out_dir: str | Path, n: int, size: int = 64, seed: int = 0,
              env_shape: tuple[int, int] = (16, 32), extras: bool = True, workers: int = 1) -> Path:
     """Write `n` samples and `manifest.jsonl` to `out_dir`; bit-identical for the same arguments.
@@ -336,8 +340,19 @@ def generate(out_dir: str | Path, n: int, size: int = 64, seed: int = 0,
     env_shape = (int(env_shape[0]), int(env_shape[1]))
     job = functools.partial(_write_one, out, size=size, seed=seed, env_shape=env_shape, extras=extras)
     if workers > 1 and n > 1:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            lines = pool.map(job, range(n), chunksize=max(1, n // (workers * 8)))
+        # one BLAS thread per worker: each would otherwise start one per core, and on 16 cores 12 workers ran no
+        # faster than one process (an H200 machine); the spawned children read these when numpy loads
+        saved = {k: os.environ.get(k) for k in BLAS_THREADS}
+        os.environ.update({k: "1" for k in BLAS_THREADS})
+        try:
+            with multiprocessing.get_context("spawn").Pool(workers) as pool:
+                lines = pool.map(job, range(n), chunksize=max(1, n // (workers * 8)))
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     else:
         lines = [job(i) for i in range(n)]
     (out / "manifest.jsonl").write_text("\n".join(lines) + "\n" if lines else "")
