@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
                    "models built from configs, as the trainer builds them for --model.size/--train.seed")
     p.add_argument("--size", choices=("tiny", "full"), default="tiny", help="random models' size (model.size)")
     p.add_argument("--vae", default="auto", help="model.vae of the run (random models only): auto (the shipped "
-                   "trained tiny VAE for --size tiny), random, or a file from python -m iclight_ds.tiny_vae")
+                   "trained tiny VAE for --size tiny), tiny-4x (the shipped 4x one), random, or a file from python -m iclight_ds.tiny_vae")
     p.add_argument("--seed", type=int, default=0, help="the run's train.seed (random frozen models; split masks)")
     p.add_argument("--frozen-dtype", choices=tuple(DTYPES), default="bf16",
                    help="dtype the VAE/text encoder run in: the run's model.frozen_dtype, 'auto' there meaning the "

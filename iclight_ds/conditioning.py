@@ -111,6 +111,10 @@ def vae_source(size: str, vae: str = "auto") -> str:
         from .tiny_vae import ASSET
 
         return str(ASSET) if size == "tiny" else "random"
+    if vae == "tiny-4x":
+        from .tiny_vae import ASSET_4X
+
+        return str(ASSET_4X)
     return vae
 
 

@@ -47,8 +47,9 @@ class ModelConfig:
     frozen_dtype: Literal["bf16", "fp16", "fp32", "auto"] = "auto"
     """dtype of the frozen VAE and text encoder; auto = the engine's training dtype."""
     vae: str = "auto"
-    """Frozen VAE of a run without `base`: auto = the shipped trained tiny VAE for size=tiny (random for full);
-    random = random weights from the size's config; or a file written by `python -m iclight_ds.tiny_vae`.
+    """Frozen VAE of a run without `base`: auto = the shipped trained tiny VAE for size=tiny (8x, random for full);
+    tiny-4x = the shipped 4x one (16x16 latents at 64 px; the GPU default run's); random = random weights from the
+    size's config; or a file written by `python -m iclight_ds.tiny_vae`.
     With `base` set the base's own VAE is used and this must stay auto."""
 
     @property
@@ -351,8 +352,10 @@ def validate(cfg: RunConfig) -> None:
         if cfg.model.base:
             problems.append(f"model.vae={cfg.model.vae}: with model.base the base's own VAE is used; leave model.vae "
                             "auto")
-        elif not Path(cfg.model.vae).is_file():
-            problems.append(f"model.vae={cfg.model.vae}: no such file (auto, random, or a file written by "
+        elif cfg.model.vae == "tiny-4x" and cfg.model.size != "tiny":
+            problems.append("model.vae=tiny-4x: the shipped 4x VAE is the tiny one; it needs model.size=tiny")
+        elif cfg.model.vae != "tiny-4x" and not Path(cfg.model.vae).is_file():
+            problems.append(f"model.vae={cfg.model.vae}: no such file (auto, tiny-4x, random, or a file written by "
                             "`python -m iclight_ds.tiny_vae`)")
     if cfg.model.iclight_weights and not cfg.model.base:
         problems.append("model.iclight_weights needs model.base: offsets are added to the base they were made from")

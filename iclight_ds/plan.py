@@ -38,7 +38,9 @@ HOST_BASE_CPU = 1.1 * GiB
 # Fastest first: what to prefer when several fit (offload moves optimizer work to the CPU; ZeRO-3 gathers).
 SPEED_ORDER = ["1gpu-24gb", "multi-gpu", "zero2", "zero3", "1gpu-12gb", "1gpu-8gb", "zero2_offload", "1gpu-6gb",
                "zero3_offload", "cpu-1rank", "cpu", "cpu-zero3"]
-MULTI_NODE_ONLY = {"multi-node"}
+# configs the planner never picks: they are named where they belong
+BY_NAME_ONLY = {"multi-node": "for several machines (pick it by name with --hostfile)",
+                "default-gpu": "the tiny GPU default run's (iclight_ds/presets/default-gpu.yaml)"}
 # `*-1rank` configs (ZeRO stage 0) are the fastest with one rank only: with several, every rank would repeat the
 # whole optimizer step that ZeRO-2 splits between them (the order was measured with AdamW8bit, whose CPU step is most
 # of a full-size step; with fused AdamW, auto's CPU choice, that step is cheaper, so the margin is smaller).
@@ -247,8 +249,8 @@ def plan(*, gpu_mem_gib: float | None, gpus: int, ram_gib: float, resolution: in
             reasons.append("for CPU-only machines" if cpu_config else "needs a GPU")
         if path.stem.endswith(ONE_RANK_SUFFIX) and gpus > 1:
             reasons.append("for one rank (with several, ZeRO-2 splits the optimizer step)")
-        if path.stem in MULTI_NODE_ONLY:
-            reasons.append("for several machines (pick it by name with --hostfile)")
+        if path.stem in BY_NAME_ONLY:
+            reasons.append(BY_NAME_ONLY[path.stem])
         estimates.append(Estimate(path.stem, eng.zero_stage(ds_cfg), offload, micro, device / GiB, host / GiB,
                                   not reasons, "; ".join(reasons) or "fits", opt))
     fitting = {e.config for e in estimates if e.fits}

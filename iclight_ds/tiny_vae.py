@@ -28,8 +28,9 @@ import torch.nn.functional as F
 
 ASSET = Path(__file__).parent / "assets" / "tiny_vae.safetensors"
 # 4x downsampling (widths 32/64/64; 16x16 latents at 64 px), trained with `--channels 32 64 64 --steps 6000 --batch 64
-# --device cuda`: 35.9 dB on unseen frames against the 8x one's 27.7. Opt-in (`model.vae=<this path>`): the UNet
-# learns more slowly through it (README "More compute and a 4x VAE").
+# --device cuda`: 35.9 dB on unseen frames against the 8x one's 27.7. `model.vae=tiny-4x`: the GPU default run's (iclight_ds/
+# presets/default-gpu.yaml); on the CPU default's budget the UNet learns more slowly through it (README "More compute
+# and a 4x VAE").
 ASSET_4X = Path(__file__).parent / "assets" / "tiny_vae_4x.safetensors"
 FORMAT = "iclight-ds tiny vae v1"
 

@@ -795,7 +795,9 @@ class MetricsWriter:
         self.enabled = enabled
         self.file = path.open("a") if enabled else None
         self.wandb = None
-        if enabled and cfg.logging.wandb:
+        # WANDB_MODE=disabled (wandb's own switch) turns it off without a config override, so a default run stays
+        # the default run (train.default_config_file), and needs no wandb installed
+        if enabled and cfg.logging.wandb and os.environ.get("WANDB_MODE", "").lower() != "disabled":
             os.environ.setdefault("WANDB_MODE", "offline")  # never phone home unless the user asks for it
             import wandb
 
@@ -824,6 +826,20 @@ class MetricsWriter:
             self.wandb.finish()
 
 
+# The default run on a GPU (a bigger recipe for the same tiny model), and the overrides that leave a run the default
+# run: launch/train.sh's own --output-dir and --resume
+GPU_DEFAULT_PRESET = Path(__file__).parent / "presets" / "default-gpu.yaml"
+DEFAULT_RUN_KEYS = {"train.output_dir", "train.resume"}
+
+
+def default_config_file(config_path: str | None, overrides: dict, cuda: bool) -> str | None:
+    """The config file a run reads: the one given; else, on a machine with a CUDA GPU, the GPU default run's preset
+    when nothing but DEFAULT_RUN_KEYS is overridden (any other override starts from the plain defaults)."""
+    if config_path is not None or not cuda or not set(overrides) <= DEFAULT_RUN_KEYS:
+        return config_path
+    return str(GPU_DEFAULT_PRESET)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     config_path = None
@@ -834,7 +850,12 @@ def main(argv: list[str] | None = None) -> int:
     # the deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment carries the same
     argv = [a for a in argv if not a.startswith("--local_rank")]
     try:
-        cfg = load_config(config_path, parse_overrides(argv))
+        overrides = parse_overrides(argv)
+        chosen = default_config_file(config_path, overrides, torch.cuda.is_available())
+        cfg = load_config(chosen, overrides)
+        if chosen != config_path and os.environ.get("RANK", "0") == "0":
+            print(f"iclight_ds.train: a CUDA GPU is visible and no config or override was given: the default run "
+                  f"uses {chosen}, into {cfg.train.output_dir}", file=sys.stderr)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

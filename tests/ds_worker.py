@@ -135,7 +135,7 @@ def main() -> None:
     acc = eng.init_distributed()
     try:
         for name in args.configs.split(","):
-            results[name] = run_one(name, args, acc.rank)
+            results[Path(name).stem] = run_one(name, args, acc.rank)
     finally:
         if acc.rank == 0:
             Path(args.out, "results.json").write_text(json.dumps(results, indent=1))

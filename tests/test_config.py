@@ -111,3 +111,92 @@ def test_optimizer_param_groups_are_bounded():
     sizes = [[p.numel() for p in g["params"]] for g in groups]
     assert sizes == [[30, 30], [50], [200], [10]]  # order kept, each group <= 64 unless one tensor is larger
     assert sum(len(g["params"]) for g in groups) == len(params)
+
+
+def test_the_shipped_4x_vae_by_name(tmp_path):
+    from iclight_ds.conditioning import vae_source
+    from iclight_ds.tiny_vae import ASSET, ASSET_4X
+
+    assert vae_source("tiny", "tiny-4x") == str(ASSET_4X) and ASSET_4X.is_file()
+    assert vae_source("tiny", "auto") == str(ASSET)
+    assert load_config(None, parse_overrides(["--model.vae", "tiny-4x"])).model.vae == "tiny-4x"
+    with pytest.raises(ConfigError, match="model.vae=tiny-4x: .* needs model.size=tiny"):
+        load_config(None, parse_overrides(["--model.vae", "tiny-4x", "--model.size", "full",
+                                           "--data.resolution", "256"]))
+    with pytest.raises(ConfigError, match="model.vae=nope.safetensors: no such file \\(auto, tiny-4x"):
+        load_config(None, parse_overrides(["--model.vae", "nope.safetensors"]))
+
+
+def test_the_gpu_default_run_preset():
+    """What a GPU machine's default run trains: the tiny model in batches of 512 through the 4x VAE."""
+    from iclight_ds.engine import resolve_ds_config_path
+    from iclight_ds.train import GPU_DEFAULT_PRESET
+
+    cfg = load_config(GPU_DEFAULT_PRESET)
+    plain = load_config(None)
+    assert (cfg.model.size, cfg.model.vae, cfg.model.variant) == ("tiny", "tiny-4x", plain.model.variant)
+    assert (cfg.data.synth_samples, cfg.train.steps, cfg.train.output_dir) == (12288, 1500, "runs/default-gpu")
+    assert (cfg.train.lr, cfg.train.schedule, cfg.objective) == (plain.train.lr, plain.train.schedule,
+                                                                 plain.objective)
+    ds = read_ds_config(resolve_ds_config_path(cfg.train.ds_config))
+    assert batch_geometry(ds, world_size=1).effective_batch == 512
+    assert ds["zero_optimization"]["stage"] == 0 and ds["bf16"]["enabled"] is True
+
+
+@pytest.mark.parametrize("config,overrides,cuda,expected", [
+    (None, {}, False, None),  # CPU: the plain defaults
+    (None, {}, True, "preset"),
+    (None, {"train.output_dir": "x", "train.resume": "latest"}, True, "preset"),  # launch/train.sh's own options
+    (None, {"train.steps": "5"}, True, None),  # any other override: the plain defaults
+    ("mine.yaml", {}, True, "mine.yaml"),
+])
+def test_which_config_the_default_run_reads(config, overrides, cuda, expected):
+    from iclight_ds.train import GPU_DEFAULT_PRESET, default_config_file
+
+    chosen = default_config_file(config, overrides, cuda)
+    assert chosen == (str(GPU_DEFAULT_PRESET) if expected == "preset" else expected)
+
+
+def test_the_trainer_s_command_line_uses_the_gpu_preset(monkeypatch, capsys):
+    """`python -m iclight_ds.train` (what launch/train.sh starts) with a GPU visible trains the preset's config."""
+    import iclight_ds.train as train
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, cfg):
+            seen.append(cfg)
+
+        def train(self):
+            pass
+
+    monkeypatch.setattr(train, "Trainer", Recorder)
+    monkeypatch.setattr(train.eng, "shutdown", lambda: None)  # keep the process group other in-process tests share
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: True)
+    assert train.main(["--train.output_dir", "elsewhere"]) == 0
+    assert seen[-1].model.vae == "tiny-4x" and seen[-1].train.output_dir == "elsewhere"
+    assert "default-gpu.yaml, into elsewhere" in capsys.readouterr().err
+    assert train.main(["--train.steps", "7"]) == 0
+    assert seen[-1].model.vae == "auto" and seen[-1].train.steps == 7
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
+    assert train.main([]) == 0
+    assert seen[-1] == load_config(None)
+
+
+def test_wandb_mode_disabled_needs_no_wandb(monkeypatch, tmp_path):
+    """WANDB_MODE=disabled turns wandb off without an override (which would leave the default run's preset)."""
+    import sys
+
+    from iclight_ds.train import MetricsWriter
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as on a machine without it: `import wandb` fails
+    cfg = load_config(None)
+    assert cfg.logging.wandb is True
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    writer = MetricsWriter(tmp_path / "metrics.jsonl", cfg, enabled=True)
+    writer.write({"step": 1, "loss": 0.5})
+    writer.close()
+    assert writer.wandb is None and json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": 0.5}
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with pytest.raises(ImportError):  # asked for and missing: not silently dropped
+        MetricsWriter(tmp_path / "m2.jsonl", cfg, enabled=True)

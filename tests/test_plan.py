@@ -149,6 +149,16 @@ def test_choice_on_cpu_and_nothing_fits():
     assert multi == "multi-gpu"
 
 
+def test_the_gpu_default_run_s_config_is_never_planned():
+    """ds_configs/default-gpu.json (micro-batch 512, stage 0) would fit a tiny model anywhere; only its preset names it."""
+    for gib, gpus in ((80, 1), (141, 1), (24, 4)):
+        estimates, choice = plan.plan(gpu_mem_gib=gib, gpus=gpus, ram_gib=128, resolution=64, variant="fc",
+                                      consistency=True, size="tiny")
+        assert choice not in (None, "default-gpu")
+        by = {e.config: e for e in estimates}
+        assert not by["default-gpu"].fits and "default run" in by["default-gpu"].why
+
+
 def test_cpu_ranks_short_of_ram_get_zero3():
     """Full UNet on 2 CPU ranks: ZeRO-2 (`cpu`) when RAM allows, else `cpu-zero3`, which shards the model states."""
     kw = dict(gpu_mem_gib=None, gpus=2, resolution=256, variant="fc", consistency=True)
