@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
 import weakref
@@ -109,6 +110,8 @@ class Trainer:
         self.ckpt_root = self.out_dir / "checkpoints"
         # what the checkpoint being resumed recorded of its `auto` choices ({} when not resuming)
         self.resumed = ckpt.read_resolved(self._resume_folder()) if cfg.train.resume else {}
+        if cfg.train.resume:
+            self._check_resume_config()
         self.plan_size = self._planning_size()
 
         if cfg.train.ds_config != "auto":
@@ -235,6 +238,23 @@ class Trainer:
                         "auto and train.optimizer=auto may not fit; set model.size=%s", unet_params / 1e6,
                         self.plan_size, planned / 1e6, unet_size_of(unet_params))
 
+    def _check_resume_config(self) -> None:
+        """Refuse to resume a checkpoint into another model or another synthetic set: the weights may load, but the
+        run would go on as something else (e.g. a GPU default run resumed with the plain defaults, or back)."""
+        path = self._resume_folder() / "config.json"
+        saved, now = json.loads(path.read_text()), json.loads(json.dumps(to_dict(self.cfg)))
+        differ = []
+        for key in RESUME_FIXED_KEYS:
+            section, name = key.split(".")
+            if section == "data" and name.startswith("synth") and now["data"]["path"] is not None:
+                continue
+            if name in saved.get(section, {}) and saved[section][name] != now[section][name]:
+                differ.append(f"{key}={saved[section][name]!r} there, {now[section][name]!r} here")
+        if differ:
+            raise ConfigError(f"--resume {self.cfg.train.resume}: {path} was trained with another setup: "
+                              + "; ".join(differ) + f". Resume it with its own config: --config {path} (plus the "
+                              "overrides you want, e.g. --train.resume latest --train.steps N)")
+
     def _older_checkpoint_optimizer(self) -> str:
         """The optimizer of a checkpoint written before resolved.json existed: its config's train.optimizer, with
         `auto` as it resolved then (CPU Adam where the optimizer was offloaded, else AdamW8bit, on a CPU too)."""
@@ -355,11 +375,21 @@ class Trainer:
         cfg = self.cfg
         # ~50 scenes/s per process at 64 px; a pool's start costs seconds, so only large sets get one
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = min(cores, max(1, n // 1024), 16)
+        workers = min(cores, max(1, n // SCENES_PER_RENDER_PROCESS), 16)
         log.info("generating %d synthetic relighting samples into %s (%d process(es))", n, root, workers)
         # the ground-truth light parts (for evaluation) cost ~9 MB a sample at 512 px: only small sizes keep them
-        generate(root, n, size=cfg.data.resolution, seed=seed, env_shape=cfg.model.env_shape,
-                 extras=cfg.data.resolution <= 128, workers=workers)
+        extras = cfg.data.resolution <= 128
+        if workers == 1:
+            generate(root, n, size=cfg.data.resolution, seed=seed, env_shape=cfg.model.env_shape, extras=extras)
+            return
+        # the generator's own CLI in a fresh interpreter: pool workers spawned from here would each import this
+        # module's __main__ (torch, deepspeed, diffusers) before rendering a scene
+        h, w = cfg.model.env_shape
+        cmd = [sys.executable, "-m", "iclight_ds.data.synth", "--out", str(root), "--n", str(n), "--size",
+               str(cfg.data.resolution), "--seed", str(seed), "--env-shape", str(h), str(w), "--workers", str(workers)]
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+        subprocess.run(cmd + ([] if extras else ["--no-extras"]), check=True, env=env, stdout=subprocess.DEVNULL)
 
     def _validate_dataset(self, root: Path) -> None:
         from .data.dataset import DatasetError
@@ -764,7 +794,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .tiny_vae import TinyVaeError
 
     return (BaseModelError, CacheError, CheckpointError, DeviceCheckError, DatasetError, eng.EngineConfigError,
-            EvalError, TinyVaeError, FileNotFoundError)
+            EvalError, TinyVaeError, FileNotFoundError, ConfigError)
 
 
 class NonFiniteError(RuntimeError):
@@ -826,18 +856,35 @@ class MetricsWriter:
             self.wandb.finish()
 
 
+# The trainer renders a synthetic set with one process per this many scenes (up to the cores and 16)
+SCENES_PER_RENDER_PROCESS = 1024
 # The default run on a GPU (a bigger recipe for the same tiny model), and the overrides that leave a run the default
 # run: launch/train.sh's own --output-dir and --resume
 GPU_DEFAULT_PRESET = Path(__file__).parent / "presets" / "default-gpu.yaml"
 DEFAULT_RUN_KEYS = {"train.output_dir", "train.resume"}
+# its micro-batch of 512 took 10.7 GiB of an H200 (nvidia-smi, CUDA context included); smaller GPUs keep the planner's
+GPU_DEFAULT_MIN_GIB = 16
+# what a resume may not change (Trainer._check_resume_config); data.synth_* only for runs on synthetic data
+RESUME_FIXED_KEYS = ("model.size", "model.base", "model.variant", "model.vae", "model.iclight_weights",
+                     "model.env_tokens", "model.env_shape", "model.merger_hidden", "model.merger_layers",
+                     "data.resolution", "data.synth_samples", "data.synth_seed")
 
 
-def default_config_file(config_path: str | None, overrides: dict, cuda: bool) -> str | None:
-    """The config file a run reads: the one given; else, on a machine with a CUDA GPU, the GPU default run's preset
-    when nothing but DEFAULT_RUN_KEYS is overridden (any other override starts from the plain defaults)."""
-    if config_path is not None or not cuda or not set(overrides) <= DEFAULT_RUN_KEYS:
+def default_config_file(config_path: str | None, overrides: dict, gpu_mem_gib: float | None) -> str | None:
+    """The config file a run reads: the one given; else, on a machine whose first CUDA GPU has GPU_DEFAULT_MIN_GIB
+    or more, the GPU default run's preset when nothing but DEFAULT_RUN_KEYS is overridden (any other override starts
+    from the plain defaults)."""
+    if (config_path is not None or gpu_mem_gib is None or gpu_mem_gib < GPU_DEFAULT_MIN_GIB
+            or not set(overrides) <= DEFAULT_RUN_KEYS):
         return config_path
     return str(GPU_DEFAULT_PRESET)
+
+
+def _gpu_memory_gib() -> float | None:
+    """Memory of the first visible CUDA GPU in GiB, None without one."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory / 2**30
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -851,11 +898,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if not a.startswith("--local_rank")]
     try:
         overrides = parse_overrides(argv)
-        chosen = default_config_file(config_path, overrides, torch.cuda.is_available())
+        chosen = default_config_file(config_path, overrides, _gpu_memory_gib())
         cfg = load_config(chosen, overrides)
         if chosen != config_path and os.environ.get("RANK", "0") == "0":
-            print(f"iclight_ds.train: a CUDA GPU is visible and no config or override was given: the default run "
-                  f"uses {chosen}, into {cfg.train.output_dir}", file=sys.stderr)
+            print(f"iclight_ds.train: a CUDA GPU of {GPU_DEFAULT_MIN_GIB} GiB or more is visible and no config or "
+                  f"override but the run folder / resume was given: the default run uses {chosen}, into "
+                  f"{cfg.train.output_dir}", file=sys.stderr)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

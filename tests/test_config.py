@@ -143,17 +143,19 @@ def test_the_gpu_default_run_preset():
     assert ds["zero_optimization"]["stage"] == 0 and ds["bf16"]["enabled"] is True
 
 
-@pytest.mark.parametrize("config,overrides,cuda,expected", [
-    (None, {}, False, None),  # CPU: the plain defaults
-    (None, {}, True, "preset"),
-    (None, {"train.output_dir": "x", "train.resume": "latest"}, True, "preset"),  # launch/train.sh's own options
-    (None, {"train.steps": "5"}, True, None),  # any other override: the plain defaults
-    ("mine.yaml", {}, True, "mine.yaml"),
+@pytest.mark.parametrize("config,overrides,gpu_gib,expected", [
+    (None, {}, None, None),  # CPU: the plain defaults
+    (None, {}, 80.0, "preset"),
+    (None, {}, 16.0, "preset"),
+    (None, {}, 11.9, None),  # a GPU too small for micro-batch 512: the planner's config, as before
+    (None, {"train.output_dir": "x", "train.resume": "latest"}, 80.0, "preset"),  # launch/train.sh's own options
+    (None, {"train.steps": "5"}, 80.0, None),  # any other override: the plain defaults
+    ("mine.yaml", {}, 80.0, "mine.yaml"),
 ])
-def test_which_config_the_default_run_reads(config, overrides, cuda, expected):
+def test_which_config_the_default_run_reads(config, overrides, gpu_gib, expected):
     from iclight_ds.train import GPU_DEFAULT_PRESET, default_config_file
 
-    chosen = default_config_file(config, overrides, cuda)
+    chosen = default_config_file(config, overrides, gpu_gib)
     assert chosen == (str(GPU_DEFAULT_PRESET) if expected == "preset" else expected)
 
 
@@ -172,13 +174,13 @@ def test_the_trainer_s_command_line_uses_the_gpu_preset(monkeypatch, capsys):
 
     monkeypatch.setattr(train, "Trainer", Recorder)
     monkeypatch.setattr(train.eng, "shutdown", lambda: None)  # keep the process group other in-process tests share
-    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(train, "_gpu_memory_gib", lambda: 80.0)
     assert train.main(["--train.output_dir", "elsewhere"]) == 0
     assert seen[-1].model.vae == "tiny-4x" and seen[-1].train.output_dir == "elsewhere"
     assert "default-gpu.yaml, into elsewhere" in capsys.readouterr().err
     assert train.main(["--train.steps", "7"]) == 0
     assert seen[-1].model.vae == "auto" and seen[-1].train.steps == 7
-    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train, "_gpu_memory_gib", lambda: None)
     assert train.main([]) == 0
     assert seen[-1] == load_config(None)
 

@@ -377,6 +377,22 @@ def test_resume_builds_the_optimizer_and_config_the_checkpoint_holds(make_traine
     assert again.step == 2
 
 
+def test_resume_refuses_another_model_or_synthetic_set(make_trainer):
+    """A checkpoint resumed into another VAE or architecture would load and train on as something else: refused
+    by name, with the command that resumes it as it was. What a resume may change (steps, LR) still resumes."""
+    from iclight_ds.config import ConfigError
+
+    first = make_trainer(**{"train.steps": 1, "model.vae": "tiny-4x"})
+    first.train()
+    with pytest.raises(ConfigError, match=r"model.vae='tiny-4x' there, 'auto' here.*--config .*step_00000001/config"):
+        make_trainer(**{"train.resume": "latest"})
+    with pytest.raises(ConfigError, match=r"model.merger_hidden=64 there, 32 here"):
+        make_trainer(**{"train.resume": "latest", "model.vae": "tiny-4x", "model.merger_hidden": 32})
+    again = make_trainer(**{"train.resume": "latest", "model.vae": "tiny-4x", "train.steps": 2, "train.lr": 5e-4})
+    again.train()
+    assert again.step == 2
+
+
 def test_refused_configurations(tmp_path, data):
     from iclight_ds.config import ConfigError, load_config
     from iclight_ds.engine import EngineConfigError, batch_geometry, read_ds_config

@@ -180,3 +180,23 @@ def test_parallel_workers_get_one_blas_thread_each(tmp_path, monkeypatch):
     synth.generate(tmp_path / "p", 4, workers=2)
     assert seen == [{k: "1" for k in synth.BLAS_THREADS}]
     assert os.environ["OMP_NUM_THREADS"] == "7" and "OPENBLAS_NUM_THREADS" not in os.environ
+
+
+def test_the_trainer_renders_big_sets_in_a_separate_interpreter(tmp_path, monkeypatch):
+    """With several render processes the trainer runs the generator's CLI (its pool workers then import numpy, not
+    the trainer's torch/deepspeed); the files are those of the in-process generator."""
+    from types import SimpleNamespace
+
+    import iclight_ds.train as train
+    from iclight_ds.config import load_config
+
+    monkeypatch.setattr(train, "SCENES_PER_RENDER_PROCESS", 2)
+    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    runs = []
+    real_run = train.subprocess.run
+    monkeypatch.setattr(train.subprocess, "run", lambda cmd, **kw: runs.append(cmd) or real_run(cmd, **kw))
+    fake = SimpleNamespace(is_main=True, cfg=load_config(None))
+    train.Trainer._make_synthetic(fake, tmp_path / "cli", 4, seed=5)
+    assert len(runs) == 1 and runs[0][1:3] == ["-m", "iclight_ds.data.synth"] and runs[0][-2:] == ["--workers", "2"]
+    in_process = synth.generate(tmp_path / "direct", 4, size=64, seed=5)
+    assert file_bytes(tmp_path / "cli") == file_bytes(in_process)
