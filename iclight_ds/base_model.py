@@ -339,6 +339,9 @@ def random_base(run_config, *, unet_only: bool = False) -> BaseModel:
     if not unet_only:  # the trainer's (and the latent cache's) own function: its own seed, RNG left alone
         vae, text_encoder = build_frozen(cfg.model.size, seed=cfg.train.seed, tokenizer=tokenizer,
                                          dtype=frozen_dtype, device=torch.device("cpu"), vae=cfg.model.vae)
+        if cfg.model.size == "tiny":  # the run's latent size, so a pipeline's default image size is its resolution
+            # (the tiny config's 8 fits the 8x VAE at 64 px; the 4x VAE's latents are 16)
+            unet.register_to_config(sample_size=cfg.data.resolution // 2 ** (len(vae.config.block_out_channels) - 1))
     source = f"random {cfg.model.size} base (train.seed={cfg.train.seed}, built in {str(dtype).split('.')[-1]})"
     return BaseModel(unet, vae, text_encoder, tokenizer, source, unet_hash(unet.state_dict()), real_tokenizer=False)
 

@@ -6,7 +6,7 @@
   CACHE/cache.json                    format, identity (what the cache is valid for), shards, complete flag
   CACHE/shard_00000.safetensors ...   `--shard-size` samples each, tensors stacked on a leading sample axis
 
-Per sample (h, w = resolution / 8; K = split variants; c = split cells):
+Per sample (h, w = resolution / the VAE's downsampling, 8 or 4; K = split variants; c = split cells):
   target, foreground       (4, h, w)  UNSCALED VAE posterior mode (`--dtype`); the scaling factor is applied when read
   text                     (77, D)    text-encoder last hidden state (`--dtype`)
   mask                     (1, h, w)  fp32, area-downsampled as condition_batch does

@@ -489,7 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale (<= 1 disables it)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--width", type=int, default=None, help="default: the UNet's sample size x 8 (512 for SD1.5)")
+    p.add_argument("--width", type=int, default=None,
+                   help="default: the UNet's sample size x the VAE's downsampling (512 for SD1.5; a tiny run's own "
+                        "resolution)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER)
     p.add_argument("--init", default=None, help="start sampling from this image (resized and centre-cropped like "

@@ -287,3 +287,16 @@ def test_random_base_is_deterministic_and_leaves_the_rng_alone():
     assert b.vae is not None and b.text_encoder is not None and not b.real_tokenizer
     other = bm.random_base(load_config(None, {"model.variant": "fbc", "train.seed": "4"}), unet_only=True)
     assert other.unet_hash != a.unet_hash
+
+
+@pytest.mark.parametrize("vae", ["auto", "tiny-4x"])
+def test_a_run_s_own_base_draws_images_at_its_resolution(vae):
+    """relight --base RUN without --width/--height draws at the run's resolution through either shipped VAE
+    (the pipeline's default size is unet sample_size x the VAE's downsampling)."""
+    from iclight_ds.base_model import random_base
+    from iclight_ds.config import load_config
+
+    base = random_base(load_config(None, {"model.vae": vae}))
+    scale = 2 ** (len(base.vae.config.block_out_channels) - 1)
+    assert scale == (4 if vae == "tiny-4x" else 8)
+    assert base.unet.config.sample_size * scale == 64
