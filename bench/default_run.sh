@@ -29,15 +29,18 @@ else
   args=()
 fi
 t0=$(date +%s)
-# timeout signals the whole group: every rank saves a checkpoint on SIGTERM and exits
-timeout "${LIMIT_S/#0/infinity}" bash launch/train.sh --launcher "$LAUNCHER" --output-dir "$run" "${args[@]}" \
+# timeout (0: no limit) signals the whole group: every rank saves a checkpoint on SIGTERM and exits. timeout runs it
+# in a process group of its own, so a Ctrl-C in the terminal does not reach the training: stop it with kill.
+timeout "$LIMIT_S" bash launch/train.sh --launcher "$LAUNCHER" --output-dir "$run" "${args[@]}" \
   >> "$R/train.log" 2>&1
 rc=$?
 # the deepspeed runner returns at once on a signal while its ranks still save: wait for them (it kills them at 30 s)
 for _ in $(seq 60); do pgrep -f "iclight_ds.train .*$run" > /dev/null || break; sleep 1; done
 echo "$(( $(date +%s) - t0 )) $rc" >> "$R/wall.txt"
 echo "training: rc $rc after $(( $(date +%s) - t0 )) s ($R/train.log)"
-[[ -f "$run/checkpoints/latest" ]] || { tr '\r' '\n' < "$R/train.log" | grep -v "^train:" | tail -30; exit 1; }
+if [[ ! -f "$run/checkpoints/latest" ]] || [[ $rc != 0 && $rc != 124 ]]; then  # failed, not just stopped
+  tr '\r' '\n' < "$R/train.log" | grep -v "^train:" | tail -30; exit 1
+fi
 if [[ ! -f "$run/unet.safetensors" ]]; then  # stopped by LIMIT_S: export the checkpoint it saved
   "$py" -m iclight_ds.export --run "$run" >> "$R/train.log" 2>&1 || { tr '\r' '\n' < "$R/train.log" | tail -20; exit 1; }
 fi
@@ -73,7 +76,7 @@ out = {
     "preset": "default-gpu" if cfg["train"]["ds_config"] == "default-gpu" else "cpu default",
     "steps_planned": cfg["train"]["steps"],
     "steps_reached": int((run / "checkpoints" / "latest").read_text().strip().removeprefix("step_")),
-    "effective_batch": batch_geometry(ds, world_size=1).effective_batch,
+    "batch_per_rank": batch_geometry(ds, world_size=1).effective_batch,
     "vae": cfg["model"]["vae"],
     "synth_samples": cfg["data"]["synth_samples"],
     "final_loss": losses[-1]["loss"] if losses else None,
@@ -85,7 +88,7 @@ result.parent.mkdir(parents=True, exist_ok=True)
 result.write_text(json.dumps(out, indent=1) + "\n")
 s = final
 print(f"{out['device']}: {out['preset']}, step {out['steps_reached']}/{out['steps_planned']}, "
-      f"batch {out['effective_batch']}; 32 held-out scenes: PSNR {s['psnr']:.2f} dB vs copy {s['baseline_psnr']:.2f} "
+      f"batch {out['batch_per_rank']} per rank; 32 held-out scenes: PSNR {s['psnr']:.2f} dB vs copy {s['baseline_psnr']:.2f} "
       f"({s['psnr'] - s['baseline_psnr']:+.2f}), SSIM {s['ssim']:.3f}, additivity {s['additivity_error']:.3f}")
 print(f"wrote {result}")
 PY

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Train an IC-Light model. With no arguments: the built-in default (synthetic relighting data, tiny models,
-# CPU or GPU) into runs/default/.
+# Train an IC-Light model. With no arguments: the built-in default (synthetic relighting data, tiny models) into
+# runs/default/, or with a GPU of 16 GiB or more the GPU default run (iclight_ds/presets/default-gpu.yaml) into
+# runs/default-gpu/.
 #
 #   bash launch/train.sh [--num-gpus N] [--hostfile FILE] [--ds-config NAME|FILE|auto] [--config FILE]
 #                        [--output-dir DIR] [--resume latest|CHECKPOINT_DIR]
@@ -37,7 +38,7 @@ while [[ $# -gt 0 ]]; do
     --output-dir) need_value "$@"; passthrough+=(--train.output_dir "$2"); shift 2 ;;
     --resume) need_value "$@"; passthrough+=(--train.resume "$2"); shift 2 ;;
     --config) need_value "$@"; passthrough+=(--config "$2"); shift 2 ;;
-    -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) passthrough+=("$1"); shift ;;
   esac
 done
