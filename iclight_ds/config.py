@@ -72,7 +72,9 @@ class DataConfig:
     skip_bad: bool = False
     """Skip samples whose files fail to decode (counted and reported) instead of stopping."""
     validate: bool = True
-    """Decode and check every sample before step 1 (rank 0); a dataset with problems is refused unless skip_bad."""
+    """Decode and check every sample of `path` before step 1 (rank 0); a dataset with problems is refused unless
+    skip_bad. The synthetic scenes the trainer writes itself (path None) are not checked: they are the generator's,
+    which the tests check, and 12288 of them (the GPU default run's) take minutes on one core."""
     cache: Optional[str] = None
     """Train from a latent cache made by `python -m iclight_ds.cache`; the VAE and text encoder are then not built
     at all. Its metadata must match this run (variant, resolution, model size/base, seed, frozen dtype, ...)."""

@@ -343,7 +343,7 @@ class Trainer:
         root = Path(data_cfg.path) if data_cfg.path else self.out_dir / "data"
         if data_cfg.path is None:
             self._make_synthetic(root, data_cfg.synth_samples, seed=data_cfg.synth_seed)
-        if data_cfg.validate and self.is_main:
+        if data_cfg.validate and data_cfg.path is not None and self.is_main:
             self._validate_dataset(root)
         eng.barrier()
         self.tokenizer = self.base.tokenizer if self.base is not None else build_char_tokenizer()

@@ -136,6 +136,7 @@ def test_the_gpu_default_run_preset():
     plain = load_config(None)
     assert (cfg.model.size, cfg.model.vae, cfg.model.variant) == ("tiny", "tiny-4x", plain.model.variant)
     assert (cfg.data.synth_samples, cfg.train.steps, cfg.train.output_dir) == (12288, 1500, "runs/default-gpu")
+    assert cfg.data.validate is True  # a --data.path given with the preset is still checked
     assert (cfg.train.lr, cfg.train.schedule, cfg.objective) == (plain.train.lr, plain.train.schedule,
                                                                  plain.objective)
     ds = read_ds_config(resolve_ds_config_path(cfg.train.ds_config))

@@ -393,6 +393,18 @@ def test_resume_refuses_another_model_or_synthetic_set(make_trainer):
     assert again.step == 2
 
 
+def test_only_a_given_dataset_is_validated(make_trainer, monkeypatch, tmp_path):
+    """data.validate checks a dataset at data.path; the synthetic scenes the trainer writes itself are not re-read."""
+    from iclight_ds.train import Trainer
+
+    checked = []
+    monkeypatch.setattr(Trainer, "_validate_dataset", lambda self, root: checked.append(Path(root)))
+    make_trainer(**{"data.path": None, "data.synth_samples": 8, "train.output_dir": str(tmp_path / "synthetic")})
+    assert checked == []
+    given = make_trainer()
+    assert checked == [Path(given.cfg.data.path)]
+
+
 def test_refused_configurations(tmp_path, data):
     from iclight_ds.config import ConfigError, load_config
     from iclight_ds.engine import EngineConfigError, batch_geometry, read_ds_config
