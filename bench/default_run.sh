@@ -48,11 +48,12 @@ fi
 CUDA_VISIBLE_DEVICES= "$py" -m iclight_ds.eval --run "$run" --data "$R/held" --samples 32 --steps 20 --seed 0 \
   --out "$R/eval32.json" --grid "$R/eval32.png" > "$R/eval.log" 2>&1 || { tail -20 "$R/eval.log"; exit 1; }
 "$py" - "$R" "$RESULT" <<'PY'
-import json, platform, sys
+import json, os, sys
 from pathlib import Path
 
 import torch
 
+from bench.cache_speed import cpu_name
 from iclight_ds.engine import batch_geometry, read_ds_config
 
 R, result = Path(sys.argv[1]), Path(sys.argv[2])
@@ -65,12 +66,12 @@ evals = [{k.removeprefix("eval/"): v for k, v in r.items() if k == "step" or k.s
 losses = [r for r in records if "loss" in r]
 final = json.loads((R / "eval32.json").read_text())["summary"]
 calls = [line.split() for line in (R / "wall.txt").read_text().splitlines()]
-device = (f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available()
-          else f"cpu ({platform.processor() or platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores)")
+cores = len(os.sched_getaffinity(0))
+device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else f"cpu ({cpu_name()}, {cores} cores)"
 out = {
     "device": device,
     "torch": torch.__version__,
-    "cores": len(__import__("os").sched_getaffinity(0)),
+    "cores": cores,
     "command": "bash launch/train.sh --output-dir RUN (+ --resume latest per further call)",
     "calls": [{"wall_s": int(w), "rc": int(rc)} for w, rc in calls],
     "preset": "default-gpu" if cfg["train"]["ds_config"] == "default-gpu" else "cpu default",

@@ -108,8 +108,9 @@ class Trainer:
         self._setup_logging()
         self.out_dir = Path(cfg.train.output_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
-        # what the checkpoint being resumed recorded of its `auto` choices ({} when not resuming)
+        # what the checkpoint being resumed recorded of its `auto` choices, and its config ({} when not resuming)
         self.resumed = ckpt.read_resolved(self._resume_folder()) if cfg.train.resume else {}
+        self.resumed_config = self._read_resumed_config() if cfg.train.resume else {}
         if cfg.train.resume:
             self._check_resume_config()
         self.plan_size = self._planning_size()
@@ -242,7 +243,7 @@ class Trainer:
         """Refuse to resume a checkpoint into another model or another synthetic set: the weights may load, but the
         run would go on as something else (e.g. a GPU default run resumed with the plain defaults, or back)."""
         path = self._resume_folder() / "config.json"
-        saved, now = json.loads(path.read_text()), json.loads(json.dumps(to_dict(self.cfg)))
+        saved, now = self.resumed_config, json.loads(json.dumps(to_dict(self.cfg)))
         differ = []
         for key in RESUME_FIXED_KEYS:
             section, name = key.split(".")
@@ -255,15 +256,20 @@ class Trainer:
                               + "; ".join(differ) + f". Resume it with its own config: --config {path} (plus the "
                               "overrides you want, e.g. --train.resume latest --train.steps N)")
 
+    def _read_resumed_config(self) -> dict:
+        """The config.json of the checkpoint being resumed, read once: what a resume may not change, and the optimizer
+        of a checkpoint older than resolved.json."""
+        path = self._resume_folder() / "config.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ckpt.CheckpointError(f"{path}: unreadable ({e}); it records the run this checkpoint continues (its "
+                                       "model, data and optimizer)") from e
+
     def _older_checkpoint_optimizer(self) -> str:
         """The optimizer of a checkpoint written before resolved.json existed: its config's train.optimizer, with
         `auto` as it resolved then (CPU Adam where the optimizer was offloaded, else AdamW8bit, on a CPU too)."""
-        path = self._resume_folder() / "config.json"
-        try:
-            named = json.loads(path.read_text()).get("train", {}).get("optimizer", "adamw8bit")
-        except (OSError, ValueError) as e:
-            raise ckpt.CheckpointError(f"{path}: unreadable ({e}); it names the optimizer whose states the checkpoint "
-                                       "holds: resume with train.optimizer=adamw8bit, adamw or cpu_adam") from e
+        named = self.resumed_config.get("train", {}).get("optimizer", "adamw8bit")
         if named != "auto":
             return named
         return "cpu_adam" if eng.offloads_optimizer(self.ds_cfg) else "adamw8bit"
