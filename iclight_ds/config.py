@@ -6,7 +6,9 @@ the DeepSpeed JSON (`train.ds_config`) and are read from there (see `engine.read
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import json
 import types
 import typing
@@ -17,6 +19,13 @@ from typing import Any, Literal, Optional
 
 class ConfigError(ValueError):
     """A configuration file, key or value is wrong; the message names the key."""
+
+
+# The equirectangular environment-map size (H, W) of FC models, unless model.env_shape says otherwise
+DEFAULT_ENV_SHAPE = (16, 32)
+# A run's resolved record: what every `auto` became (DeepSpeed config, batch geometry, dtype, optimizer, ...), written
+# by the trainer into the run folder and beside every checkpoint's config.json (iclight_ds/train/resolve.py)
+RESOLVED_FILE = "resolved.json"
 
 
 @dataclass
@@ -33,7 +42,7 @@ class ModelConfig:
     """fc: UNet input = noisy + foreground latent (8 ch); fbc: + background latent (12 ch)."""
     env_tokens: int = 4
     """FC only: cross-attention tokens the environment-map encoder appends to the text tokens."""
-    env_shape: tuple[int, int] = (16, 32)
+    env_shape: tuple[int, int] = DEFAULT_ENV_SHAPE
     """Equirectangular environment map size (H, W) the encoder takes."""
     merger_hidden: int = 64
     """Width of the latent-space consistency MLP (per latent pixel, 8 -> hidden -> ... -> 4)."""
@@ -381,3 +390,58 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     tmp.replace(path)
+
+
+def read_resolved(folder: str | Path) -> dict:
+    """The resolved record (RESOLVED_FILE) in `folder`: a run folder or a checkpoint; {} where there is none."""
+    path = Path(folder) / RESOLVED_FILE
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: unreadable ({e}); expected the JSON record the trainer writes") from e
+    if not isinstance(record, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def field_docs(section_cls: type) -> dict[str, str]:
+    """{field: its docstring}: the string literal under each field of a config dataclass (read from the source)."""
+    tree = ast.parse(inspect.getsource(section_cls)).body[0]
+    docs, previous = {}, None
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            previous = node.target.id
+        elif previous and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            docs[previous] = " ".join(str(node.value.value).split())
+            previous = None
+        else:
+            previous = None
+    return docs
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "{" + ",".join(str(a) for a in args) + "}"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is tuple:
+        return "(" + ", ".join(_type_name(a) for a in args) + ")"
+    return "none" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def help_text() -> str:
+    """Every config key with its type, default and one-line doc, generated from the dataclasses above."""
+    lines = ["config keys (override with --section.key VALUE, or set them in a YAML/JSON --config file):"]
+    defaults = RunConfig()
+    for section in dataclasses.fields(RunConfig):
+        cls = type(getattr(defaults, section.name))
+        hints, docs = _section_hints(cls), field_docs(cls)
+        lines.append(f"\n{section.name}:")
+        for f in dataclasses.fields(cls):
+            default = getattr(getattr(defaults, section.name), f.name)
+            lines.append(f"  --{section.name}.{f.name} {_type_name(hints[f.name])}  (default: {default!r})")
+            lines.append(f"      {docs.get(f.name, '')}")
+    return "\n".join(lines)

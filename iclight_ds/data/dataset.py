@@ -20,7 +20,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from iclight_ds.data.imageio import DECODE_ERRORS, GREY, open_decoded, resize_center_crop, to_rgb_over_grey, to_rgba
+from ..config import DEFAULT_ENV_SHAPE
+from .imageio import (
+    DECODE_ERRORS,
+    GREY,
+    open_decoded,
+    resize_center_crop,
+    to_rgb_over_grey,
+    to_rgba,
+)
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +184,7 @@ class RelightDataset(torch.utils.data.Dataset):
     counted in `skipped` (per process: workers count in their own copies).
     """
 
-    def __init__(self, root: str | Path, resolution: int, tokenizer: Any, env_shape: tuple[int, int] = (16, 32),
+    def __init__(self, root: str | Path, resolution: int, tokenizer: Any, env_shape: tuple[int, int] = DEFAULT_ENV_SHAPE,
                  require_background: bool = False, require_env: bool = False, skip_bad: bool = False) -> None:
         self.root = Path(root)
         self.resolution = int(resolution)

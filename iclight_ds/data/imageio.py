@@ -84,14 +84,17 @@ def to_rgb_over_grey(img: Image.Image) -> Image.Image:
     return Image.composite(rgb, grey, alpha)
 
 
-def resize_center_crop(img: Image.Image, resolution: int, resample: int = Image.LANCZOS) -> Image.Image:
-    """Resize the short side to `resolution`, then centre-crop a square (IC-Light's geometry).
+def resize_center_crop(img: Image.Image, width: int, height: int | None = None,
+                       resample: int = Image.LANCZOS) -> Image.Image:
+    """Resize to cover width x height (default: a square of `width`), then centre-crop: IC-Light's geometry, and the
+    official demo's resize_and_center_crop. The one resize/crop of training data and of inference inputs.
 
-    Integer crop offsets (not PIL's rounding of half-pixel boxes) keep the output exactly R x R.
+    Integer crop offsets (not PIL's rounding of half-pixel boxes) keep the output exactly width x height.
     """
+    height = width if height is None else height
     w, h = img.size
-    scale = max(resolution / w, resolution / h)
-    rw, rh = max(resolution, int(round(w * scale))), max(resolution, int(round(h * scale)))
+    scale = max(width / w, height / h)
+    rw, rh = max(width, int(round(w * scale))), max(height, int(round(h * scale)))
     img = img.resize((rw, rh), resample)  # a no-op copy when the size already matches
-    left, top = (rw - resolution) // 2, (rh - resolution) // 2
-    return img.crop((left, top, left + resolution, top + resolution))
+    left, top = (rw - width) // 2, (rh - height) // 2
+    return img.crop((left, top, left + width, top + height))

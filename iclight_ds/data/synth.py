@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from iclight_ds.data.imageio import float_to_uint8, linear_to_srgb
+from ..config import DEFAULT_ENV_SHAPE
+from .imageio import float_to_uint8, linear_to_srgb
 
 # Linear albedo colours, named in prompts.
 PALETTE: dict[str, tuple[float, float, float]] = {
@@ -327,7 +328,7 @@ BLAS_THREADS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def generate(out_dir: str | Path, n: int, size: int = 64, seed: int = 0,
-             env_shape: tuple[int, int] = (16, 32), extras: bool = True, workers: int = 1) -> Path:
+             env_shape: tuple[int, int] = DEFAULT_ENV_SHAPE, extras: bool = True, workers: int = 1) -> Path:
     """Write `n` samples and `manifest.jsonl` to `out_dir`; bit-identical for the same arguments.
 
     Sample i depends only on (seed, i), so a larger `n` extends a smaller one, and `workers` processes
@@ -365,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=512, help="number of samples")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--env-shape", type=int, nargs=2, default=(16, 32), metavar=("H", "W"),
+    parser.add_argument("--env-shape", type=int, nargs=2, default=DEFAULT_ENV_SHAPE, metavar=("H", "W"),
                         help="environment map height and width (equirectangular, W = 2H)")
     parser.add_argument("--no-extras", action="store_true",
                         help="skip env parts and linear .npy images (large at high resolution)")

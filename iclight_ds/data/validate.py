@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from iclight_ds.data.dataset import MANIFEST, Problem, Sample, load_env, read_manifest
-from iclight_ds.data.imageio import DECODE_ERRORS, open_decoded
+from ..config import DEFAULT_ENV_SHAPE
+from .dataset import MANIFEST, Problem, Sample, load_env, read_manifest
+from .imageio import DECODE_ERRORS, open_decoded
 
 IMAGE_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "1")  # 16-bit grey arrives here as "L"
 MASK_MODES = ("L", "1")
@@ -112,7 +113,7 @@ def check_sample(root: Path, s: Sample, env_shape: tuple[int, int]) -> list[Prob
     return problems
 
 
-def validate_dataset(root: str | Path, env_shape: tuple[int, int] = (16, 32), require_background: bool = False,
+def validate_dataset(root: str | Path, env_shape: tuple[int, int] = DEFAULT_ENV_SHAPE, require_background: bool = False,
                      require_env: bool = False) -> list[Problem]:
     """Every problem of the dataset at `root`, in manifest order (empty list: the dataset is fine)."""
     root = Path(root)
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("root", type=Path, help=f"dataset folder containing {MANIFEST}")
     parser.add_argument("--require-background", action="store_true", help="every sample needs a background")
     parser.add_argument("--require-env", action="store_true", help="every sample needs an env map")
-    parser.add_argument("--env-shape", type=int, nargs=2, default=(16, 32), metavar=("H", "W"))
+    parser.add_argument("--env-shape", type=int, nargs=2, default=DEFAULT_ENV_SHAPE, metavar=("H", "W"))
     args = parser.parse_args(argv)
     problems = validate_dataset(args.root, tuple(args.env_shape), args.require_background, args.require_env)
     for p in problems:

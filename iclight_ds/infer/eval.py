@@ -33,10 +33,32 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
 
-from .conditioning import encode_images, encode_text
-from .data.imageio import GREY, linear_to_srgb, srgb_to_linear
+from ..config import ConfigError, load_config
+from ..data.dataset import DatasetError, RelightDataset
+from ..data.imageio import GREY, linear_to_srgb, srgb_to_linear
+from ..data.synth import background_view
+from ..model.base import BaseModelError, load_base
+from ..model.formats import MODULES_FILE, UNET_FILE
+from ..model.frozen import encode_images, encode_text
+from ..model.schedule import DEFAULT_SAMPLER
+from .images import to_pil
+from .metrics import (
+    additivity_error,
+    chroma_drift,
+    masked_psnr,
+    masked_ssim,
+)
+from .sampling import (
+    RelightError,
+    _env_tokens,
+    _with_env,
+    prompt_embeddings,
+    relight_images,
+    resolve_device,
+)
+from .weights import load_trained_unet
 
 log = logging.getLogger(__name__)
 
@@ -46,50 +68,6 @@ class EvalError(ValueError):
 
 # ---------------------------------------------------------------------------------------------------------
 # Metrics on (B, 3, H, W) images in [0, 1] with (B, 1, H, W) masks
-
-
-def masked_psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B,) PSNR in dB over the masked pixels (peak 1)."""
-    m = mask.expand_as(pred)
-    mse = ((pred - target) ** 2 * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
-
-
-def masked_ssim(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, window: int = 7) -> torch.Tensor:
-    """(B,) SSIM (Wang et al. 2004, Gaussian window sigma 1.5, on each channel) averaged over the masked pixels."""
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    x = torch.arange(window, dtype=pred.dtype) - (window - 1) / 2
-    g = torch.exp(-(x ** 2) / (2 * 1.5 ** 2))
-    kernel = (g[:, None] * g[None, :] / g.sum() ** 2).expand(pred.shape[1], 1, window, window)
-
-    def blur(img: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.pad(img, [window // 2] * 4, mode="reflect"), kernel, groups=img.shape[1])
-
-    mu_p, mu_t = blur(pred), blur(target)
-    var_p = blur(pred * pred) - mu_p ** 2
-    var_t = blur(target * target) - mu_t ** 2
-    cov = blur(pred * target) - mu_p * mu_t
-    ssim_map = ((2 * mu_p * mu_t + c1) * (2 * cov + c2)) / ((mu_p ** 2 + mu_t ** 2 + c1) * (var_p + var_t + c2))
-    m = mask.expand_as(ssim_map)
-    return (ssim_map * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)
-
-
-def chromaticity(linear: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """(B, 3, H, W) linear rgb -> rgb / (r + g + b)."""
-    return linear / linear.sum(1, keepdim=True).clamp_min(eps)
-
-
-def chroma_drift(pred_linear: torch.Tensor, target_linear: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B,) mean L1 distance of the chromaticities over the masked pixels (0: same colours, up to 2)."""
-    d = (chromaticity(pred_linear) - chromaticity(target_linear)).abs().sum(1, keepdim=True)  # (B, 1, H, W)
-    return (d * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)
-
-
-def additivity_error(r_full: torch.Tensor, r_1: torch.Tensor, r_2: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B,) || R(L1) + R(L2) - R(L) || / || R(L) || over the masked pixels, on linear images."""
-    m = mask.expand_as(r_full)
-    num = ((r_1 + r_2 - r_full) * m).flatten(1).norm(dim=1)
-    return num / (r_full * m).flatten(1).norm(dim=1).clamp_min(1e-8)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -105,7 +83,6 @@ def _backgrounds_of(env: torch.Tensor, resolution: int) -> torch.Tensor:
 
     Lets an FBC model be relit under the light parts L1, L2 of a synthetic sample, whose background is the view of L.
     """
-    from .data.synth import background_view
 
     views = [linear_to_srgb(background_view(e.permute(1, 2, 0).numpy().astype(np.float64), resolution))
              for e in env]
@@ -120,7 +97,6 @@ def relight_samples(unet, vae, text_encoder, env_encoder, samples: Sequence[dict
     ('part1' = L1, 'part2' = L2; samples with env_parts). The same seed for every light, so that the three relights
     of a scene share their initial noise. `tokenizer` is needed for guidance > 1 (the empty negative prompt).
     strength < 1: sampling starts from the degraded input's latent noised to that share of the schedule (img2img)."""
-    from .relight import DEFAULT_SAMPLER, _env_tokens, _with_env, prompt_embeddings, relight_images
 
     fbc = unet.config.in_channels == 12
     env = _stack(samples, "env")  # (B, 3, He, We)
@@ -254,7 +230,6 @@ def load_eval_samples(data: str | Path, resolution: int, tokenizer, env_shape: t
                       count: int | None = None, require_background: bool = False) -> list[dict]:
     """The first `count` samples of the dataset at `data`, as RelightDataset items plus `id` and, when the manifest
     has them at this resolution, `parts_linear` (2, 3, R, R): the ground-truth frames under L1 and L2."""
-    from .data.dataset import DatasetError, RelightDataset
 
     try:
         ds = RelightDataset(data, resolution, tokenizer, env_shape=env_shape, require_background=require_background,
@@ -277,10 +252,6 @@ def load_eval_samples(data: str | Path, resolution: int, tokenizer, env_shape: t
 
 def load_run(run: str | Path, weights: str | Path | None = None):
     """(unet, vae, text_encoder, tokenizer, env_encoder, run config) of a trainer output folder, fp32 on the CPU."""
-    from .base_model import BaseModelError, load_base
-    from .config import ConfigError, load_config
-    from .export import MODULES_FILE, UNET_FILE
-    from .relight import RelightError, load_trained_unet
 
     run = Path(run)
     if not (run / "config.json").is_file():
@@ -312,9 +283,7 @@ ROWS = (("psnr", "PSNR (dB, fg)", "baseline_psnr", "{:.2f}"), ("ssim", "SSIM (fg
 
 def save_grid(images: list[dict], path: str | Path) -> Path:
     """One row per sample: degraded input | target | relit under L [| under L1 | under L2]."""
-    from PIL import Image
 
-    from .relight import to_pil
 
     keys = ["input", "target", "relit", "relit_part1", "relit_part2"]
     keys = [k for k in keys if all(k in im for im in images)]
@@ -347,7 +316,6 @@ def format_table(summary: dict) -> str:
 
 
 def run_eval(args: argparse.Namespace) -> dict:
-    from .relight import resolve_device
 
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
@@ -394,7 +362,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid-samples", type=int, default=8, help="rows of --grid")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    from .relight import RelightError
 
     try:
         result = run_eval(args)

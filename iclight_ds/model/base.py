@@ -4,9 +4,9 @@
   (a) a diffusers folder with `unet/`, `vae/`, `text_encoder/` (and optionally `tokenizer/`);
   (b) one single-file checkpoint in the original (LDM) layout: `.safetensors`, or `.ckpt`/`.pt` read with
       `torch.load(weights_only=True)` (nothing is unpickled); the architecture comes from the SD1.5 configs shipped
-      in `iclight_ds/sd15_configs/` and the weights are converted by diffusers' own single-file converters;
+      in `iclight_ds/model/sd15_configs/` and the weights are converted by diffusers' own single-file converters;
   (c) an iclight-ds run folder: its `model.base`, or, when that is null, the random base the trainer built,
-      rebuilt from the run's seed exactly as `train.Trainer._build_models` builds it.
+      rebuilt from the run's seed with the trainer's own builders (`random_base`).
 `load_iclight_offset(unet, path)` adds an IC-Light offset file to a base UNet the way the official demo does.
 
 No network access: every `from_pretrained` uses `local_files_only=True`.
@@ -23,8 +23,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+)
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
+from ..config import load_config, read_resolved
+from ..dtypes import DTYPES
 from . import formats as fmt
+from .arch import SD15_TEXT, SD15_UNET, SD15_VAE, unet_size_of
+from .frozen import build_frozen
+from .iclight import build_initial_model, narrow_conv_in, widen_conv_in
+from .tokenizer import build_char_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +90,7 @@ def unet_hash(state: dict[str, torch.Tensor]) -> str:
 
 def sd15_configs() -> dict[str, dict]:
     """The SD1.5 component configs, generated from the dicts in models.py (what `sd15_configs/` must hold)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig
 
-    from .models import SD15_TEXT, SD15_UNET, SD15_VAE
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD15_UNET)
@@ -108,11 +119,9 @@ def _build_from_configs(config_dir: Path, which: str):
     if not (sub / "config.json").is_file():
         raise BaseModelError(f"no {which}/config.json in the config folder {config_dir}")
     if which == "text_encoder":
-        from transformers import CLIPTextConfig, CLIPTextModel
 
         # Built normally (123M parameters at full size): its non-persistent position_ids buffer must be real.
         return CLIPTextModel(CLIPTextConfig.from_pretrained(str(sub), local_files_only=True))
-    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     cls = UNet2DConditionModel if which == "unet" else AutoencoderKL
     with torch.device("meta"):  # weights arrive with load_state_dict(assign=True): no random init of 860M values
@@ -148,7 +157,6 @@ def read_single_file(path: str | Path) -> dict[str, torch.Tensor]:
     """A flat {key: tensor} from a .safetensors or a tensors-only .ckpt/.pt (unwrapping 'state_dict')."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
 
         try:
             return load_file(str(path))
@@ -181,11 +189,6 @@ def _describe_keys(keys) -> str:
 
 def _convert_single_file(state: dict[str, torch.Tensor], config_dir: Path, *, source: str, unet_only: bool):
     """Original-layout state dict -> (unet, vae, text_encoder) diffusers models (diffusers' converters)."""
-    from diffusers.loaders.single_file_utils import (
-        convert_ldm_clip_checkpoint,
-        convert_ldm_unet_checkpoint,
-        convert_ldm_vae_checkpoint,
-    )
 
     if not any(k.startswith(fmt.LDM_UNET_PREFIX) for k in state):
         hint = ""
@@ -226,7 +229,6 @@ def _convert_single_file(state: dict[str, torch.Tensor], config_dir: Path, *, so
 
 
 def _load_tokenizer_dir(path: str | Path):
-    from transformers import AutoTokenizer
 
     path = Path(path)
     if not path.is_dir():
@@ -244,7 +246,6 @@ def _fallback_tokenizer(tokenizer_fallback, source: str) -> tuple[Any, bool]:
         if isinstance(tokenizer_fallback, (str, Path)):
             return _load_tokenizer_dir(tokenizer_fallback), True
         return tokenizer_fallback, True
-    from .data.tokenizer import build_char_tokenizer
 
     log.warning(
         "%s has no tokenizer and none was given (--tokenizer DIR): using the character-level test tokenizer. "
@@ -266,8 +267,6 @@ def _diffusers_weights_variant(sub: Path) -> str | None:
 
 
 def _load_diffusers_folder(path: Path, *, unet_only: bool):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
 
     needed = ("unet",) if unet_only else COMPONENTS
     missing = [c for c in needed if not (path / c / "config.json").is_file()]
@@ -298,39 +297,28 @@ def is_run_dir(path: Path) -> bool:
     return isinstance(tree, dict) and "model" in tree and "train" in tree
 
 
-def run_dtypes(run_config) -> tuple[torch.dtype, torch.dtype]:
-    """(training dtype, frozen dtype) of a run: from its DeepSpeed JSON (`train.ds_config`, resolved on this
-    machine: 'auto' means cpu.json without a GPU and zero2.json with one; every shipped config is bf16)."""
-    from . import engine as eng
-
-    ds_cfg = eng.read_ds_config(eng.resolve_ds_config_path(run_config.train.ds_config))
-    dtype = eng.training_dtype(ds_cfg)
+def run_dtypes(run_config, resolved: dict) -> tuple[torch.dtype, torch.dtype]:
+    """(training dtype, frozen dtype) of a run, from its resolved record (`resolved.json`, which the trainer writes
+    into the run folder and every checkpoint); a folder without one is taken as bf16, the dtype of every shipped
+    DeepSpeed config."""
+    dtype = DTYPES[resolved.get("dtype", "bf16")]
     frozen = run_config.model.frozen_dtype
-    return dtype, dtype if frozen == "auto" else {"bf16": torch.bfloat16, "fp16": torch.float16,
-                                                  "fp32": torch.float32}[frozen]
+    return dtype, dtype if frozen == "auto" else DTYPES[frozen]
 
 
-def random_base(run_config, *, unet_only: bool = False) -> BaseModel:
-    """The random base of a run with `model.base` null, rebuilt as `train.Trainer._build_models` builds it:
-    `torch.manual_seed(train.seed)` and the ICLightModel built with the training dtype as the default dtype
-    (ZeRO-3's partitioned construction draws the same values and is not reproduced); the VAE and text encoder
-    from `conditioning.build_frozen`, as the trainer makes them. The UNet returned is that initial UNet narrowed
-    back to its 4 original input channels (widening only appended zero channels), in fp32.
+def random_base(run_config, *, resolved: dict | None = None, unet_only: bool = False) -> BaseModel:
+    """The random base of a run with `model.base` null, rebuilt with the trainer's own builders: the initial model
+    from `iclight.build_initial_model` (ZeRO-3's partitioned construction draws the same values and is not
+    reproduced), the VAE and text encoder from `frozen.build_frozen`. The UNet returned is that initial UNet
+    narrowed back to its 4 original input channels (widening only appended zero channels), in fp32.
 
-    This mirrors the trainer's code and must follow it when it changes; tests/test_formats.py checks it against a
-    real run. The global torch RNG state is saved and restored around the rebuild.
+    resolved: the run's resolved record (see `run_dtypes`). The global torch RNG state is saved and restored.
     """
-    from .conditioning import build_frozen
-    from .data.tokenizer import build_char_tokenizer
-    from .models import build_iclight_model, default_dtype
-
     cfg = run_config
-    dtype, frozen_dtype = run_dtypes(cfg)
+    dtype, frozen_dtype = run_dtypes(cfg, resolved or {})
     rng = torch.get_rng_state()
     try:
-        torch.manual_seed(cfg.train.seed)
-        with default_dtype(dtype):
-            model = build_iclight_model(cfg.model)
+        model = build_initial_model(cfg.model, seed=cfg.train.seed, dtype=dtype)
         unet = narrow_conv_in(model.unet, model.unet.config.out_channels).float()  # a new Conv2d draws too
     finally:
         torch.set_rng_state(rng)
@@ -346,39 +334,16 @@ def random_base(run_config, *, unet_only: bool = False) -> BaseModel:
     return BaseModel(unet, vae, text_encoder, tokenizer, source, unet_hash(unet.state_dict()), real_tokenizer=False)
 
 
-@torch.no_grad()
-def narrow_conv_in(unet, channels: int):
-    """Inverse of models.widen_conv_in: keep the first `channels` input channels of conv_in (in place)."""
-    old = unet.conv_in
-    if old.in_channels == channels:
-        return unet
-    new = torch.nn.Conv2d(channels, old.out_channels, kernel_size=old.kernel_size, stride=old.stride,
-                          padding=old.padding, device=old.weight.device, dtype=old.weight.dtype)
-    new.weight.copy_(old.weight[:, :channels])
-    new.bias.copy_(old.bias)
-    unet.conv_in = new
-    unet.register_to_config(in_channels=channels)
-    return unet
-
-
-def _run_config_file(path: Path):
-    from .config import load_config
-
-    return load_config(path)
-
-
 def base_unet_size(path: str | Path) -> str | None:
     """The UNet size ('tiny' or 'full') of a base, read without loading its weights, for the planner (which decides
     the DeepSpeed config and optimizer before the base is loaded); None where it cannot tell (load_base then names
     the problem). Single files are SD1.5 (the only architecture they are read as); a diffusers folder is judged by
     its unet/config.json's parameter count; a run folder by its own base or model.size."""
-    from diffusers import UNet2DConditionModel
 
-    from .models import unet_size_of
 
     path = Path(path)
     if path.is_dir() and is_run_dir(path):
-        cfg = _run_config_file(path / "config.json")
+        cfg = load_config(path / "config.json")
         return base_unet_size(cfg.model.base) if cfg.model.base else cfg.model.size
     if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
         return "full"
@@ -416,12 +381,12 @@ def load_base(
         raise BaseModelError(f"base model {path} does not exist. {ACCEPTED}")
     tokenizer, real = None, True
     if path.is_dir() and is_run_dir(path):
-        cfg = _run_config_file(path / "config.json")
+        cfg = load_config(path / "config.json")
         if cfg.model.base:
             log.info("run %s was trained on model.base=%s", path, cfg.model.base)
             return load_base(cfg.model.base, tokenizer_fallback=tokenizer_fallback, dtype=dtype,
                              unet_only=unet_only, config_dir=config_dir)
-        base = random_base(cfg, unet_only=unet_only)
+        base = random_base(cfg, resolved=read_resolved(path), unet_only=unet_only)
         return _cast(base, dtype)
     if path.is_dir():
         unet, vae, text_encoder = _load_diffusers_folder(path, unet_only=unet_only)
@@ -463,10 +428,10 @@ def base_for_run(config_path: str | Path, *, override: str | Path | None = None,
     """
     if override is not None:
         return load_base(override, unet_only=unet_only)
-    cfg = _run_config_file(Path(config_path))
+    cfg = load_config(Path(config_path))
     if cfg.model.base:
         return load_base(cfg.model.base, unet_only=unet_only)
-    return random_base(cfg, unet_only=unet_only)
+    return random_base(cfg, resolved=read_resolved(Path(config_path).parent), unet_only=unet_only)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -496,7 +461,6 @@ def load_iclight_offset(unet, path_or_state: str | Path | dict[str, torch.Tensor
     `merged[k] = base[k] + offset[k]` for every key and `load_state_dict(merged, strict=True)`. The offset may be in
     diffusers keys (official files, our `iclight-offset`) or LDM keys (our `ldm`, community files).
     """
-    from .models import widen_conv_in
 
     if isinstance(path_or_state, dict):
         offset = path_or_state

@@ -8,23 +8,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .data.imageio import linear_to_srgb, srgb_to_linear
+from ..data.split import split_background, split_masks
+from ..model.frozen import encode_images, encode_text
 from .objectives import ConditionedBatch
-
-
-def split_masks(batch: int, cells: int, size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
-    """Random binary masks m (B, 1, H, W): each of cells x 2*cells regions belongs to L1 (m=1) or L2 (m=0).
-
-    L1 = L * m and L2 = L * (1 - m) are complementary, so L1 + L2 = L exactly.
-    """
-    grid = (torch.rand(batch, 1, cells, 2 * cells, generator=generator) < 0.5).float()
-    return F.interpolate(grid, size=size, mode="nearest")
-
-
-def split_background(background: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split a background image in [-1, 1] in LINEAR light: returns (bg under m, bg under 1 - m), both in [-1, 1]."""
-    linear = srgb_to_linear((background + 1) / 2)
-    return tuple(linear_to_srgb(linear * m) * 2 - 1 for m in (mask, 1 - mask))
 
 
 def env_conditions(batch: dict, split_cells: int, with_split: bool, generator: torch.Generator, device):
@@ -34,18 +20,6 @@ def env_conditions(batch: dict, split_cells: int, with_split: bool, generator: t
         return (env_full,) * 3
     m = split_masks(env_full.shape[0], split_cells, env_full.shape[-2:], generator).to(device)
     return env_full, env_full * m, env_full * (1 - m)
-
-
-@torch.no_grad()
-def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) in [-1, 1] -> (N, 4, H/8, W/8) scaled latents, as IC-Light does (mode of the posterior)."""
-    dtype = next(vae.parameters()).dtype
-    return vae.encode(images.to(dtype)).latent_dist.mode().float() * vae.config.scaling_factor
-
-
-@torch.no_grad()
-def encode_text(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
-    return text_encoder(input_ids).last_hidden_state.float()  # (B, 77, D)
 
 
 @torch.no_grad()
@@ -94,68 +68,6 @@ def condition_batch(
 
 # ---------------------------------------------------------------------------------------------------------
 # The frozen encoders' own random stream, and conditions from a latent cache (iclight_ds/cache.py)
-
-
-def frozen_seed(seed: int) -> int:
-    """Seed of the random frozen VAE/text encoder of a run with `train.seed = seed`.
-
-    Their own stream (not whatever the trainable model's init left in the global one), so a latent cache can
-    rebuild them from (size, seed, dtype) alone, without building the 860M-parameter UNet first.
-    """
-    return seed + 1
-
-
-def vae_source(size: str, vae: str = "auto") -> str:
-    """What `model.vae` means for a run without a base: 'random', or the path of a trained VAE file."""
-    if vae == "auto":
-        from .tiny_vae import ASSET
-
-        return str(ASSET) if size == "tiny" else "random"
-    if vae == "tiny-4x":
-        from .tiny_vae import ASSET_4X
-
-        return str(ASSET_4X)
-    return vae
-
-
-def vae_identity(size: str, vae: str = "auto") -> str:
-    """'random', or the sha256 of the VAE file `model.vae` resolves to (a latent cache records it)."""
-    from .tiny_vae import file_sha256
-
-    source = vae_source(size, vae)
-    return "random" if source == "random" else file_sha256(source)
-
-
-def build_frozen(size: str, *, seed: int, tokenizer, dtype: torch.dtype, device, vae: str = "auto") -> tuple:
-    """(vae, text_encoder): the frozen models of a run without a base, in `dtype` on `device`.
-
-    The text encoder (and a 'random' VAE) are built from the `size` configs with random weights drawn from their
-    own seed, so they depend only on (size, seed, dtype, the tokenizer's vocabulary); `vae` is `model.vae`
-    (auto: the shipped trained tiny VAE for size=tiny). The trainer, `python -m iclight_ds.cache` and
-    `base_model.random_base` all call this. The global torch RNG is left as it was.
-    """
-    from .models import build_text_encoder, build_vae, default_dtype, freeze
-    from .tiny_vae import load_vae_file
-
-    with torch.random.fork_rng(devices=[]), default_dtype(dtype):  # built in `dtype` directly, as before
-        torch.manual_seed(frozen_seed(seed))
-        vae_model = build_vae(size)  # drawn even when replaced below: the text encoder's weights stay the same
-        text_encoder = freeze(build_text_encoder(size, tokenizer), dtype, device)
-        source = vae_source(size, vae)
-        if source != "random":  # inside fork_rng too: constructing the module draws its (discarded) init
-            vae_model = load_vae_file(source)
-    return freeze(vae_model, dtype, device), text_encoder
-
-
-@torch.no_grad()
-def encode_posterior_mode(vae, images: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) in [-1, 1] -> (N, 4, H/8, W/8) UNSCALED posterior mode, in the VAE's dtype.
-
-    `encode_posterior_mode(vae, x).float() * vae.config.scaling_factor` is exactly `encode_images(vae, x)`; the
-    cache stores this (lossless in the VAE's own dtype) and applies the scaling factor when it loads.
-    """
-    dtype = next(vae.parameters()).dtype
-    return vae.encode(images.to(dtype)).latent_dist.mode()
 
 
 def _cached_latent_scale(batch: dict) -> float:

@@ -19,10 +19,15 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from diffusers import UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# File names of an export (iclight_ds/train/export.py) and of what the trainer writes beside it
+UNET_FILE = "unet.safetensors"
+MODULES_FILE = "iclight_modules.safetensors"
+EXPORT_INFO = "iclight_export.json"  # metadata of a diffusers-folder export
+BASE_RECORD = "base.json"  # in a run folder: {"source": ..., "unet_hash": ...} of the base it trained on
 
 # Key prefixes of an original single-file SD1.5 checkpoint.
 LDM_UNET_PREFIX = "model.diffusion_model."
@@ -158,7 +163,6 @@ def unet_key_to_ldm(key: str, config: Mapping) -> str:
 
 def unet_keys(config: Mapping) -> list[str]:
     """The state-dict keys of a diffusers UNet with `config` (built on the meta device: no memory, no init)."""
-    from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(dict(config))

@@ -19,16 +19,15 @@ import logging
 from pathlib import Path
 
 import torch
+from diffusers import UNet2DConditionModel
 
+from ..dtypes import DTYPES
+from ..model import formats as fmt
+from ..model.base import base_for_run
+from ..model.formats import BASE_RECORD, EXPORT_INFO, MODULES_FILE, UNET_FILE
 from . import checkpoint as ckpt
 from . import engine as eng
-from . import formats as fmt
 
-DTYPES = fmt.DTYPES
-UNET_FILE = "unet.safetensors"
-MODULES_FILE = "iclight_modules.safetensors"
-EXPORT_INFO = "iclight_export.json"  # metadata of a diffusers-folder export
-BASE_RECORD = "base.json"  # in a run folder: {"source": ..., "unet_hash": ...} of the base it trained on
 FORMATS = ("unet", "iclight-offset", "ldm", "diffusers")
 
 log = logging.getLogger(__name__)
@@ -123,7 +122,6 @@ def export_formatted(
 
 def _save_diffusers_folder(unet: dict[str, torch.Tensor], out: Path, *, dtype: torch.dtype, base_config) -> Path:
     """save_pretrained (safetensors) of a UNet with the base's config widened to the trained channel count."""
-    from diffusers import UNet2DConditionModel
 
     config = dict(base_config, in_channels=unet["conv_in.weight"].shape[1])
     with torch.device("meta"):
@@ -161,7 +159,6 @@ def export_run_checkpoint(
     unet, small = split_state_dict(state)
     base_model = None
     if fmt_name != "unet":
-        from .base_model import base_for_run
 
         base_model = base_for_run(config_path, override=base, unet_only=True)
         log.info("base for export: %s (%s)", base_model.source, base_model.unet_hash[:19])

@@ -37,12 +37,23 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..config import DEFAULT_ENV_SHAPE
+from ..dtypes import DTYPES, dtype_name
+from ..model.arch import freeze
+from ..model.base import is_run_dir, load_base, unet_hash
+from ..model.frozen import build_frozen, encode_posterior_mode, vae_identity
+from ..model.tokenizer import build_char_tokenizer
+from .dataset import MANIFEST, RelightDataset, read_manifest
+from .split import split_background
+from .validate import validate_dataset
 
 log = logging.getLogger(__name__)
 
 FORMAT, VERSION = "iclight-ds-latent-cache", 1
 META = "cache.json"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # Identity key -> (run config key, cache CLI flag): named in every mismatch message.
 KEYS = {
@@ -69,13 +80,9 @@ class CacheError(ValueError):
     """A cache folder that cannot be used (missing, incomplete, or built for something else); says which key."""
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in DTYPES.items()}[dtype]
-
 
 def manifest_hash(root: str | Path) -> str:
     """'sha256:<hex>' of the dataset's manifest.jsonl bytes (the image files themselves are not hashed)."""
-    from .data.dataset import MANIFEST
 
     path = Path(root) / MANIFEST
     if not path.is_file():
@@ -129,7 +136,6 @@ def run_expectations(cfg, training_dtype: torch.dtype) -> dict:
     if cfg.model.base:
         expect["base"] = str(Path(cfg.model.base).resolve())
     else:  # random frozen models: rebuilt by conditioning.build_frozen from (size, seed, dtype)
-        from .conditioning import vae_identity
 
         expect.update(base=None, size=cfg.model.size, vae=vae_identity(cfg.model.size, cfg.model.vae),
                       seed=cfg.train.seed)
@@ -176,7 +182,6 @@ class CachedDataset(torch.utils.data.Dataset):
         return {**self.__dict__, "_handles": {}}
 
     def _shard(self, s: int):
-        from safetensors import safe_open
 
         if s not in self._handles:
             self._handles[s] = safe_open(str(self.files[s]), framework="pt")
@@ -210,7 +215,6 @@ def split_grids(count: int, cells: int, generator: torch.Generator) -> torch.Ten
 def _encode_latents(vae, images: torch.Tensor, chunk: int) -> torch.Tensor:
     """Unscaled posterior modes of (N, 3, H, W), `chunk` images per VAE call; no call gets a single image (on
     CPU a batch of one takes another convolution path whose last bits differ from the trainer's batches)."""
-    from .conditioning import encode_posterior_mode
 
     bounds = list(range(0, images.shape[0], max(2, chunk))) + [images.shape[0]]
     if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
@@ -222,7 +226,6 @@ def _encode_latents(vae, images: torch.Tensor, chunk: int) -> torch.Tensor:
 def encode_samples(batch: dict, vae, text_encoder, *, variant: str, split_variants: int, split_cells: int, seed: int,
                    device, chunk: int) -> dict[str, torch.Tensor]:
     """One collated RelightDataset batch -> the cached tensors (on the CPU, in the encoders' dtypes; mask/env fp32)."""
-    from .conditioning import split_background
 
     target = batch["target"].to(device)  # (B, 3, R, R)
     bsz = target.shape[0]
@@ -258,8 +261,6 @@ def encode_samples(batch: dict, vae, text_encoder, *, variant: str, split_varian
 
 def _frozen_models(*, base, size, seed, frozen_dtype, device, vae="auto"):
     """(vae, text_encoder, tokenizer, identity entries) for a random base of `size` or real weights at `base`."""
-    from .conditioning import build_frozen, vae_identity
-    from .data.tokenizer import build_char_tokenizer
 
     if base is None:
         tokenizer = build_char_tokenizer()  # what the trainer uses with random models
@@ -269,13 +270,6 @@ def _frozen_models(*, base, size, seed, frozen_dtype, device, vae="auto"):
                                                     "vae": vae_identity(size, vae), "tokenizer": "char"}
     if vae != "auto":
         raise CacheError(f"--vae {vae}: with --base the base's own VAE is used (leave --vae auto)")
-    try:
-        from .base_model import is_run_dir, load_base, unet_hash
-    except ImportError as e:
-        raise NotImplementedError(f"--base needs iclight_ds.base_model.load_base, which this checkout lacks ({e}); "
-                                  "cache random models built from configs with --size/--seed instead") from e
-    from .models import freeze
-
     path = Path(base).resolve()
     if path.is_dir() and is_run_dir(path):
         raise CacheError(f"--base {base} is an iclight-ds run folder; for a run with random weights use "
@@ -291,7 +285,6 @@ def _frozen_models(*, base, size, seed, frozen_dtype, device, vae="auto"):
 
 
 def _shard_is_complete(path: Path, ident: str, count: int) -> bool:
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -312,7 +305,7 @@ def build_cache(
     frozen_dtype: str = "bf16",
     variant: str = "fc",
     resolution: int = 64,
-    env_shape: tuple[int, int] = (16, 32),
+    env_shape: tuple[int, int] = DEFAULT_ENV_SHAPE,
     split_variants: int = 4,
     split_cells: int = 4,
     dtype: str = "bf16",
@@ -328,10 +321,8 @@ def build_cache(
     Returns {"samples": encoded now, "skipped_shards": already complete, "encode_s": seconds spent encoding and
     writing (models not counted), "build_s": seconds building the frozen models, "samples_per_s"}.
     """
-    from safetensors.torch import save_file
     from torch.utils.data import DataLoader
 
-    from .data.dataset import RelightDataset, read_manifest
 
     data, out = Path(data), Path(out)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -351,7 +342,6 @@ def build_cache(
     if (out / META).is_file():
         old = read_meta(out)
         if base is None:
-            from .conditioning import vae_identity
 
             model_keys = {"size": size, "vae": vae_identity(size, vae)}
         else:
@@ -361,7 +351,6 @@ def build_cache(
     elif out.is_dir() and any(p for p in out.iterdir() if not p.name.endswith(".tmp")):
         raise CacheError(f"{out} exists and is not a latent cache (no {META}): choose an empty or new folder")
     if validate and old is None:
-        from .data.validate import validate_dataset
 
         bad = validate_dataset(data, env_shape=env_shape, require_background=variant == "fbc",
                                require_env=variant == "fc")
@@ -463,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                    "DeepSpeed JSON's precision (bf16 in every shipped config)")
     p.add_argument("--variant", choices=("fc", "fbc"), default="fc")
     p.add_argument("--resolution", type=int, default=64, help="data.resolution")
-    p.add_argument("--env-shape", type=int, nargs=2, default=(16, 32), metavar=("H", "W"), help="model.env_shape")
+    p.add_argument("--env-shape", type=int, nargs=2, default=DEFAULT_ENV_SHAPE, metavar=("H", "W"), help="model.env_shape")
     p.add_argument("--split-variants", type=int, default=4,
                    help="FBC: random light splits cached per sample; training picks one per step (0: none)")
     p.add_argument("--split-cells", type=int, default=4, help="objective.split_cells")

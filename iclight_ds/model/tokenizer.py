@@ -9,7 +9,14 @@ object pickles (DataLoader workers). EOS is the highest id, as in CLIP, so a tex
 
 from __future__ import annotations
 
-from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import (
+    Regex,
+    Tokenizer,
+    decoders,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerFast
 

@@ -21,9 +21,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
 
+from ..model.arch import ARCHS, wants_checkpointing
 from . import engine as eng
-from .models import wants_checkpointing
 
 GiB = 2**30
 HEADROOM = 0.85  # use at most 85% of a device: allocator fragmentation, CUDA context, kernels' workspaces
@@ -66,9 +68,7 @@ class Estimate:
 
 
 def unet_parameters(size: str, in_channels: int) -> int:
-    from diffusers import UNet2DConditionModel
 
-    from .models import ARCHS
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**dict(ARCHS[size][0], in_channels=in_channels))
@@ -102,10 +102,7 @@ def activation_bytes(size: str, in_channels: int, resolution: int, tokens: int =
     from unittest import mock
 
     import torch.nn.functional as F
-    from diffusers import UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from .models import ARCHS
 
     with mock.patch.object(F, "scaled_dot_product_attention", _flash_like_sdpa):
         return _measure_saved(UNet2DConditionModel, AttnProcessor2_0, dict(ARCHS[size][0], in_channels=in_channels),

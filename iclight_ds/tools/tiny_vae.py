@@ -1,13 +1,13 @@
 """A small trained VAE for CPU runs: the tiny architecture, fitted to the synthetic relighting images.
 
 A random VAE's latents say little about the image, so a model trained through it cannot be judged by the images
-it decodes. This trains a small AutoencoderKL (the `models.TINY_VAE` layout widened to --channels; 8x downsampling
+it decodes. This trains a small AutoencoderKL (the `model.arch.TINY_VAE` layout widened to --channels; 8x downsampling
 and 4 latent channels, like SD1.5's) on what the trainer feeds a VAE: relit targets, grey-composited foregrounds
-and backgrounds of the synthetic generator. The result ships as `iclight_ds/assets/tiny_vae.safetensors` (fp16,
+and backgrounds of the synthetic generator. The result ships as `iclight_ds/model/assets/tiny_vae.safetensors` (fp16,
 2.5 MB) with its config, scaling factor and measured reconstruction PSNR in the metadata; runs with
-`model.size=tiny` and no base use it (`model.vae`, see config.py).
+`model.size=tiny` and no base use it (`model.vae`, see config.py; loaded by iclight_ds/model/frozen.py).
 
-    python -m iclight_ds.tiny_vae --out iclight_ds/assets/tiny_vae.safetensors [--steps 4000] [--samples 1024]
+    python -m iclight_ds.tiny_vae --out iclight_ds/model/assets/tiny_vae.safetensors [--steps 4000] [--samples 1024]
 
 Loss: L1 + MSE on the reconstruction of a posterior sample, plus a small KL term (as SD's VAE keeps its latents
 near a unit Gaussian), on random 32 px crops (the VAE is convolutional: 4x cheaper per image, and it is used at
@@ -18,100 +18,47 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-ASSET = Path(__file__).parent / "assets" / "tiny_vae.safetensors"
-# 4x downsampling (widths 32/64/64; 16x16 latents at 64 px), trained with `--channels 32 64 64 --steps 6000 --batch 64
-# --device cuda`: 35.9 dB on unseen frames against the 8x one's 27.7. `model.vae=tiny-4x`: the GPU default run's (iclight_ds/
-# presets/default-gpu.yaml); on the CPU default's budget the UNet learns more slowly through it (README "More compute
-# and a 4x VAE").
-ASSET_4X = Path(__file__).parent / "assets" / "tiny_vae_4x.safetensors"
-FORMAT = "iclight-ds tiny vae v1"
-
-
-class TinyVaeError(ValueError):
-    """A VAE file that is missing, not ours, or does not fit the architecture it claims."""
-
-
-def load_vae_file(path: str | Path = ASSET, dtype: torch.dtype = torch.float32):
-    """An AutoencoderKL from a file written by `save_vae_file` (config and scaling factor from its metadata)."""
-    from diffusers import AutoencoderKL
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise TinyVaeError(f"VAE file {path} does not exist (make one with `python -m iclight_ds.tiny_vae --out "
-                           f"{path}`)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        raise TinyVaeError(f"VAE file {path}: not a readable safetensors file ({e})") from e
-    if meta.get("format") != FORMAT or "config" not in meta:
-        raise TinyVaeError(f"VAE file {path}: no '{FORMAT}' metadata; expected a file written by "
-                           "`python -m iclight_ds.tiny_vae`")
-    vae = AutoencoderKL(**json.loads(meta["config"]))
-    try:
-        vae.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    except RuntimeError as e:
-        raise TinyVaeError(f"VAE file {path}: weights do not match its config ({e})") from e
-    return vae.to(dtype).eval()
-
-
-def file_sha256(path: str | Path) -> str:
-    import hashlib
-
-    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def save_vae_file(vae, path: str | Path, info: dict) -> Path:
-    """Write the VAE's weights (fp16) with its config and `info` in the metadata; atomic (tmp + rename)."""
-    from .formats import save_safetensors
-
-    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vae.config.items() if not k.startswith("_")}
-    meta = {"format": FORMAT, "config": json.dumps(config), **{k: str(v) for k, v in info.items()}}
-    return save_safetensors(vae.state_dict(), path, dtype=torch.float16, metadata=meta)
+from ..data.dataset import RelightDataset
+from ..data.synth import generate
+from ..infer.metrics import masked_psnr
+from ..infer.sampling import RelightError, resolve_device
+from ..model.arch import TINY_VAE
+from ..model.frozen import ASSET, save_vae_file
+from ..model.tokenizer import build_char_tokenizer
 
 
 def training_images(root: Path, resolution: int) -> torch.Tensor:
     """(3N, 3, R, R): every sample's target, foreground and background, in the dataset's [-1, 1] conventions."""
-    from .data.dataset import RelightDataset
-    from .data.tokenizer import build_char_tokenizer
 
     ds = RelightDataset(root, resolution, build_char_tokenizer())
     items = [ds[i] for i in range(len(ds))]
     return torch.cat([torch.stack([it[k] for it in items]) for k in ("target", "foreground", "background")])
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
-    mse = F.mse_loss(a.float().clamp(-1, 1), b.float().clamp(-1, 1)).item()
-    return 10 * math.log10(4.0 / max(mse, 1e-12))
-
 
 @torch.no_grad()
 def evaluate(vae, images: torch.Tensor, batch: int = 64) -> tuple[float, float]:
-    """(reconstruction PSNR of the posterior mode in dB, std of the unscaled posterior mode)."""
+    """(mean reconstruction PSNR of the posterior mode in dB, std of the unscaled posterior mode)."""
     recon, latents = [], []
     for i in range(0, len(images), batch):
         z = vae.encode(images[i:i + batch]).latent_dist.mode()
         latents.append(z)
         recon.append(vae.decode(z).sample)
-    return psnr(torch.cat(recon), images), torch.cat(latents).std().item()
+    unit = [((x.float() + 1) / 2).clamp(0, 1) for x in (torch.cat(recon), images)]  # [-1, 1] -> [0, 1]
+    return masked_psnr(*unit).mean().item(), torch.cat(latents).std().item()
 
 
 def train(args: argparse.Namespace) -> dict:
-    from diffusers import AutoencoderKL
 
-    from .data.synth import generate
-    from .models import TINY_VAE
 
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,8 +73,8 @@ def train(args: argparse.Namespace) -> dict:
     images, held = images.to(device), held.to(device)
     vae = AutoencoderKL(**config).to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / args.steps))))
+    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, num_warmup_steps=100, num_training_steps=args.steps,
+                                                        min_lr_rate=0.05)
     gen = torch.Generator(device).manual_seed(args.seed)
     start = time.time()
     for step in range(args.steps):
@@ -182,7 +129,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu", help="device to train on: cpu, cuda, cuda:N or auto")
     p.add_argument("--data-seed", type=int, default=1000, help="synthetic data seed (held-out scenes: +1)")
     args = p.parse_args(argv)
-    from .relight import RelightError, resolve_device
 
     try:  # before minutes of data generation: a device this machine lacks is refused by name
         args.device = resolve_device(args.device)

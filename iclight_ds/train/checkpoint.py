@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import config
+from ..config import RESOLVED_FILE
 from . import engine as eng
 
 LATEST = "latest"
-RESOLVED = "resolved.json"  # what the run's `auto` settings resolved to (train.optimizer, train.ds_config)
+RESOLVED = RESOLVED_FILE  # the run's resolved record (train/resolve.py), beside each checkpoint's config.json
 
 
 def tag_for(step: int) -> str:
@@ -153,14 +155,11 @@ def resolve(resume: str, default_root: Path) -> tuple[Path, str]:
 
 
 def read_resolved(folder: Path) -> dict:
-    """A checkpoint's resolved.json ({} for checkpoints written before it existed)."""
-    path = folder / RESOLVED
-    if not path.is_file():
-        return {}
+    """A checkpoint's resolved record ({} for a checkpoint without one); an unreadable one is a CheckpointError."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable ({e}); expected JSON such as {{\"optimizer\": \"cpu_adam\"}}") from e
+        return config.read_resolved(folder)
+    except config.ConfigError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def load(engine, root: Path, tag: str, *, generator, rank: int) -> dict:

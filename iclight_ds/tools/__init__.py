@@ -1,0 +1,1 @@
+"""One-off scripts that make the project's shipped assets (the tiny VAE)."""

@@ -1,0 +1,185 @@
+"""The builders of a run, from its config and resolved record: the base, the dataset (and the trainer's own synthetic
+scenes), the frozen encoders, the trainable model with its optimizer and LR schedule, inside DeepSpeed's engine."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
+
+from ..config import RunConfig
+from ..data.cache import CachedDataset, run_expectations
+from ..data.dataset import MANIFEST, DatasetError, RelightDataset
+from ..data.synth import generate
+from ..data.validate import validate_dataset
+from ..model.arch import configure_attention, count_parameters, freeze, unet_size_of
+from ..model.base import BaseModel, load_base, load_iclight_offset
+from ..model.formats import BASE_RECORD
+from ..model.frozen import build_frozen
+from ..model.iclight import build_initial_model
+from ..model.tokenizer import build_char_tokenizer
+from . import engine as eng
+from .checks import check_module_devices
+from .plan import unet_parameters
+from .resolve import ResolvedRun
+
+log = logging.getLogger("iclight_ds")
+
+# The trainer renders a synthetic set with one process per this many scenes (up to the cores and 16)
+SCENES_PER_RENDER_PROCESS = 1024
+# The LR after warm-up decays (cosine) to this share of the peak at train.steps
+MIN_LR_RATE = 0.1
+
+
+def load_run_base(cfg: RunConfig, run: ResolvedRun, out_dir: Path, *, is_main: bool) -> BaseModel | None:
+    """model.base: real SD1.5 weights (offline), optionally with IC-Light offsets added; None: random models."""
+    model_cfg = cfg.model
+    if not model_cfg.base:
+        return None
+    # fp32 first: offsets are added at full precision, then everything goes to the training dtype
+    base = load_base(model_cfg.base, tokenizer_fallback=model_cfg.tokenizer, dtype=torch.float32,
+                     unet_only=bool(cfg.data.cache))
+    if model_cfg.iclight_weights:
+        load_iclight_offset(base.unet, model_cfg.iclight_weights)
+        log.info("added IC-Light offsets %s to the base", model_cfg.iclight_weights)
+    base.unet.to(run.torch_dtype)
+    if is_main:
+        record = {"base": model_cfg.base, "source": base.source, "unet_hash": base.unet_hash,
+                  "iclight_weights": model_cfg.iclight_weights}
+        (out_dir / BASE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return base
+
+
+def build_dataset(cfg: RunConfig, run: ResolvedRun, out_dir: Path, tokenizer, *, is_main: bool):
+    """The training set: a latent cache, the user's dataset folder (validated first), or the trainer's own synthetic
+    scenes. Collective (a barrier after rank 0 writes or checks). `tokenizer` is None for a cache."""
+    data_cfg, model_cfg = cfg.data, cfg.model
+    if data_cfg.cache:  # latents and text made by `python -m iclight_ds.cache`, checked against this run
+        return CachedDataset(data_cfg.cache, run_expectations(cfg, run.torch_dtype))
+    root = Path(data_cfg.path) if data_cfg.path else out_dir / "data"
+    if data_cfg.path is None and is_main:
+        make_synthetic(root, data_cfg.synth_samples, seed=data_cfg.synth_seed, resolution=data_cfg.resolution,
+                       env_shape=model_cfg.env_shape)
+    if data_cfg.validate and data_cfg.path is not None and is_main:
+        check_dataset(root, cfg)
+    eng.barrier()
+    return RelightDataset(root, data_cfg.resolution, tokenizer, env_shape=model_cfg.env_shape,
+                          require_background=model_cfg.variant == "fbc", require_env=model_cfg.variant == "fc",
+                          skip_bad=data_cfg.skip_bad)
+
+
+def run_tokenizer(cfg: RunConfig, base: BaseModel | None):
+    """The base's tokenizer, the char tokenizer of the random models, or None for a latent cache (no text)."""
+    if cfg.data.cache:
+        return None
+    return base.tokenizer if base is not None else build_char_tokenizer()
+
+
+def make_synthetic(root: Path, n: int, *, seed: int, resolution: int, env_shape: tuple[int, int]) -> None:
+    """Write `n` synthetic scenes into `root` unless it holds them already (rank 0; callers barrier after).
+
+    The folder is the trainer's own: one holding another number of scenes (a run folder reused with another
+    data.synth_samples) is rewritten; scene i depends only on (seed, i), so the common ones stay the same."""
+    manifest = root / MANIFEST
+    if manifest.is_file():
+        held = sum(1 for line in manifest.read_text().splitlines() if line.strip())
+        if held == n:
+            return
+        log.info("%s holds %d synthetic scenes, not %d: writing them again", root, held, n)
+    # ~50 scenes/s per process at 64 px; a pool's start costs seconds, so only large sets get one
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(cores, max(1, n // SCENES_PER_RENDER_PROCESS), 16)
+    log.info("generating %d synthetic relighting samples into %s (%d process(es))", n, root, workers)
+    # the ground-truth light parts (for evaluation) cost ~9 MB a sample at 512 px: only small sizes keep them
+    extras = resolution <= 128
+    if workers == 1:
+        generate(root, n, size=resolution, seed=seed, env_shape=env_shape, extras=extras)
+        return
+    # the generator's own CLI in a fresh interpreter: pool workers spawned from here would each import this
+    # process's __main__ (torch, deepspeed, diffusers) before rendering a scene
+    h, w = env_shape
+    cmd = [sys.executable, "-m", "iclight_ds.data.synth", "--out", str(root), "--n", str(n), "--size",
+           str(resolution), "--seed", str(seed), "--env-shape", str(h), str(w), "--workers", str(workers)]
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    subprocess.run(cmd + ([] if extras else ["--no-extras"]), check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def check_dataset(root: Path, cfg: RunConfig) -> None:
+    """Decode and check every sample of a user's dataset; refuse it with the problems listed unless data.skip_bad."""
+    model_cfg = cfg.model
+    problems = validate_dataset(root, env_shape=model_cfg.env_shape, require_background=model_cfg.variant == "fbc",
+                                require_env=model_cfg.variant == "fc")
+    if not problems:
+        return
+    listing = "\n  ".join(p.format() for p in problems[:20]) + (
+        f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+    if not cfg.data.skip_bad:
+        raise DatasetError(f"{root}: {len(problems)} problem(s); fix them or set data.skip_bad=true:\n  {listing}")
+    lines = len({p.line for p in problems})
+    log.warning("%s: %d sample line(s) have problems and will be skipped as met:\n  %s", root, lines, listing)
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, train_cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over train.warmup_steps, then constant, or cosine decay to MIN_LR_RATE of the peak at
+    train.steps (transformers' schedules)."""
+    if train_cfg.schedule == "constant":
+        return get_constant_schedule_with_warmup(optimizer, train_cfg.warmup_steps)
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, num_warmup_steps=train_cfg.warmup_steps,
+                                                       num_training_steps=train_cfg.steps, min_lr_rate=MIN_LR_RATE)
+
+
+@dataclass
+class Models:
+    engine: Any  # DeepSpeed's engine around the ICLightModel
+    vae: Any | None  # frozen; None when training from a latent cache
+    text_encoder: Any | None
+
+
+def build_models(cfg: RunConfig, run: ResolvedRun, base: BaseModel | None, tokenizer, device) -> Models:
+    """The trainable model inside DeepSpeed's engine (with its optimizer and LR schedule) and the frozen encoders.
+    Sets run.attention to the kernel the UNet uses."""
+    dtype = run.torch_dtype
+    if base is not None:  # the UNet exists already: deepspeed.initialize partitions it (ZeRO-3)
+        model = build_initial_model(cfg.model, seed=cfg.train.seed, dtype=dtype, unet=base.unet)
+        _warn_if_planned_for_another_size(cfg, run, count_parameters(model.unet))
+    else:
+        with eng.model_init_context(run.ds):
+            model = build_initial_model(cfg.model, seed=cfg.train.seed, dtype=dtype,
+                                        modify=eng.whole_params(run.ds))
+    if run.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+    run.attention = configure_attention(model.unet, cfg.model.attention, device.type)
+    log.info("attention: %s; gradient checkpointing: %s; trainable parameters: %.2fM", run.attention,
+             "on" if run.gradient_checkpointing else "off", count_parameters(model) / 1e6)
+    vae = text_encoder = None  # a latent cache holds their outputs: not built at all
+    if not cfg.data.cache and base is not None:
+        vae = freeze(base.vae, run.torch_frozen_dtype, device)
+        text_encoder = freeze(base.text_encoder, run.torch_frozen_dtype, device)
+    elif not cfg.data.cache:  # outside model_init_context: ZeRO-3 never partitions them
+        vae, text_encoder = build_frozen(cfg.model.size, seed=cfg.train.seed, tokenizer=tokenizer,
+                                         dtype=run.torch_frozen_dtype, device=device, vae=cfg.model.vae)
+    optimizer = eng.build_optimizer(run.optimizer, [p for p in model.parameters() if p.requires_grad],
+                                    lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, betas=cfg.train.betas)
+    engine = eng.initialize(model, optimizer, lambda opt: lr_scheduler(opt, cfg.train), run.ds,
+                            optimizer_name=run.optimizer)
+    modules = {"model": engine.module, "vae": vae, "text_encoder": text_encoder}
+    check_module_devices({k: m for k, m in modules.items() if m is not None}, device)
+    return Models(engine, vae, text_encoder)
+
+
+def _warn_if_planned_for_another_size(cfg: RunConfig, run: ResolvedRun, unet_params: int) -> None:
+    """A base whose size could not be read from its config was planned as model.size: say so if that was wrong."""
+    planned = unet_parameters(run.plan_size, cfg.model.in_channels)
+    if not 0.5 < unet_params / planned < 2:
+        log.warning("model.base has a %.1fM-parameter UNet but was planned as size %s (%.1fM): train.ds_config="
+                    "auto and train.optimizer=auto may not fit; set model.size=%s", unet_params / 1e6,
+                    run.plan_size, planned / 1e6, unet_size_of(unet_params))
