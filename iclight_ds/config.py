@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import yaml
+
 
 class ConfigError(ValueError):
     """A configuration file, key or value is wrong; the message names the key."""
@@ -280,8 +282,6 @@ def read_config_file(path: str | Path) -> dict:
         if path.suffix == ".json":
             tree = json.loads(text)
         else:
-            import yaml
-
             tree = yaml.safe_load(text) or {}
     except Exception as e:  # the parser's own message says where
         raise ConfigError(f"{path}: cannot parse: {e}") from e

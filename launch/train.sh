@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train an IC-Light model. With no arguments: the built-in default (synthetic relighting data, tiny models) into
-# runs/default/, or with a GPU of 16 GiB or more the GPU default run (iclight_ds/presets/default-gpu.yaml) into
+# runs/default/, or with a GPU of 16 GiB or more the GPU default run (iclight_ds/train/presets/default-gpu.yaml) into
 # runs/default-gpu/.
 #
 #   bash launch/train.sh [--num-gpus N] [--hostfile FILE] [--ds-config NAME|FILE|auto] [--config FILE]

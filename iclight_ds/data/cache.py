@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from ..config import DEFAULT_ENV_SHAPE
 from ..dtypes import DTYPES, dtype_name
@@ -298,32 +300,16 @@ def build_cache(
     data: str | Path,
     out: str | Path,
     *,
-    base: str | None = None,
-    size: str = "tiny",
-    vae: str = "auto",
-    seed: int = 0,
-    frozen_dtype: str = "bf16",
-    variant: str = "fc",
-    resolution: int = 64,
-    env_shape: tuple[int, int] = DEFAULT_ENV_SHAPE,
-    split_variants: int = 4,
-    split_cells: int = 4,
-    dtype: str = "bf16",
-    batch_size: int = 8,
-    shard_size: int = 256,
-    num_workers: int = 0,
-    device: str | None = None,
-    validate: bool = True,
-    progress: bool = True,
+    base: str | None = None, size: str = "tiny", vae: str = "auto", seed: int = 0, frozen_dtype: str = "bf16",
+    variant: str = "fc", resolution: int = 64, env_shape: tuple[int, int] = DEFAULT_ENV_SHAPE,
+    split_variants: int = 4, split_cells: int = 4, dtype: str = "bf16", batch_size: int = 8, shard_size: int = 256,
+    num_workers: int = 0, device: str | None = None, validate: bool = True, progress: bool = True,
 ) -> dict:
     """Encode every sample of the dataset at `data` into the cache at `out` (resuming one that was interrupted).
 
     Returns {"samples": encoded now, "skipped_shards": already complete, "encode_s": seconds spent encoding and
     writing (models not counted), "build_s": seconds building the frozen models, "samples_per_s"}.
     """
-    from torch.utils.data import DataLoader
-
-
     data, out = Path(data), Path(out)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     split_variants = split_variants if variant == "fbc" else 0  # FC splits its env map at train time: no VAE
@@ -337,27 +323,13 @@ def build_cache(
         "split_cells": split_cells if split_variants else None, "dtype": dtype,
         "dataset_hash": manifest_hash(data), "num_samples": len(samples), "shard_size": shard_size,
     }
-    wanted_base = None if base is None else str(Path(base).resolve())
-    old = None
-    if (out / META).is_file():
-        old = read_meta(out)
-        if base is None:
-
-            model_keys = {"size": size, "vae": vae_identity(size, vae)}
-        else:
-            model_keys = {}
-        check_identity(old["identity"], {"base": wanted_base, **model_keys, **partial},
-                       where=str(out), wanted_by="this command")
-    elif out.is_dir() and any(p for p in out.iterdir() if not p.name.endswith(".tmp")):
-        raise CacheError(f"{out} exists and is not a latent cache (no {META}): choose an empty or new folder")
+    old = _existing_cache(out, partial, base=base, size=size, vae=vae)
     if validate and old is None:
-
         bad = validate_dataset(data, env_shape=env_shape, require_background=variant == "fbc",
                                require_env=variant == "fc")
         if bad:
             raise CacheError(f"{data}: {len(bad)} problem(s), e.g. {bad[0].format()}; python -m "
                              f"iclight_ds.data.validate {data} lists them (--no-validate skips this check)")
-
     t0 = time.perf_counter()
     vae, text_encoder, tokenizer, model_identity = _frozen_models(
         base=base, size=size, seed=seed, frozen_dtype=DTYPES[frozen_dtype], device=device, vae=vae)
@@ -379,37 +351,52 @@ def build_cache(
     todo = [s for s in shards if not _shard_is_complete(out / s["file"], ident, s["count"])]
     ds = RelightDataset(data, resolution, tokenizer, env_shape=env_shape, require_background=variant == "fbc",
                         require_env=variant == "fc")
-    batches = [list(range(a, min(a + batch_size, s["first"] + s["count"])))
-               for s in todo for a in range(s["first"], s["first"] + s["count"], batch_size)]
-    loader = DataLoader(ds, batch_sampler=batches, num_workers=num_workers)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(samples), initial=len(samples) - sum(s["count"] for s in todo), unit="sample",
-                   desc=f"cache {out.name}", dynamic_ncols=True)
+    bar = tqdm(total=len(samples), initial=len(samples) - sum(s["count"] for s in todo), unit="sample",
+               desc=f"cache {out.name}", dynamic_ncols=True, disable=not progress)
     t0 = time.perf_counter()
-    storage = DTYPES[dtype]
-    pending: list[dict] = []
-    shard_iter = iter(todo)
-    shard = next(shard_iter, None)
-    for batch in loader:
-        pending.append(encode_samples(batch, vae, text_encoder, variant=variant, split_variants=split_variants,
-                                      split_cells=split_cells, seed=seed, device=device, chunk=2 * batch_size))
-        if bar is not None:
-            bar.update(len(batch["index"]))
-        if sum(len(p["index"]) for p in pending) == shard["count"]:
-            _write_shard(out / shard["file"], pending, storage, ident, [samples[i].id for i in range(
-                shard["first"], shard["first"] + shard["count"])], save_file)
-            pending, shard = [], next(shard_iter, None)
-    if bar is not None:
-        bar.close()
+    encode = dict(variant=variant, split_variants=split_variants, split_cells=split_cells, seed=seed, device=device,
+                  chunk=2 * batch_size)
+    _encode_shards(ds, todo, out, [s.id for s in samples], vae, text_encoder, encode=encode, storage=DTYPES[dtype],
+                   ident=ident, batch_size=batch_size, num_workers=num_workers, bar=bar)
+    bar.close()
     encode_s = time.perf_counter() - t0
     meta["complete"] = True
     _write_json(out / META, meta)
     done = sum(s["count"] for s in todo)
     return {"samples": done, "skipped_shards": len(shards) - len(todo), "encode_s": encode_s, "build_s": build_s,
             "samples_per_s": done / encode_s if encode_s > 0 else float("nan")}
+
+
+def _existing_cache(out: Path, partial: dict, *, base: str | None, size: str, vae: str) -> dict | None:
+    """The metadata of the cache already at `out` (checked against this command, before any model is built), None
+    for a new one; a folder that holds something else is refused."""
+    if (out / META).is_file():
+        old = read_meta(out)
+        model_keys = {"size": size, "vae": vae_identity(size, vae)} if base is None else {}
+        wanted_base = None if base is None else str(Path(base).resolve())
+        check_identity(old["identity"], {"base": wanted_base, **model_keys, **partial}, where=str(out),
+                       wanted_by="this command")
+        return old
+    if out.is_dir() and any(p for p in out.iterdir() if not p.name.endswith(".tmp")):
+        raise CacheError(f"{out} exists and is not a latent cache (no {META}): choose an empty or new folder")
+    return None
+
+
+def _encode_shards(ds, todo: list[dict], out: Path, ids: list[str], vae, text_encoder, *, encode: dict,
+                   storage: torch.dtype, ident: str, batch_size: int, num_workers: int, bar) -> None:
+    """Encode the samples of the shards in `todo` in batches and write each shard as soon as it is whole."""
+    batches = [list(range(a, min(a + batch_size, s["first"] + s["count"])))
+               for s in todo for a in range(s["first"], s["first"] + s["count"], batch_size)]
+    pending: list[dict] = []
+    shard_iter = iter(todo)
+    shard = next(shard_iter, None)
+    for batch in DataLoader(ds, batch_sampler=batches, num_workers=num_workers):
+        pending.append(encode_samples(batch, vae, text_encoder, **encode))
+        bar.update(len(batch["index"]))
+        if sum(len(p["index"]) for p in pending) == shard["count"]:
+            _write_shard(out / shard["file"], pending, storage, ident,
+                         ids[shard["first"]:shard["first"] + shard["count"]], save_file)
+            pending, shard = [], next(shard_iter, None)
 
 
 def _write_shard(path: Path, parts: list[dict], storage: torch.dtype, ident: str, ids: list[str], save_file) -> None:

@@ -1,6 +1,6 @@
 """On-disk relighting datasets: the manifest reader and the torch Dataset.
 
-A dataset is a folder with `manifest.jsonl`, one JSON object per line (see README "Datasets"):
+A dataset is a folder with `manifest.jsonl`, one JSON object per line (docs/data.md):
 required `id`, `prompt`, `target`, `foreground`, `mask`; optional `background`, `env` and the
 generator's extras `env_parts`, `target_linear`, `target_parts_linear`. Paths are relative to the
 folder and may not leave it.

@@ -33,7 +33,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from diffusers.utils import make_image_grid
 
 from ..config import ConfigError, load_config
 from ..data.dataset import DatasetError, RelightDataset
@@ -283,15 +283,9 @@ ROWS = (("psnr", "PSNR (dB, fg)", "baseline_psnr", "{:.2f}"), ("ssim", "SSIM (fg
 
 def save_grid(images: list[dict], path: str | Path) -> Path:
     """One row per sample: degraded input | target | relit under L [| under L1 | under L2]."""
-
-
     keys = ["input", "target", "relit", "relit_part1", "relit_part2"]
     keys = [k for k in keys if all(k in im for im in images)]
-    h, w = images[0]["target"].shape[-2:]
-    grid = Image.new("RGB", (w * len(keys), h * len(images)))
-    for r, im in enumerate(images):
-        for c, k in enumerate(keys):
-            grid.paste(to_pil(im[k]), (c * w, r * h))
+    grid = make_image_grid([to_pil(im[k]) for im in images for k in keys], rows=len(images), cols=len(keys))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
@@ -350,12 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=32, help="first N samples of --data")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance (1: off, as trained)")
     p.add_argument("--strength", type=float, default=1.0,
-                   help="1 (default, every README score): sample from pure noise; < 1: start from the degraded "
+                   help="1 (default, every documented score): sample from pure noise; < 1: start from the degraded "
                         "input's latent noised to this share of the sampler steps (img2img, like the demo's initial "
                         "latent), which hands the model the silhouette")
     p.add_argument("--sampler", default=None, help="default: dpmpp_2m_sde_karras (the demo's)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu", help="cpu (default: the README's numbers), cuda, cuda:N or auto; fp32 on "
+    p.add_argument("--device", default="cpu", help="cpu (default: the documented numbers), cuda, cuda:N or auto; fp32 on "
                    "every device")
     p.add_argument("--out", default=None, help="JSON result (default: <run>/eval.json)")
     p.add_argument("--grid", default=None, help="also save a PNG: input | target | relit under L, L1, L2 per row")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from diffusers.utils import make_image_grid
 from PIL import Image
 
 from ..data.imageio import GREY
@@ -65,10 +66,5 @@ def make_preview_grid(
     if fbc:
         columns.append((batch["background"].float() + 1) / 2)
     columns += [(batch["target"].float() + 1) / 2, pred]
-    rows, cols = pred.shape[0], len(columns)
-    h, w = pred.shape[-2:]
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for r in range(rows):
-        for c, col in enumerate(columns):
-            grid.paste(to_pil(col[r]), (c * w, r * h))
-    return grid
+    cells = [to_pil(col[r]) for r in range(pred.shape[0]) for col in columns]  # row-major
+    return make_image_grid(cells, rows=pred.shape[0], cols=len(columns))

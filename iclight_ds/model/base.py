@@ -14,6 +14,7 @@ No network access: every `from_pretrained` uses `local_files_only=True`.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -482,8 +483,6 @@ def load_iclight_offset(unet, path_or_state: str | Path | dict[str, torch.Tensor
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
     p = argparse.ArgumentParser(description="Regenerate the shipped SD1.5 configs, or describe a base model.")
     p.add_argument("--write-configs", action="store_true", help=f"rewrite {SD15_CONFIG_DIR}")
     p.add_argument("--describe", default=None, help="load this base and print its source and UNet hash")

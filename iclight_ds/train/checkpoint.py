@@ -9,6 +9,7 @@ A save goes to `.tmp-<tag>/` first; only a finished folder is renamed to its tag
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import random
@@ -50,8 +51,6 @@ def rng_state(generator: torch.Generator) -> dict:
 
 
 def restore_rng_state(state: dict, generator: torch.Generator) -> None:
-    import ast
-
     torch.set_rng_state(state["torch"])
     generator.set_state(state["generator"])
     np.random.set_state(_numpy_state_from_tensors(state["numpy"]))

@@ -19,8 +19,11 @@ import argparse
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from unittest import mock
 
+import psutil
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -99,11 +102,6 @@ def activation_bytes(size: str, in_channels: int, resolution: int, tokens: int =
                      checkpointing: bool = True) -> float:
     """Bytes one sample's activations need (bf16), with or without gradient checkpointing, measured on the meta
     device."""
-    from unittest import mock
-
-    import torch.nn.functional as F
-
-
     with mock.patch.object(F, "scaled_dot_product_attention", _flash_like_sdpa):
         return _measure_saved(UNet2DConditionModel, AttnProcessor2_0, dict(ARCHS[size][0], in_channels=in_channels),
                               resolution, tokens, checkpointing)
@@ -263,8 +261,6 @@ def plan(*, gpu_mem_gib: float | None, gpus: int, ram_gib: float, resolution: in
 
 
 def detect() -> dict:
-    import psutil
-
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     gpu_mem = torch.cuda.get_device_properties(0).total_memory / GiB if gpus else None
     return {"gpus": gpus, "gpu_mem_gib": gpu_mem, "ram_gib": psutil.virtual_memory().total / GiB}

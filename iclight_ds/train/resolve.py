@@ -175,31 +175,30 @@ class _Resolver:
                                 "pass that DeepSpeed config with --ds-config")
 
     def _optimizer(self, micro_batch: int) -> str:
-        """train.optimizer, with auto resolved for this config and machine (plan.optimizer_for): where the step runs
-        on the host (offload, or a CPU-only machine) the RAM decides. A resumed run builds the optimizer its
-        checkpoint was written with (its states are that optimizer's)."""
+        """train.optimizer as plan.optimizer_for resolves it for this config and machine (where the step runs on the
+        host, the RAM decides). A resumed run builds the optimizer its checkpoint was written with (its states are
+        that optimizer's)."""
         cfg = self.cfg
-        wanted = eng.resolve_optimizer(cfg.train.optimizer, self.ds_cfg, on_gpu=self.on_gpu)
         saved = self.resumed.get("optimizer")
         if saved is None and cfg.train.resume and cfg.train.optimizer == "auto":
             saved = self._older_checkpoint_optimizer()
         if saved is not None:
-            if cfg.train.optimizer != "auto" and wanted != saved:
+            if cfg.train.optimizer not in ("auto", saved):
                 raise eng.EngineConfigError(
-                    f"train.optimizer={wanted}, but the checkpoint being resumed ({cfg.train.resume}) holds "
-                    f"{saved} states; resume with train.optimizer={saved} (or auto)")
+                    f"train.optimizer={cfg.train.optimizer}, but the checkpoint being resumed ({cfg.train.resume}) "
+                    f"holds {saved} states; resume with train.optimizer={saved} (or auto)")
             log.info("train.optimizer: %s, as recorded in the checkpoint being resumed", saved)
             return saved
-        if cfg.train.optimizer != "auto" or wanted == "adamw8bit":
-            return wanted
         params = unet_parameters(self.plan_size, cfg.model.in_channels)
         activations = 0.0  # on a GPU they live in device memory, not in the RAM this decides on
-        if not self.on_gpu:
+        if cfg.train.optimizer == "auto" and not self.on_gpu:
             activations = micro_batch * activations_per_sample(
                 self.plan_size, cfg.model.in_channels, cfg.data.resolution, params,
                 checkpointing=cfg.model.gradient_checkpointing, consistency=cfg.objective.lambda_consistency > 0)
-        name = optimizer_for("auto", params, self.ds_cfg, world=self.acc.world_size, ranks_here=self.ranks_here,
-                             ram_gib=psutil.virtual_memory().total / GiB, on_gpu=self.on_gpu, activations=activations)
+        name = optimizer_for(cfg.train.optimizer, params, self.ds_cfg, world=self.acc.world_size,
+                             ranks_here=self.ranks_here, ram_gib=psutil.virtual_memory().total / GiB,
+                             on_gpu=self.on_gpu, activations=activations)
+        wanted = eng.resolve_optimizer(cfg.train.optimizer, self.ds_cfg, on_gpu=self.on_gpu)
         if name != wanted:
             log.warning("train.optimizer=auto: %s's fp32 moments would not fit this machine's RAM with %s; using %s "
                         "(8-bit states, a slower step on the host)", wanted, self.ds_path, name)
