@@ -1,6 +1,6 @@
 #!/bin/bash
 # The default run as a user starts it (`bash launch/train.sh`, nothing but a run folder), scored on the 32 held-out
-# scenes of every README result (seed 20000) against copy-the-input (issue 7: >= 6 dB better).
+# scenes of every result in docs/quality.md (seed 20000) against copy-the-input (the target: >= 6 dB better).
 #
 #   bash bench/default_run.sh [RESULT_JSON]   env: R (/tmp/default_run: work folder), LIMIT_S (0: none; else stop
 #                                             the training after LIMIT_S seconds, saving a checkpoint),

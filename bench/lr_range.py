@@ -5,7 +5,7 @@ python bench/lr_range.py [--out bench/results/lr-range-cpu.json] [--steps 300] [
 
 The real Trainer on the default setup (tiny FC, synthetic data, ds_configs/cpu.json, consistency on) with
 --optimizer (default AdamW8bit, as the committed lr-range-cpu.json was measured; adamw: torch's fused AdamW, what
-train.optimizer=auto picks on a CPU since the eighth session, in lr-range-cpu-adamw.json) and gradient checkpointing,
+train.optimizer=auto picks on a CPU, in lr-range-cpu-adamw.json) and gradient checkpointing,
 with its LR schedule replaced by lr(s) = lr_min * (lr_max / lr_min) ** (s / steps) (no warm-up). The loss is
 smoothed (EMA 0.9); the table shows it per LR decade. Reported: the LR where the smoothed loss falls fastest
 (steepest descent in log-LR), the LR of its minimum, and the LR where it first exceeds 1.5x the minimum

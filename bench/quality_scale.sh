@@ -1,5 +1,5 @@
 #!/bin/bash
-# Does the tiny setup reach issue 7's numbers with ~10x the samples of the longest CPU run? (run on a GPU)
+# Does the tiny setup reach the quality targets (docs/quality.md) with ~10x the samples of the longest CPU run? (GPU)
 #
 #   bash bench/quality_scale.sh [RESULT_JSON]   env: B (512: micro-batch), STEPS (1000), TRAIN_S (420),
 #                                               NBIG (12288: training scenes), EVAL_EVERY (250), WORKERS (3),

@@ -1,5 +1,5 @@
 #!/bin/bash
-# How far does the default tiny setup get with more compute and a 4x VAE? (issue 7; run on a GPU)
+# How far does the default tiny setup get with more compute and a 4x VAE? (run on a GPU)
 #
 #   bash bench/quality_sweep.sh [RESULT_JSON]      env: DEV (cuda), TRAIN_S (330), STEPS (1500), VSTEPS (6000),
 #                                                  NBIG (8192), R (/tmp/quality_sweep: work folder)
@@ -7,8 +7,8 @@
 # 1. trains two tiny VAEs with 4x downsampling (16x16 latents at 64 px) with `python -m iclight_ds.tiny_vae`:
 #    widths 32/64/64 and 48/96/96, and renders 8192 synthetic scenes;
 # 2. trains, side by side on one device, each for at most TRAIN_S seconds, evaluating every 250 steps on 8 held-out
-#    scenes (seed 20000; the sweep committed from the H200 predates this and scored its batch-64 runs on 8 of their
-#    training scenes, see README):
+#    scenes (seed 20000; the committed H200 sweep scored its batch-64 runs on 8 of their training scenes instead,
+#    see docs/quality.md):
 #      f8-b64      shipped 8x VAE, micro-batch 64 (8x the default), 8192 scenes
 #      f4-b8       4x VAE, the default run otherwise (micro-batch 8, 1024 scenes)
 #      f4-b64      4x VAE, micro-batch 64, 8192 scenes;  f4-b64-lc0: the same with lambda_c = 0
