@@ -17,7 +17,11 @@ import torch
 
 log = logging.getLogger(__name__)
 
-REPO_DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
+# The shipped DeepSpeed JSONs: the copy packaged as iclight_ds/ds_configs/ in an installed wheel, else the repository's
+# top-level ds_configs/ (a checkout, or an editable install of one)
+_PACKAGED_DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+REPO_DS_CONFIGS = (_PACKAGED_DS_CONFIGS if _PACKAGED_DS_CONFIGS.is_dir()
+                   else Path(__file__).resolve().parents[2] / "ds_configs")
 # Keys the trainer owns: a DeepSpeed JSON that sets them would give one number two sources of truth.
 _TRAINER_OWNED = {
     "optimizer": "train.optimizer / train.lr / train.weight_decay / train.betas",
