@@ -2,7 +2,6 @@
 
 import json
 import logging
-import os
 import pickle
 import subprocess
 import sys
@@ -13,13 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-os.environ["HF_HUB_OFFLINE"] = "1"
+from helpers import REPO
+from iclight_ds.data.dataset import DatasetError, RelightDataset
+from iclight_ds.data.validate import main as validate_main, validate_dataset
+from iclight_ds.model.tokenizer import build_char_tokenizer
 
-from iclight_ds.data import DatasetError, RelightDataset, build_char_tokenizer  # noqa: E402
-from iclight_ds.data.synth import generate  # noqa: E402
-from iclight_ds.data.validate import main as validate_main, validate_dataset  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 SIZE = 16  # hand-made samples are SIZE x SIZE
 
 
@@ -29,8 +26,8 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory) -> Path:
-    return generate(tmp_path_factory.mktemp("synth"), 5, size=32, seed=3)
+def synth_dir(synthetic) -> Path:
+    return synthetic(5, size=32, seed=3)
 
 
 # ----------------------------------------------------------------------------- hand-made datasets

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import subprocess_env
 
 # 100 tensors of 4 MiB held at once, then a small survivor allocated after them, then the 100 freed. Before
 # the loop a 16 MiB tensor is freed, which lifts glibc's dynamic threshold above 4 MiB: the 4 MiB blocks
@@ -19,7 +17,7 @@ CHURN = r"""
 import json, sys
 import psutil, torch
 if sys.argv[1] == "pin":
-    from iclight_ds.engine import pin_malloc_mmap_threshold
+    from iclight_ds.train.engine import pin_malloc_mmap_threshold
     assert pin_malloc_mmap_threshold()
 rss = lambda: psutil.Process().memory_info().rss
 lift = torch.ones(4 << 20)
@@ -32,10 +30,10 @@ print(json.dumps({"retained_mib": (rss() - before) / 2**20}))
 """
 
 
-def _retained_mib(mode: str, **env: str) -> float:
-    full_env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
-    full_env.update(PYTHONPATH=str(REPO), **env)
-    out = subprocess.run([sys.executable, "-c", CHURN, mode], env=full_env, capture_output=True, text=True,
+def _retained_mib(mode: str) -> float:
+    env = subprocess_env()
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)  # glibc's own default, unless the child pins it
+    out = subprocess.run([sys.executable, "-c", CHURN, mode], env=env, capture_output=True, text=True,
                          timeout=120, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["retained_mib"]
 
@@ -46,10 +44,3 @@ def test_pinned_threshold_returns_freed_tensors_to_the_os():
     pinned = _retained_mib("pin")
     assert unpinned > 300, f"glibc kept only {unpinned:.0f} MiB of 400 freed: the case this guards is gone"
     assert pinned < 50, f"{pinned:.0f} MiB of 400 freed MiB stayed in the process with the pinned threshold"
-
-
-def test_user_setting_wins(monkeypatch):
-    from iclight_ds.engine import pin_malloc_mmap_threshold
-
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")
-    assert pin_malloc_mmap_threshold() is False

@@ -1,4 +1,4 @@
-"""Run under the deepspeed launcher by tests/test_distributed.py: real ranks, real engines, recorded facts.
+"""Run under the deepspeed launcher by tests/e2e/test_distributed.py: real ranks, real engines, recorded facts.
 
 For each DeepSpeed config given, trains a tiny model for a few steps through the real Trainer, recording per
 micro-step the engine's global step, the number of backward calls, and a weight checksum; then checks the
@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+TESTS = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(TESTS.parent), str(TESTS)]  # the checkout (iclight_ds) and tests/ (helpers)
 
 from safetensors.torch import load_file  # noqa: E402
 
-from iclight_ds import engine as eng  # noqa: E402
-from iclight_ds.config import load_config  # noqa: E402
-from iclight_ds.train import Trainer  # noqa: E402
+from helpers import run_config  # noqa: E402
+from iclight_ds.train import engine as eng  # noqa: E402
+from iclight_ds.train.trainer import Trainer  # noqa: E402
 
 
 class ProbedTrainer(Trainer):
@@ -69,28 +70,23 @@ def run_one(ds_config: str, args, rank: int) -> dict:
     out = Path(args.out) / Path(ds_config).stem
     overrides = {
         "train.ds_config": ds_config,
-        "train.output_dir": str(out),
         "train.steps": args.steps,
         "train.optimizer": optimizer_for(ds_config, args.optimizer),
         "train.lr": 1e-3,
         "train.warmup_steps": 0,
-        "data.path": args.data,
-        "data.num_workers": 0,
         "model.variant": args.variant,
         "model.gradient_checkpointing": True,  # auto leaves it off for tiny UNets; here it runs under every stage
-        "logging.every": 1,
-        "logging.wandb": False,
-        "logging.progress": False,
         "logging.preview_steps": 2,  # the final preview runs under every ZeRO stage on both ranks
         "logging.preview_samples": 2,
     }
-    trainer = ProbedTrainer(load_config(None, overrides))
+    trainer = ProbedTrainer(run_config(out, args.data, overrides))
     before = eng.gathered_state_dict(trainer.engine)
     trainer.train()
     after = eng.gathered_state_dict(trainer.engine)
     inner = getattr(trainer.engine.optimizer, "optimizer", trainer.engine.optimizer)  # the client optimizer
     result = {"trace": trainer.trace, "accumulation": trainer.geometry.accumulation,
-              "optimizer": [trainer.optimizer_name, type(inner).__name__], "checkpointing": trainer.checkpointing}
+              "optimizer": [trainer.run.optimizer, type(inner).__name__],
+              "checkpointing": trainer.run.gradient_checkpointing}
     if rank == 0:
         unchanged = [k for k in before if torch.equal(before[k], after[k])]
         last = max(k for k in before if k.startswith("merger.mlp.") and k.endswith(".weight"))

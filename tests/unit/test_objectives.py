@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from iclight_ds.config import ModelConfig
-from iclight_ds.conditioning import split_background, split_masks
 from iclight_ds.data.imageio import linear_to_srgb, srgb_to_linear
-from iclight_ds.models import build_iclight_model
-from iclight_ds.objectives import (
+from iclight_ds.data.split import split_background, split_masks
+from iclight_ds.model.iclight import build_iclight_model
+from iclight_ds.model.schedule import alphas_cumprod
+from iclight_ds.train.objectives import (
     ConditionedBatch,
     add_noise,
     consistency_loss,
@@ -15,7 +16,6 @@ from iclight_ds.objectives import (
     min_snr_weights,
     vanilla_loss,
 )
-from iclight_ds.train import alphas_cumprod
 
 
 def test_vanilla_loss_values():

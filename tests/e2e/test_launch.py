@@ -6,7 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import REPO
 
 
 def _fake_python3(bin_dir: Path, record: Path, gpus: int) -> None:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from iclight_ds.config import ConfigError, load_config, parse_overrides, save_config, to_dict
-from iclight_ds.engine import EngineConfigError, batch_geometry, read_ds_config
+from iclight_ds.train.engine import EngineConfigError, batch_geometry, read_ds_config
 
 
 def test_defaults_file_and_overrides(tmp_path):
@@ -92,7 +92,7 @@ def test_ds_config_is_the_source_of_batch_numbers(tmp_path):
 
 
 def test_every_shipped_ds_config_reads(tmp_path):
-    from iclight_ds.engine import REPO_DS_CONFIGS, training_dtype
+    from iclight_ds.train.engine import REPO_DS_CONFIGS, training_dtype
 
     names = sorted(p.name for p in REPO_DS_CONFIGS.glob("*.json"))
     assert {"cpu.json", "zero2.json", "zero2_offload.json", "zero3.json", "zero3_offload.json"} <= set(names)
@@ -104,7 +104,7 @@ def test_every_shipped_ds_config_reads(tmp_path):
 def test_optimizer_param_groups_are_bounded():
     import torch
 
-    from iclight_ds.engine import param_groups
+    from iclight_ds.train.engine import param_groups
 
     params = [torch.nn.Parameter(torch.zeros(n)) for n in (30, 30, 50, 200, 10)]
     groups = param_groups(params, max_elements=64)
@@ -114,8 +114,7 @@ def test_optimizer_param_groups_are_bounded():
 
 
 def test_the_shipped_4x_vae_by_name(tmp_path):
-    from iclight_ds.conditioning import vae_source
-    from iclight_ds.tiny_vae import ASSET, ASSET_4X
+    from iclight_ds.model.frozen import ASSET, ASSET_4X, vae_source
 
     assert vae_source("tiny", "tiny-4x") == str(ASSET_4X) and ASSET_4X.is_file()
     assert vae_source("tiny", "auto") == str(ASSET)
@@ -127,79 +126,8 @@ def test_the_shipped_4x_vae_by_name(tmp_path):
         load_config(None, parse_overrides(["--model.vae", "nope.safetensors"]))
 
 
-def test_the_gpu_default_run_preset():
-    """What a GPU machine's default run trains: the tiny model in batches of 512 through the 4x VAE."""
-    from iclight_ds.engine import resolve_ds_config_path
-    from iclight_ds.train import GPU_DEFAULT_PRESET
-
-    cfg = load_config(GPU_DEFAULT_PRESET)
-    plain = load_config(None)
-    assert (cfg.model.size, cfg.model.vae, cfg.model.variant) == ("tiny", "tiny-4x", plain.model.variant)
-    assert (cfg.data.synth_samples, cfg.train.steps, cfg.train.output_dir) == (12288, 1500, "runs/default-gpu")
-    assert cfg.data.validate is True  # a --data.path given with the preset is still checked
-    assert (cfg.train.lr, cfg.train.schedule, cfg.objective) == (plain.train.lr, plain.train.schedule,
-                                                                 plain.objective)
-    ds = read_ds_config(resolve_ds_config_path(cfg.train.ds_config))
-    assert batch_geometry(ds, world_size=1).effective_batch == 512
-    assert ds["zero_optimization"]["stage"] == 0 and ds["bf16"]["enabled"] is True
-
-
-@pytest.mark.parametrize("config,overrides,gpu_gib,expected", [
-    (None, {}, None, None),  # CPU: the plain defaults
-    (None, {}, 80.0, "preset"),
-    (None, {}, 16.0, "preset"),
-    (None, {}, 11.9, None),  # a GPU too small for micro-batch 512: the planner's config, as before
-    (None, {"train.output_dir": "x", "train.resume": "latest"}, 80.0, "preset"),  # launch/train.sh's own options
-    (None, {"train.steps": "5"}, 80.0, None),  # any other override: the plain defaults
-    ("mine.yaml", {}, 80.0, "mine.yaml"),
-])
-def test_which_config_the_default_run_reads(config, overrides, gpu_gib, expected):
-    from iclight_ds.train import GPU_DEFAULT_PRESET, default_config_file
-
-    chosen = default_config_file(config, overrides, gpu_gib)
-    assert chosen == (str(GPU_DEFAULT_PRESET) if expected == "preset" else expected)
-
-
-def test_the_trainer_s_command_line_uses_the_gpu_preset(monkeypatch, capsys):
-    """`python -m iclight_ds.train` (what launch/train.sh starts) with a GPU visible trains the preset's config."""
-    import iclight_ds.train as train
-
-    seen = []
-
-    class Recorder:
-        def __init__(self, cfg):
-            seen.append(cfg)
-
-        def train(self):
-            pass
-
-    monkeypatch.setattr(train, "Trainer", Recorder)
-    monkeypatch.setattr(train.eng, "shutdown", lambda: None)  # keep the process group other in-process tests share
-    monkeypatch.setattr(train, "_gpu_memory_gib", lambda: 80.0)
-    assert train.main(["--train.output_dir", "elsewhere"]) == 0
-    assert seen[-1].model.vae == "tiny-4x" and seen[-1].train.output_dir == "elsewhere"
-    assert "default-gpu.yaml, into elsewhere" in capsys.readouterr().err
-    assert train.main(["--train.steps", "7"]) == 0
-    assert seen[-1].model.vae == "auto" and seen[-1].train.steps == 7
-    monkeypatch.setattr(train, "_gpu_memory_gib", lambda: None)
-    assert train.main([]) == 0
-    assert seen[-1] == load_config(None)
-
-
-def test_wandb_mode_disabled_needs_no_wandb(monkeypatch, tmp_path):
-    """WANDB_MODE=disabled turns wandb off without an override (which would leave the default run's preset)."""
-    import sys
-
-    from iclight_ds.train import MetricsWriter
-
-    monkeypatch.setitem(sys.modules, "wandb", None)  # as on a machine without it: `import wandb` fails
-    cfg = load_config(None)
-    assert cfg.logging.wandb is True
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    writer = MetricsWriter(tmp_path / "metrics.jsonl", cfg, enabled=True)
-    writer.write({"step": 1, "loss": 0.5})
-    writer.close()
-    assert writer.wandb is None and json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": 0.5}
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    with pytest.raises(ImportError):  # asked for and missing: not silently dropped
-        MetricsWriter(tmp_path / "m2.jsonl", cfg, enabled=True)
+def test_missing_base_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.base=.*nowhere: no such file"):
+        load_config(None, {"model.base": str(tmp_path / "nowhere")})
+    with pytest.raises(ConfigError, match="model.iclight_weights needs model.base"):
+        load_config(None, {"model.iclight_weights": str(tmp_path)})

@@ -10,25 +10,20 @@ import pytest
 import torch
 from PIL import Image
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-
-from iclight_ds.data import synth  # noqa: E402
-from iclight_ds.data.imageio import float_to_uint8, linear_to_srgb, srgb_to_linear  # noqa: E402
+from helpers import file_bytes
+from iclight_ds.data import synth
+from iclight_ds.data.imageio import float_to_uint8, linear_to_srgb, srgb_to_linear
 
 N, SIZE = 6, 32
 
 
 @pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory) -> Path:
-    return synth.generate(tmp_path_factory.mktemp("synth"), N, size=SIZE, seed=7)
+def synth_dir(synthetic) -> Path:
+    return synthetic(N, size=SIZE, seed=7)
 
 
 def records(root: Path) -> list[dict]:
     return [json.loads(line) for line in (root / "manifest.jsonl").read_text().splitlines()]
-
-
-def file_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_same_seed_gives_identical_files(synth_dir, tmp_path):
@@ -141,25 +136,6 @@ def test_cli_writes_a_dataset(tmp_path, capsys):
     assert not (tmp_path / "lean" / "linear").exists() and len(list((tmp_path / "lean" / "env").iterdir())) == 1
 
 
-def test_the_trainer_rewrites_its_synthetic_folder_for_another_count(tmp_path):
-    """A run folder reused with another data.synth_samples gets that many scenes, not the old set."""
-    from types import SimpleNamespace
-
-    from iclight_ds.config import load_config
-    from iclight_ds.train import Trainer
-
-    fake = SimpleNamespace(is_main=True, cfg=load_config(None))
-    root = tmp_path / "data"
-    Trainer._make_synthetic(fake, root, 3, seed=0)
-    first = (root / "target" / "000001.png").read_bytes()
-    Trainer._make_synthetic(fake, root, 5, seed=0)
-    assert len((root / "manifest.jsonl").read_text().splitlines()) == 5
-    assert (root / "target" / "000001.png").read_bytes() == first  # scene i depends on (seed, i) only
-    stamp = (root / "manifest.jsonl").stat().st_mtime_ns
-    Trainer._make_synthetic(fake, root, 5, seed=0)  # the same count: kept as it is
-    assert (root / "manifest.jsonl").stat().st_mtime_ns == stamp
-
-
 def test_parallel_workers_get_one_blas_thread_each(tmp_path, monkeypatch):
     """Workers start with one BLAS thread (12 workers x 16 threads ran no faster than one process); the parent's
     environment is left as it was."""
@@ -180,23 +156,3 @@ def test_parallel_workers_get_one_blas_thread_each(tmp_path, monkeypatch):
     synth.generate(tmp_path / "p", 4, workers=2)
     assert seen == [{k: "1" for k in synth.BLAS_THREADS}]
     assert os.environ["OMP_NUM_THREADS"] == "7" and "OPENBLAS_NUM_THREADS" not in os.environ
-
-
-def test_the_trainer_renders_big_sets_in_a_separate_interpreter(tmp_path, monkeypatch):
-    """With several render processes the trainer runs the generator's CLI (its pool workers then import numpy, not
-    the trainer's torch/deepspeed); the files are those of the in-process generator."""
-    from types import SimpleNamespace
-
-    import iclight_ds.train as train
-    from iclight_ds.config import load_config
-
-    monkeypatch.setattr(train, "SCENES_PER_RENDER_PROCESS", 2)
-    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    runs = []
-    real_run = train.subprocess.run
-    monkeypatch.setattr(train.subprocess, "run", lambda cmd, **kw: runs.append(cmd) or real_run(cmd, **kw))
-    fake = SimpleNamespace(is_main=True, cfg=load_config(None))
-    train.Trainer._make_synthetic(fake, tmp_path / "cli", 4, seed=5)
-    assert len(runs) == 1 and runs[0][1:3] == ["-m", "iclight_ds.data.synth"] and runs[0][-2:] == ["--workers", "2"]
-    in_process = synth.generate(tmp_path / "direct", 4, size=64, seed=5)
-    assert file_bytes(tmp_path / "cli") == file_bytes(in_process)

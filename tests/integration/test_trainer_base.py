@@ -8,52 +8,31 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from iclight_ds.models import TINY_UNET
+from helpers import patch_everywhere, run_config
+from iclight_ds.model import base as base_model
+from iclight_ds.model.arch import TINY_UNET
+from iclight_ds.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    """A tiny model saved in the diffusers layout a user would have on disk (random weights)."""
-    from iclight_ds.data.tokenizer import build_char_tokenizer
-    from iclight_ds.models import build_text_encoder, build_unet, build_vae
-
-    root = tmp_path_factory.mktemp("base")
-    torch.manual_seed(123)
-    tok = build_char_tokenizer()
-    build_unet("tiny").save_pretrained(root / "unet")
-    build_vae("tiny").save_pretrained(root / "vae")
-    build_text_encoder("tiny", tok).save_pretrained(root / "text_encoder")
-    tok.save_pretrained(root / "tokenizer")
-    return root
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from iclight_ds.data.synth import generate
-
-    root = tmp_path_factory.mktemp("synth")
-    generate(root, 16, size=64, seed=9)
-    return root
+def data(synthetic):
+    return synthetic(16, size=64, seed=9)
 
 
 def test_trains_from_a_diffusers_folder_with_iclight_offsets_and_previews(tiny_base, data, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from iclight_ds.config import load_config
-    from iclight_ds.train import Trainer
-
     base_unet = UNet2DConditionModel.from_pretrained(tiny_base / "unet", local_files_only=True)
     offset = {k: torch.zeros_like(v) for k, v in base_unet.state_dict().items()}
     offset["conv_in.weight"] = torch.full((TINY_UNET["block_out_channels"][0], 8, 3, 3), 0.25)  # an "IC-Light FC" offset
     offset["conv_out.bias"] = torch.full_like(offset["conv_out.bias"], 0.5)
-    save_file(offset, str(tmp_path / "iclight_fc_offset.safetensors"))
+    offset_file = tmp_path / "iclight_fc_offset.safetensors"
+    save_file(offset, str(offset_file))
 
     out = tmp_path / "run"
-    cfg = load_config(None, {"model.base": str(tiny_base), "model.iclight_weights": str(tmp_path /
-                             "iclight_fc_offset.safetensors"), "train.ds_config": "cpu", "data.path": str(data),
-                             "train.output_dir": str(out), "train.steps": 2, "logging.wandb": False,
-                             "logging.progress": False, "logging.every": 1, "logging.preview_every": 1,
-                             "logging.preview_samples": 2, "logging.preview_steps": 2, "data.num_workers": 0})
+    cfg = run_config(out, data, {"model.base": str(tiny_base), "model.iclight_weights": str(offset_file),
+                                 "train.steps": 2, "logging.preview_every": 1, "logging.preview_samples": 2,
+                                 "logging.preview_steps": 2})
     trainer = Trainer(cfg)
     unet = trainer.engine.module.unet
     # the engine starts from base + offset (the official merge), in the training dtype
@@ -81,10 +60,6 @@ def test_the_planner_counts_the_base_s_own_unet_size(tiny_base, data, tmp_path, 
     base whose size cannot be read is planned as model.size, and a mismatch is then logged."""
     import logging
 
-    from iclight_ds import base_model
-    from iclight_ds.config import load_config
-    from iclight_ds.train import Trainer
-
     assert base_model.base_unet_size(tiny_base) == "tiny"
     assert base_model.base_unet_size(base_model.SD15_CONFIG_DIR) == "full"  # unet/config.json of SD1.5
     single = tmp_path / "sd15.safetensors"
@@ -96,24 +71,14 @@ def test_the_planner_counts_the_base_s_own_unet_size(tiny_base, data, tmp_path, 
     assert base_model.base_unet_size(run) == "full"
     assert base_model.base_unet_size(tmp_path / "nothing-here") is None
 
-    over = {"model.base": str(tiny_base), "model.size": "full", "train.ds_config": "cpu", "data.path": str(data),
-            "train.steps": 1, "logging.wandb": False, "logging.progress": False, "data.num_workers": 0}
-    with caplog.at_level(logging.INFO, logger="iclight_ds.train"):
-        trainer = Trainer(load_config(None, {**over, "train.output_dir": str(tmp_path / "run1")}))
-    assert trainer.plan_size == "tiny" and "has a tiny UNet: planning for that, not model.size=full" in caplog.text
+    over = {"model.base": str(tiny_base), "model.size": "full", "train.steps": 1}
+    with caplog.at_level(logging.INFO, logger="iclight_ds"):
+        trainer = Trainer(run_config(tmp_path / "run1", data, over))
+    assert trainer.run.plan_size == "tiny" and "has a tiny UNet: planning for that, not model.size=full" in caplog.text
     assert "may not fit" not in caplog.text
-    monkeypatch.setattr(base_model, "base_unet_size", lambda path: None)
+    patch_everywhere(monkeypatch, base_model, "base_unet_size", lambda path: None)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="iclight_ds.train"):
-        trainer = Trainer(load_config(None, {**over, "train.output_dir": str(tmp_path / "run2")}))
-    assert trainer.plan_size == "full"
+    with caplog.at_level(logging.WARNING, logger="iclight_ds"):
+        trainer = Trainer(run_config(tmp_path / "run2", data, over))
+    assert trainer.run.plan_size == "full"
     assert "planned as size full (859.5M)" in caplog.text and "set model.size=tiny" in caplog.text
-
-
-def test_missing_base_is_named(tmp_path):
-    from iclight_ds.config import ConfigError, load_config
-
-    with pytest.raises(ConfigError, match=r"model.base=.*nowhere: no such file"):
-        load_config(None, {"model.base": str(tmp_path / "nowhere")})
-    with pytest.raises(ConfigError, match="model.iclight_weights needs model.base"):
-        load_config(None, {"model.iclight_weights": str(tmp_path)})

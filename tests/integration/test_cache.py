@@ -3,43 +3,30 @@
 from __future__ import annotations
 
 import json
-import os
+from pathlib import Path
 
-os.environ["HF_HUB_OFFLINE"] = "1"
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch.utils.data import default_collate
 
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from torch.utils.data import default_collate  # noqa: E402
-
-from iclight_ds import cache as cache_mod  # noqa: E402
-from iclight_ds.cache import CacheError, CachedDataset, build_cache, run_expectations, split_grids  # noqa: E402
-from iclight_ds.conditioning import (  # noqa: E402
-    build_frozen,
-    condition_batch,
-    condition_cached_batch,
-    encode_images,
-    encode_posterior_mode,
-    split_background,
-    split_masks,
-)
-from iclight_ds.data.dataset import RelightDataset  # noqa: E402
-from iclight_ds.data.tokenizer import build_char_tokenizer  # noqa: E402
+from helpers import losses, patch_everywhere, run_config, tiny_parts, write_base_folder
+from iclight_ds.data import cache as cache_mod
+from iclight_ds.data.cache import CacheError, CachedDataset, build_cache, run_expectations
+from iclight_ds.data.dataset import RelightDataset
+from iclight_ds.data.split import split_background
+from iclight_ds.dtypes import DTYPES
+from iclight_ds.model.frozen import build_frozen, encode_images
+from iclight_ds.model.tokenizer import build_char_tokenizer
+from iclight_ds.train.conditioning import condition_batch, condition_cached_batch
 
 RES = 64
-DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    from iclight_ds.data.synth import generate
-
-    root = tmp_path_factory.mktemp("synth")
-    generate(root, 12, size=RES, seed=5, extras=False)
-    return root
+def data(synthetic) -> Path:
+    return synthetic(12, size=RES, seed=5, extras=False)
 
 
 @pytest.fixture(scope="module")
@@ -56,45 +43,18 @@ def _batches(ds, cds, idx):
     return default_collate([ds[i] for i in idx]), default_collate([cds[i] for i in idx])
 
 
-def test_split_grids_are_the_grids_of_split_masks():
-    masks = split_masks(6, 3, (24, 48), torch.Generator().manual_seed(7))
-    grids = split_grids(6, 3, torch.Generator().manual_seed(7))
-    assert torch.equal(F.interpolate(grids.float(), size=(24, 48), mode="nearest"), masks)
-
-
-def test_posterior_mode_times_scale_is_encode_images(tok):
-    vae, _ = build_frozen("tiny", seed=0, tokenizer=tok, dtype=torch.float32, device="cpu")
-    x = torch.rand(3, 3, 32, 32) * 2 - 1
-    assert torch.equal(encode_posterior_mode(vae, x).float() * vae.config.scaling_factor, encode_images(vae, x))
-
-
-@pytest.mark.parametrize("vae", ["random", "auto"])
-def test_build_frozen_depends_on_seed_only_and_keeps_global_rng(tok, vae):
-    state = torch.get_rng_state()
-    a, ta = build_frozen("tiny", seed=3, tokenizer=tok, dtype=torch.float32, device="cpu", vae=vae)
-    assert torch.equal(torch.get_rng_state(), state)
-    torch.rand(100)  # whatever the global stream did before
-    b, tb = build_frozen("tiny", seed=3, tokenizer=tok, dtype=torch.float32, device="cpu", vae=vae)
-    c, tc = build_frozen("tiny", seed=4, tokenizer=tok, dtype=torch.float32, device="cpu", vae=vae)
-    for x, y in ((a, b), (ta, tb)):
-        assert all(torch.equal(p, q) for p, q in zip(x.state_dict().values(), y.state_dict().values()))
-    assert not all(torch.equal(p, q) for p, q in zip(ta.state_dict().values(), tc.state_dict().values()))
-    # a random VAE follows the seed; the shipped trained one (auto) is the same file whatever the seed
-    assert torch.equal(a.encoder.conv_in.weight, c.encoder.conv_in.weight) == (vae == "auto")
-
-
 @pytest.mark.parametrize("frozen,stored,exact", [("fp32", "fp32", True), ("bf16", "bf16", True),
                                                  ("fp32", "bf16", False)])
 def test_fc_cache_equals_on_the_fly_conditioning(data, tok, tmp_path, frozen, stored, exact):
     """FC: the same ConditionedBatch as condition_batch (and the same generator draws): exact when the cache stores
     the encoders' own dtype (latents are stored unscaled), within bf16 rounding otherwise."""
     _cache(data, tmp_path / "c", frozen_dtype=frozen, dtype=stored, seed=2)
-    vae, te = build_frozen("tiny", seed=2, tokenizer=tok, dtype=DT[frozen], device="cpu")
+    vae, te = build_frozen("tiny", seed=2, tokenizer=tok, dtype=DTYPES[frozen], device="cpu")
     ds = RelightDataset(data, RES, tok, require_env=True)
     cds = CachedDataset(tmp_path / "c", {"variant": "fc", "resolution": RES, "seed": 2, "frozen_dtype": frozen})
     assert len(cds) == len(ds) == 12
     batch, cached = _batches(ds, cds, [3, 7, 1, 10, 5])  # across the three shards
-    assert cached["target"].dtype == DT[stored] and cached["index"].tolist() == [3, 7, 1, 10, 5]
+    assert cached["target"].dtype == DTYPES[stored] and cached["index"].tolist() == [3, 7, 1, 10, 5]
     g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
     a = condition_batch(batch, vae=vae, text_encoder=te, variant="fc", split_cells=4, with_split=True, generator=g1,
                         device="cpu")
@@ -179,7 +139,7 @@ def test_interrupted_cache_resumes_to_identical_files(data, tmp_path, monkeypatc
                                             ("--base", "some/sd15", "base"), ("--frozen-dtype", "fp32",
                                                                               "frozen_dtype")])
 def test_cache_cli_refuses_to_append_other_settings(data, tmp_path, capsys, flag, value, key):
-    from iclight_ds.cache import main
+    from iclight_ds.data.cache import main
 
     args = ["--data", str(data), "--out", str(tmp_path / "c"), "--no-validate", "--shard-size", "6"]
     assert main(args) == 0
@@ -194,16 +154,9 @@ def test_cache_cli_refuses_to_append_other_settings(data, tmp_path, capsys, flag
 
 
 def test_cache_of_real_weights_records_their_hash_and_refuses_changed_weights(data, tok, tmp_path):
-    pytest.importorskip("iclight_ds.base_model")
-    from iclight_ds.models import build_text_encoder, build_unet, build_vae
-
-    base = tmp_path / "sd15"
-    torch.manual_seed(0)
-    build_unet("tiny").save_pretrained(base / "unet")
-    vae = build_vae("tiny")
-    vae.save_pretrained(base / "vae")
-    build_text_encoder("tiny", tok).save_pretrained(base / "text_encoder")
-    tok.save_pretrained(base / "tokenizer")
+    parts = tiny_parts(seed=0)  # its own: the VAE is changed below
+    base = write_base_folder(tmp_path / "sd15", parts)
+    vae = parts[1]
     _cache(data, tmp_path / "c", base=str(base), frozen_dtype="fp32", dtype="fp32")
     ident = json.loads((tmp_path / "c" / "cache.json").read_text())["identity"]
     assert ident["base"] == str(base.resolve()) and ident["base_hash"].startswith("sha256:") and ident["size"] is None
@@ -218,13 +171,9 @@ def test_cache_of_real_weights_records_their_hash_and_refuses_changed_weights(da
 
 
 def _run_cfg(tmp_path, cache=None, **over):
-    from iclight_ds.config import load_config
-
-    values = {"train.ds_config": "cpu", "train.steps": "3", "train.output_dir": str(tmp_path / "run"),
-              "train.export": "false", "train.warmup_steps": "0", "train.optimizer": "adamw",
-              "logging.wandb": "false", "logging.progress": "false", "logging.every": "1", "data.num_workers": "1",
-              **({"data.cache": str(cache)} if cache else {}), **over}
-    return load_config(None, values)
+    values = {"train.steps": "3", "train.export": "false", "train.warmup_steps": "0", "train.optimizer": "adamw",
+              "data.num_workers": "1", **({"data.cache": str(cache)} if cache else {}), **over}
+    return run_config(tmp_path / "run", overrides=values)
 
 
 def test_run_expectations_name_every_key(data, tmp_path):
@@ -242,46 +191,39 @@ def test_run_expectations_name_every_key(data, tmp_path):
         CachedDataset(tmp_path / "c", run_expectations(_run_cfg(tmp_path), torch.float32))  # fp32 DeepSpeed JSON
 
 
-@pytest.fixture(scope="module")
-def process_group():
-    """In-process trainers share the session's process group (conftest.py tears it down at the end)."""
-    yield
-
-
-def test_trainer_refuses_a_cache_for_another_resolution(data, tmp_path, process_group):
-    from iclight_ds.train import Trainer
+def test_trainer_refuses_a_cache_for_another_resolution(data, tmp_path):
+    from iclight_ds.train.trainer import Trainer
 
     _cache(data, tmp_path / "c")
     with pytest.raises(CacheError, match="resolution=64 but this run has resolution=32"):
         Trainer(_run_cfg(tmp_path, tmp_path / "c", **{"data.resolution": "32"}))
 
 
-def test_trainer_trains_from_cache_as_it_would_on_the_fly(data, tmp_path, monkeypatch, process_group):
+def test_trainer_trains_from_cache_as_it_would_on_the_fly(data, tmp_path, monkeypatch):
     """No VAE or text encoder is built; the loss is finite, the weights change, and since a bf16 cache of the bf16
     encoders is exact, the per-step losses equal those of the same run conditioning on the fly."""
-    from iclight_ds import train as train_mod
-    from iclight_ds.train import Trainer
+    from iclight_ds.model import arch, frozen
+    from iclight_ds.train.trainer import Trainer
 
     _cache(data, tmp_path / "c", seed=0)  # the defaults: tiny, bf16 encoders (cpu.json), bf16 storage
 
-    def losses(trainer):
+    def trained_losses(trainer):
         before = [p.detach().clone() for p in trainer.engine.module.parameters()]
         trainer.train()
         after = list(trainer.engine.module.parameters())
         assert any(not torch.equal(a, b) for a, b in zip(before, after))
-        records = map(json.loads, (trainer.out_dir / "metrics.jsonl").read_text().splitlines())
-        return [m["loss"] for m in records if "loss" in m]
+        return list(losses(trainer.out_dir).values())
 
-    on_the_fly = losses(Trainer(_run_cfg(tmp_path / "a", None, **{"data.path": str(data)})))
+    on_the_fly = trained_losses(Trainer(_run_cfg(tmp_path / "a", None, **{"data.path": str(data)})))
 
     def no_frozen(*a, **k):
         raise AssertionError("the VAE / text encoder must not be built when training from a cache")
 
-    monkeypatch.setattr(train_mod, "build_frozen", no_frozen)
-    monkeypatch.setattr("iclight_ds.models.build_vae", no_frozen)
-    monkeypatch.setattr("iclight_ds.models.build_text_encoder", no_frozen)
+    patch_everywhere(monkeypatch, frozen, "build_frozen", no_frozen)
+    patch_everywhere(monkeypatch, arch, "build_vae", no_frozen)
+    patch_everywhere(monkeypatch, arch, "build_text_encoder", no_frozen)
     trainer = Trainer(_run_cfg(tmp_path / "b", tmp_path / "c", **{"data.path": str(data)}))
     assert trainer.vae is None and trainer.text_encoder is None and isinstance(trainer.dataset, CachedDataset)
-    cached = losses(trainer)
+    cached = trained_losses(trainer)
     assert len(cached) == 3 and all(map(torch.isfinite, torch.tensor(cached)))
     assert cached == on_the_fly

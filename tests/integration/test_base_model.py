@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from iclight_ds import base_model as bm
-from iclight_ds import formats as fmt
 from iclight_ds.config import ModelConfig
-from iclight_ds.data.tokenizer import build_char_tokenizer
-from iclight_ds.models import build_iclight_model, build_text_encoder, build_unet, build_vae
+from iclight_ds.model import base as bm
+from iclight_ds.model import formats as fmt
+from iclight_ds.model.iclight import build_iclight_model
+from iclight_ds.model.tokenizer import build_char_tokenizer
 
 
 def _equal_states(a: torch.nn.Module | dict, b: torch.nn.Module | dict) -> None:
@@ -28,13 +28,6 @@ def _equal_states(a: torch.nn.Module | dict, b: torch.nn.Module | dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_parts():
-    torch.manual_seed(0)
-    tok = build_char_tokenizer()
-    return build_unet("tiny"), build_vae("tiny"), build_text_encoder("tiny", tok), tok
-
-
-@pytest.fixture(scope="module")
 def tiny_configs(tiny_parts, tmp_path_factory) -> Path:
     """unet/ vae/ text_encoder/ config.json of the tiny models (what sd15_configs/ is for SD1.5)."""
     unet, vae, te, _ = tiny_parts
@@ -42,17 +35,6 @@ def tiny_configs(tiny_parts, tmp_path_factory) -> Path:
     unet.save_config(str(root / "unet"))
     vae.save_config(str(root / "vae"))
     te.config.save_pretrained(str(root / "text_encoder"))
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tiny_parts, tmp_path_factory) -> Path:
-    unet, vae, te, tok = tiny_parts
-    root = tmp_path_factory.mktemp("tiny_base")
-    unet.save_pretrained(str(root / "unet"))
-    vae.save_pretrained(str(root / "vae"))
-    te.save_pretrained(str(root / "text_encoder"))
-    tok.save_pretrained(str(root / "tokenizer"))
     return root
 
 
@@ -91,32 +73,32 @@ def test_shipped_sd15_configs_are_the_models_py_shapes():
 # Diffusers folders
 
 
-def test_diffusers_folder_base_loads(tiny_parts, tiny_folder):
+def test_diffusers_folder_base_loads(tiny_parts, tiny_base):
     unet, vae, te, tok = tiny_parts
-    base = bm.load_base(tiny_folder)
+    base = bm.load_base(tiny_base)
     _equal_states(base.unet, unet)
     _equal_states(base.vae, vae)
     _equal_states(base.text_encoder, te)
     assert base.real_tokenizer and base.tokenizer("a lamp").input_ids == tok("a lamp").input_ids
     assert base.unet_hash == bm.unet_hash(unet.state_dict()) and base.unet_hash.startswith("sha256:")
     assert "diffusers folder" in base.source
-    half = bm.load_base(tiny_folder, dtype=torch.bfloat16)
+    half = bm.load_base(tiny_base, dtype=torch.bfloat16)
     assert half.unet.dtype == torch.bfloat16 and half.vae.dtype == torch.bfloat16
     assert half.unet_hash == base.unet_hash  # the hash is of the stored weights
-    only = bm.load_base(tiny_folder, unet_only=True)
+    only = bm.load_base(tiny_base, unet_only=True)
     assert only.vae is None and only.text_encoder is None and only.unet_hash == base.unet_hash
 
 
-def test_missing_tokenizer_falls_back_with_a_warning(tiny_folder, tmp_path, caplog):
+def test_missing_tokenizer_falls_back_with_a_warning(tiny_base, tmp_path, caplog):
     import shutil
 
     folder = tmp_path / "no_tok"
-    shutil.copytree(tiny_folder, folder, ignore=shutil.ignore_patterns("tokenizer"))
-    with caplog.at_level(logging.WARNING, logger="iclight_ds.base_model"):
+    shutil.copytree(tiny_base, folder, ignore=shutil.ignore_patterns("tokenizer"))
+    with caplog.at_level(logging.WARNING, logger="iclight_ds.model.base"):
         base = bm.load_base(folder)
     assert not base.real_tokenizer and len(base.tokenizer) == 514
     assert "will NOT understand prompts" in caplog.text and "--tokenizer" in caplog.text
-    given = bm.load_base(folder, tokenizer_fallback=tiny_folder / "tokenizer")
+    given = bm.load_base(folder, tokenizer_fallback=tiny_base / "tokenizer")
     assert given.real_tokenizer and given.tokenizer("x").input_ids == base.tokenizer("x").input_ids
     with pytest.raises(bm.BaseModelError, match="does not exist"):
         bm.load_base(folder, tokenizer_fallback=tmp_path / "nowhere")
@@ -153,13 +135,14 @@ def _random_state(module: torch.nn.Module, pool: torch.Tensor, salt: int) -> dic
     return out
 
 
+@pytest.mark.slow
 def test_full_size_sd15_single_file_round_trip(tmp_path):
     """A random FULL-size SD1.5 (UNet + VAE + CLIP text, bf16 to keep memory moderate) written in the original
     layout loads back through the shipped configs to identical diffusers weights."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from iclight_ds.models import SD15_TEXT, SD15_UNET, SD15_VAE
+    from iclight_ds.model.arch import SD15_TEXT, SD15_UNET, SD15_VAE
 
     pool = (0.05 * torch.randn(40_000_000, generator=torch.Generator().manual_seed(0))).to(torch.bfloat16)
     with torch.device("meta"):
@@ -192,16 +175,16 @@ def test_missing_path_and_unknown_suffix(tmp_path):
         bm.load_base(tmp_path / "notes.txt")
 
 
-def test_folder_lacking_parts_names_them(tiny_folder, tmp_path):
+def test_folder_lacking_parts_names_them(tiny_base, tmp_path):
     import shutil
 
     folder = tmp_path / "partial"
-    shutil.copytree(tiny_folder / "vae", folder / "vae")
+    shutil.copytree(tiny_base / "vae", folder / "vae")
     with pytest.raises(bm.BaseModelError, match=r"missing: unet/, text_encoder/"):
         bm.load_base(folder)
-    shutil.copytree(tiny_folder / "text_encoder", folder / "text_encoder")
+    shutil.copytree(tiny_base / "text_encoder", folder / "text_encoder")
     (folder / "unet").mkdir()
-    (folder / "unet" / "config.json").write_text((tiny_folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text((tiny_base / "unet" / "config.json").read_text())
     with pytest.raises(bm.BaseModelError, match="cannot load the unet"):
         bm.load_base(folder)
 
@@ -293,10 +276,9 @@ def test_random_base_is_deterministic_and_leaves_the_rng_alone():
 def test_a_run_s_own_base_draws_images_at_its_resolution(vae):
     """relight --base RUN without --width/--height draws at the run's resolution through either shipped VAE
     (the pipeline's default size is unet sample_size x the VAE's downsampling)."""
-    from iclight_ds.base_model import random_base
     from iclight_ds.config import load_config
 
-    base = random_base(load_config(None, {"model.vae": vae}))
+    base = bm.random_base(load_config(None, {"model.vae": vae}))
     scale = 2 ** (len(base.vae.config.block_out_channels) - 1)
     assert scale == (4 if vae == "tiny-4x" else 8)
     assert base.unet.config.sample_size * scale == 64

@@ -4,17 +4,8 @@ import pytest
 import torch
 
 from iclight_ds.config import ModelConfig
-from iclight_ds.models import (
-    TINY_UNET,
-    EnvEncoder,
-    LatentMerger,
-    build_iclight_model,
-    build_unet,
-    configure_attention,
-    count_parameters,
-    wants_checkpointing,
-    widen_conv_in,
-)
+from iclight_ds.model.arch import TINY_UNET, configure_attention, count_parameters, wants_checkpointing
+from iclight_ds.model.iclight import EnvEncoder, LatentMerger, build_iclight_model, build_unet, widen_conv_in
 
 
 @pytest.mark.parametrize("channels", [8, 12])
@@ -46,7 +37,7 @@ def test_widen_refuses_to_narrow():
 
 
 def test_full_size_config_has_sd15_shapes():
-    from iclight_ds.models import SD15_UNET
+    from iclight_ds.model.arch import SD15_UNET
 
     with torch.device("meta"):
         from diffusers import UNet2DConditionModel
@@ -116,7 +107,7 @@ def test_attention_falls_back_to_sdpa_on_cpu():
 
 def test_checkpointing_auto_by_size_and_parity():
     """auto: on for SD1.5's UNet, off for the tiny one; recomputation gives the same gradients as keeping activations."""
-    from iclight_ds.plan import unet_parameters
+    from iclight_ds.train.plan import unet_parameters
 
     assert wants_checkpointing("auto", unet_parameters("full", 8)) is True
     assert wants_checkpointing("auto", unet_parameters("tiny", 8)) is False
@@ -139,3 +130,19 @@ def test_checkpointing_auto_by_size_and_parity():
     recomputed = grads()
     assert kept.keys() == recomputed.keys() and len(kept) > 50
     assert all(torch.allclose(kept[k], recomputed[k], atol=1e-6) for k in kept)
+
+
+@pytest.mark.gpu
+def test_iclight_model_on_cuda_matches_cpu():
+    """The same tiny FC model and inputs on the first CUDA GPU give the CPU's output (fp32; cuDNN may use TF32)."""
+    torch.manual_seed(0)
+    model = build_iclight_model(ModelConfig(size="tiny", variant="fc")).eval()
+    for p in model.unet.conv_in.parameters():  # make the condition channels matter
+        torch.nn.init.normal_(p, std=0.1)
+    args = (torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32),
+            torch.rand(2, 3, 16, 32))
+    with torch.no_grad():
+        on_cpu = model(*args)
+        on_gpu = model.to("cuda")(*(a.to("cuda") for a in args))
+    assert on_gpu.device.type == "cuda" and on_gpu.shape == on_cpu.shape
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-2, atol=1e-2)

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from iclight_ds import engine as eng
-from iclight_ds import plan
+from helpers import REPO
+from iclight_ds.train import engine as eng
+from iclight_ds.train import plan
 
 P = 859_532_000  # ~ the full UNet
 
@@ -40,7 +41,7 @@ def test_host_estimate_of_offload_matches_the_gpu_measurement():
     short."""
     import json
 
-    measured = json.loads((eng.REPO_DS_CONFIGS.parent / "bench/results/memory-cuda.json").read_text())
+    measured = json.loads((REPO / "bench/results/memory-cuda.json").read_text())
     case = measured["cases"]["offload-opt"][0]  # measured with adamw8bit, before train.optimizer=auto existed
     ds = eng.read_ds_config(eng.REPO_DS_CONFIGS / "1gpu-8gb.json")
     params = plan.unet_parameters("full", 8)
@@ -56,7 +57,7 @@ def test_offload_host_ram_with_cpu_adam_matches_the_h200_peak():
     and does not undercount by more than that: an undercount sends a machine into an OOM."""
     import json
 
-    measured = json.loads((eng.REPO_DS_CONFIGS.parent / "bench/results/memory-cuda-offload.json").read_text())
+    measured = json.loads((REPO / "bench/results/memory-cuda-offload.json").read_text())
     case = measured["cases"]["offload-opt"][0]
     assert case["optimizer"] == "cpu_adam"
     ds = eng.read_ds_config(eng.REPO_DS_CONFIGS / "1gpu-8gb.json")
