@@ -72,10 +72,11 @@ class CheckpointError(RuntimeError):
 
 
 def save(engine, root: Path, *, step: int, client_state: dict, config: dict, generator, rank: int,
-         keep: int = 0, resolved: dict | None = None) -> Path:
+         keep: int = 0, resolved: dict | None = None, rank0_files: dict | None = None) -> Path:
     """Collective: every rank calls it, and every rank learns whether it succeeded. Returns the final folder.
 
     `resolved`: what the run's `auto` settings resolved to (resolved.json), so that a resume builds the same.
+    `rank0_files`: {file name: write(path)} that rank 0 adds to the checkpoint (the EMA weights).
 
     Ranks write their parts into `.tmp-<tag>/`; only when all succeeded does rank 0 rename it to `<tag>/` and
     move `latest`. On any failure the temporary folder is removed and CheckpointError says why.
@@ -98,6 +99,8 @@ def save(engine, root: Path, *, step: int, client_state: dict, config: dict, gen
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             if resolved is not None:
                 (tmp / RESOLVED).write_text(json.dumps(resolved, indent=2) + "\n")
+            for name, write in (rank0_files or {}).items():
+                write(tmp / name)
     except OSError as e:
         error = error or f"{e}"
     failed = eng.all_reduce_max(torch.tensor(1.0 if error else 0.0)).item() > 0

@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, help_text, load_config, parse_overrides
+from ..data.cache import CacheError
 from ..data.dataset import DatasetError
 from ..infer.eval import EvalError
+from ..infer.sampling import RelightError
 from ..model.base import BaseModelError
 from ..model.frozen import TinyVaeError
-from ..data.cache import CacheError
 from . import engine as eng
 from .checkpoint import CheckpointError
 from .checks import DeviceCheckError
@@ -31,7 +32,7 @@ log = logging.getLogger("iclight_ds")
 
 # Bad input: the message says what and where, so the trainer exits 2 with it and no traceback
 USER_ERRORS = (BaseModelError, CacheError, CheckpointError, DeviceCheckError, DatasetError, eng.EngineConfigError,
-               EvalError, TinyVaeError, FileNotFoundError, ConfigError)
+               EvalError, RelightError, TinyVaeError, FileNotFoundError, ConfigError)
 # The default run on a GPU (a bigger recipe for the same tiny model), and the overrides that leave a run the default
 # run: launch/train.sh's own --output-dir and --resume
 GPU_DEFAULT_PRESET = Path(__file__).parent / "presets" / "default-gpu.yaml"

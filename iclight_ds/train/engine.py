@@ -17,7 +17,11 @@ import torch
 
 log = logging.getLogger(__name__)
 
-REPO_DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
+# The shipped DeepSpeed JSONs: the copy packaged as iclight_ds/ds_configs/ in an installed wheel, else the repository's
+# top-level ds_configs/ (a checkout, or an editable install of one)
+_PACKAGED_DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+REPO_DS_CONFIGS = (_PACKAGED_DS_CONFIGS if _PACKAGED_DS_CONFIGS.is_dir()
+                   else Path(__file__).resolve().parents[2] / "ds_configs")
 # Keys the trainer owns: a DeepSpeed JSON that sets them would give one number two sources of truth.
 _TRAINER_OWNED = {
     "optimizer": "train.optimizer / train.lr / train.weight_decay / train.betas",
@@ -96,6 +100,22 @@ def training_dtype(ds_cfg: dict) -> torch.dtype:
     if ds_cfg.get("fp16", {}).get("enabled"):
         return torch.float16
     return torch.float32
+
+
+# fp16 needs a loss scale: DeepSpeed's dynamic one, as the shipped fp16-capable configs would set it
+FP16_SECTION = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                "hysteresis": 2, "min_loss_scale": 1}
+
+
+def with_precision(ds_cfg: dict, precision: str) -> dict:
+    """The DeepSpeed config with only its precision switched (train.precision): bf16, fp16 (dynamic loss scale) or
+    fp32; 'auto' returns it as it is."""
+    if precision == "auto":
+        return ds_cfg
+    out = {k: v for k, v in ds_cfg.items() if k not in ("bf16", "fp16")}
+    out["bf16"] = {"enabled": precision == "bf16"}
+    out["fp16"] = dict(FP16_SECTION) if precision == "fp16" else {"enabled": False}
+    return out
 
 
 def zero_stage(ds_cfg: dict) -> int:

@@ -27,6 +27,7 @@ from ..model.base import base_for_run
 from ..model.formats import BASE_RECORD, EXPORT_INFO, MODULES_FILE, UNET_FILE
 from . import checkpoint as ckpt
 from . import engine as eng
+from .ema import EMA_FILE, read_ema_file
 
 FORMATS = ("unet", "iclight-offset", "ldm", "diffusers")
 
@@ -49,9 +50,27 @@ def export_state_dict(state: dict, out_dir: Path, *, dtype: str, config: dict, s
     return export_formatted(unet, small, fmt_name="unet", out=out_dir, dtype=dtype, config=config, step=step)
 
 
-def export_checkpoint(checkpoint_root: Path, tag: str | None, out_dir: Path, *, dtype: str = "fp32") -> list[Path]:
+def export_checkpoint(checkpoint_root: Path, tag: str | None, out_dir: Path, *, dtype: str = "fp32",
+                      weights: str = "auto") -> list[Path]:
     """Consolidate a saved checkpoint (any stage, any world size) and write the `unet` format files."""
-    return export_run_checkpoint(checkpoint_root, tag, out_dir, fmt_name="unet", dtype=dtype)
+    return export_run_checkpoint(checkpoint_root, tag, out_dir, fmt_name="unet", dtype=dtype, weights=weights)
+
+
+def checkpoint_state(folder: Path, weights: str = "auto") -> dict[str, torch.Tensor]:
+    """The trained model's fp32 state dict in checkpoint `folder`: its raw weights (consolidated from DeepSpeed's
+    files), or with weights 'ema' (the default, 'auto', where the checkpoint holds an EMA) the averaged ones."""
+    ema_path = folder / EMA_FILE
+    if weights == "ema" and not ema_path.is_file():
+        raise FileNotFoundError(f"--weights ema: {folder} holds no {EMA_FILE} (the run had train.ema_decay=0)")
+    state = eng.fp32_state_dict_from_checkpoint(folder.parent, folder.name)
+    if weights == "raw" or not ema_path.is_file():
+        return state
+    averaged, _ = read_ema_file(ema_path)
+    unknown = sorted(set(averaged) - set(state))
+    if unknown:
+        raise ValueError(f"{ema_path}: EMA of parameters the model does not have, e.g. {unknown[:3]}")
+    log.info("exporting the EMA weights of %s (--weights raw for the raw ones)", folder)
+    return {**state, **averaged}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -146,15 +165,17 @@ def export_run_checkpoint(
     dtype: str = "fp32",
     base: str | Path | None = None,
     ldm_prefix: str = "diffusion_model.",
+    weights: str = "auto",
 ) -> list[Path]:
-    """Consolidate checkpoint `tag` (default: latest) under `checkpoint_root` and export it as `fmt_name`."""
+    """Consolidate checkpoint `tag` (default: latest) under `checkpoint_root` and export it as `fmt_name`; `weights`:
+    ema, raw, or auto (the EMA where the checkpoint holds one)."""
     checkpoint_root = Path(checkpoint_root)
     tag = tag or ckpt.latest_tag(checkpoint_root)
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint under {checkpoint_root} (no 'latest' file)")
     config_path = checkpoint_root / tag / "config.json"
     config = json.loads(config_path.read_text())
-    state = eng.fp32_state_dict_from_checkpoint(checkpoint_root, tag)
+    state = checkpoint_state(checkpoint_root / tag, weights)
     step = int(tag.rsplit("_", 1)[-1]) if tag.startswith("step_") else -1
     unet, small = split_state_dict(state)
     base_model = None
@@ -189,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None,
                    help="a .safetensors file, or a folder (default: the run folder; diffusers: <run>/unet_diffusers)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
+                   help="auto (default): the EMA weights where the checkpoint holds them (train.ema_decay), else raw")
     p.add_argument("--base", default=None,
                    help="base model the offsets are taken from (default: the run's model.base, or its random base)")
     p.add_argument("--ldm-prefix", default="diffusion_model.",
@@ -199,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     out = args.out or (args.run / "unet_diffusers" if args.fmt == "diffusers" else args.run)
     for path in export_run_checkpoint(args.run / "checkpoints", args.tag, out, fmt_name=args.fmt, dtype=args.dtype,
-                                      base=args.base, ldm_prefix=args.ldm_prefix):
+                                      base=args.base, ldm_prefix=args.ldm_prefix, weights=args.weights):
         print(path)
 
 
