@@ -138,7 +138,10 @@ class TrainConfig:
     checkpoint_minutes: float = 30.0
     """Also save when this many minutes of training have passed since the last save (0: no time cadence)."""
     resume: Optional[str] = None
-    """'latest' or a checkpoint folder to continue from."""
+    """'latest' or a checkpoint folder to continue from; it is checked against its manifest (every file's size and
+    sha256) before anything in it is loaded."""
+    resume_unverified: bool = False
+    """Resume a checkpoint that has no manifest (written by another tool), unchecked (--resume-unverified)."""
     export: bool = True
     """Export <output_dir>/unet.safetensors at the end."""
     keep: int = 3

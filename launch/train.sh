@@ -4,7 +4,7 @@
 # runs/default-gpu/.
 #
 #   bash launch/train.sh [--num-gpus N] [--hostfile FILE] [--ds-config NAME|FILE|auto] [--config FILE]
-#                        [--output-dir DIR] [--resume latest|CHECKPOINT_DIR]
+#                        [--output-dir DIR] [--resume latest|CHECKPOINT_DIR] [--resume-unverified]
 #                        [--launcher deepspeed|torchrun|python] [--master-port P] [--section.key VALUE ...]
 #
 # --num-gpus    ranks on this machine (default: every visible GPU, or 1 on a CPU-only machine; on CPU each
@@ -37,6 +37,7 @@ while [[ $# -gt 0 ]]; do
     --ds-config) need_value "$@"; passthrough+=(--train.ds_config "$2"); shift 2 ;;
     --output-dir) need_value "$@"; passthrough+=(--train.output_dir "$2"); shift 2 ;;
     --resume) need_value "$@"; passthrough+=(--train.resume "$2"); shift 2 ;;
+    --resume-unverified) passthrough+=(--train.resume_unverified true); shift ;;
     --config) need_value "$@"; passthrough+=(--config "$2"); shift 2 ;;
     -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) passthrough+=("$1"); shift ;;

@@ -39,8 +39,9 @@ GPU_DEFAULT_PRESET = Path(__file__).parent / "presets" / "default-gpu.yaml"
 DEFAULT_RUN_KEYS = {"train.output_dir", "train.resume"}
 # its micro-batch of 512 took 10.7 GiB of an H200 (nvidia-smi, CUDA context included); smaller GPUs keep the planner's
 GPU_DEFAULT_MIN_GIB = 16
-# the launcher's flags, accepted here as well: each is a config key
+# the launcher's flags, accepted here as well: each is a config key (SWITCHES take no value)
 LAUNCHER_FLAGS = {"--output-dir": "train.output_dir", "--resume": "train.resume", "--ds-config": "train.ds_config"}
+SWITCHES = {"--resume-unverified": "train.resume_unverified"}
 
 
 def default_config_file(config_path: str | None, overrides: dict, gpu_mem_gib: float | None) -> str | None:
@@ -66,6 +67,10 @@ def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
     config_path, rest, i = None, [], 0
     while i < len(argv):
         flag, eq, inline = argv[i].partition("=")
+        if flag in SWITCHES and not eq:
+            rest += [f"--{SWITCHES[flag]}", "true"]
+            i += 1
+            continue
         if flag == "--config" or flag in LAUNCHER_FLAGS:
             if not eq and i + 1 >= len(argv):
                 raise ConfigError(f"{flag} needs a value")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -51,9 +52,10 @@ def export_state_dict(state: dict, out_dir: Path, *, dtype: str, config: dict, s
 
 
 def export_checkpoint(checkpoint_root: Path, tag: str | None, out_dir: Path, *, dtype: str = "fp32",
-                      weights: str = "auto") -> list[Path]:
+                      weights: str = "auto", verify: bool = True) -> list[Path]:
     """Consolidate a saved checkpoint (any stage, any world size) and write the `unet` format files."""
-    return export_run_checkpoint(checkpoint_root, tag, out_dir, fmt_name="unet", dtype=dtype, weights=weights)
+    return export_run_checkpoint(checkpoint_root, tag, out_dir, fmt_name="unet", dtype=dtype, weights=weights,
+                                 verify=verify)
 
 
 def checkpoint_state(folder: Path, weights: str = "auto") -> dict[str, torch.Tensor]:
@@ -166,13 +168,18 @@ def export_run_checkpoint(
     base: str | Path | None = None,
     ldm_prefix: str = "diffusion_model.",
     weights: str = "auto",
+    verify: bool = True,
+    unverified_ok: bool = False,
 ) -> list[Path]:
     """Consolidate checkpoint `tag` (default: latest) under `checkpoint_root` and export it as `fmt_name`; `weights`:
-    ema, raw, or auto (the EMA where the checkpoint holds one)."""
+    ema, raw, or auto (the EMA where the checkpoint holds one). The checkpoint is checked against its manifest first
+    (`verify`; a checkpoint without one only with `unverified_ok`)."""
     checkpoint_root = Path(checkpoint_root)
     tag = tag or ckpt.latest_tag(checkpoint_root)
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint under {checkpoint_root} (no 'latest' file)")
+    if verify:
+        ckpt.verify(checkpoint_root / tag, unverified_ok=unverified_ok)
     config_path = checkpoint_root / tag / "config.json"
     config = json.loads(config_path.read_text())
     state = checkpoint_state(checkpoint_root / tag, weights)
@@ -202,7 +209,7 @@ def _check_base_record(record: Path, base_model, *, overridden: bool) -> None:
     log.warning("%s (--base was given explicitly: exporting anyway)", msg)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, type=Path, help="run folder (holding checkpoints/)")
     p.add_argument("--format", dest="fmt", choices=FORMATS, default="unet", help="what to write (default: unet)")
@@ -210,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None,
                    help="a .safetensors file, or a folder (default: the run folder; diffusers: <run>/unet_diffusers)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--unverified", action="store_true",
+                   help="export a checkpoint that has no manifest (written by another tool) without checking it")
     p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
                    help="auto (default): the EMA weights where the checkpoint holds them (train.ema_decay), else raw")
     p.add_argument("--base", default=None,
@@ -221,9 +230,16 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     out = args.out or (args.run / "unet_diffusers" if args.fmt == "diffusers" else args.run)
-    for path in export_run_checkpoint(args.run / "checkpoints", args.tag, out, fmt_name=args.fmt, dtype=args.dtype,
-                                      base=args.base, ldm_prefix=args.ldm_prefix, weights=args.weights):
+    try:
+        paths = export_run_checkpoint(args.run / "checkpoints", args.tag, out, fmt_name=args.fmt, dtype=args.dtype,
+                                      base=args.base, ldm_prefix=args.ldm_prefix, weights=args.weights,
+                                      unverified_ok=args.unverified)
+    except ckpt.CheckpointError as e:  # a checkpoint that fails its manifest: the message names the files
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in paths:
         print(path)
+    return 0
 
 
 if __name__ == "__main__":

@@ -103,7 +103,8 @@ class Trainer:
 
     def _resume(self, resume: str) -> None:
         root, tag = ckpt.resolve(resume, self.ckpt_root)
-        state = ckpt.load(self.engine, root, tag, generator=self.generator, rank=self.acc.rank)
+        state = ckpt.load(self.engine, root, tag, generator=self.generator, rank=self.acc.rank,
+                          unverified_ok=self.cfg.train.resume_unverified)
         if self.ema is not None and (root / tag / EMA_FILE).is_file():
             self.ema.load(root / tag / EMA_FILE)
         elif self.ema is not None:
@@ -245,7 +246,7 @@ class Trainer:
             self._show(writer, final=True)
             if cfg.train.export and self.is_main:
                 for path in export_checkpoint(self.ckpt_root, ckpt.tag_for(self.step), self.out_dir,
-                                              weights="ema" if self.ema is not None else "raw"):
+                                              weights="ema" if self.ema is not None else "raw", verify=False):
                     log.info("exported %s", path)
             eng.barrier()
         writer.close()
