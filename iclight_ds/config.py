@@ -140,6 +140,9 @@ class TrainConfig:
     resume: Optional[str] = None
     """'latest' or a checkpoint folder to continue from; it is checked against its manifest (every file's size and
     sha256) before anything in it is loaded."""
+    collective_timeout_s: float = 600.0
+    """How long a rank waits for the others in one collective (gradient all-reduce, barrier, broadcast) before the run
+    stops with a message naming what it was doing: a lost or stuck rank or node ends the run instead of hanging it."""
     resume_unverified: bool = False
     """Resume a checkpoint that has no manifest (written by another tool), unchecked (--resume-unverified)."""
     export: bool = True

@@ -104,14 +104,39 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    trainer = None
     try:
-        Trainer(cfg, preset=chosen if chosen != config_path else None).train()
+        trainer = Trainer(cfg, preset=chosen if chosen != config_path else None)
+        trainer.train()
     except NonFiniteError as e:
         log.error("%s", e)
         return 3
     except USER_ERRORS as e:
         log.error("%s: %s", type(e).__name__, e)
         return 2
+    except RuntimeError as e:
+        if not is_collective_failure(e):
+            raise
+        phase = trainer.phase if trainer is not None else "start-up"
+        log.error("a collective with the other ranks failed while %s: %s. Another rank or node is gone or stuck (a "
+                  "collective waits train.collective_timeout_s=%g s); the last complete checkpoint is intact: "
+                  "relaunch every node with --resume latest", phase, str(e).splitlines()[0][:300],
+                  cfg.train.collective_timeout_s)
+        logging.shutdown()
+        os._exit(COLLECTIVE_FAILED)  # not the process group's teardown: it would wait on the lost rank
     finally:
         eng.shutdown()
     return 0
+
+
+# Exit status when a collective with the other ranks failed (a lost or stuck rank or node)
+COLLECTIVE_FAILED = 4
+# What gloo and NCCL say when a peer is gone (connection reset/closed) or never answered (timed out)
+_COLLECTIVE_MESSAGES = ("Connection reset by peer", "Connection closed by peer", "Timed out waiting", "timed out",
+                        "NCCL error", "Broken pipe", "ProcessGroupGloo", "ProcessGroupNCCL")
+
+
+def is_collective_failure(error: RuntimeError) -> bool:
+    """Did `error` come from a collective whose peer is gone or stuck? Only in a run of several ranks."""
+    several = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    return several and any(m in str(error) for m in _COLLECTIVE_MESSAGES)

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+from datetime import timedelta
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,8 +186,9 @@ def pin_malloc_mmap_threshold() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD))
 
 
-def init_distributed() -> Accelerator:
-    """Join (or create, for a plain single process) the process group on DeepSpeed's accelerator."""
+def init_distributed(timeout_s: float = 600.0) -> Accelerator:
+    """Join (or create, for a plain single process) the process group on DeepSpeed's accelerator. A collective that
+    waits longer than `timeout_s` for another rank fails (train.collective_timeout_s) instead of waiting forever."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -198,7 +200,7 @@ def init_distributed() -> Accelerator:
     if own_rendezvous:
         os.environ.update(MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"), MASTER_PORT=str(_free_port()))
     acc = get_accelerator()
-    deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
+    deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), timeout=timedelta(seconds=timeout_s))
     if own_rendezvous:
         os.environ.pop("MASTER_PORT")
     local_rank = int(os.environ["LOCAL_RANK"])

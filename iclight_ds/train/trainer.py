@@ -45,7 +45,8 @@ class NonFiniteError(RuntimeError):
 class Trainer:
     def __init__(self, cfg: RunConfig, *, preset: str | None = None):
         self.cfg = cfg
-        self.acc = eng.init_distributed()
+        self.phase = "start-up"  # what the run is doing, for the message when a collective fails
+        self.acc = eng.init_distributed(cfg.train.collective_timeout_s)
         self.is_main = self.acc.rank == 0
         _setup_logging(self.acc.rank)
         self.out_dir = Path(cfg.train.output_dir)
@@ -180,6 +181,7 @@ class Trainer:
         totals: dict[str, torch.Tensor] = {}
         done = 0
         while done < self.geometry.accumulation:  # a skipped (non-finite) micro-batch is replaced by the next one
+            self.phase = f"step {self.step + 1}: forward, backward and the gradient all-reduce"
             terms = self.forward_backward(self._next_batch())
             if terms:
                 done += 1
@@ -219,11 +221,13 @@ class Trainer:
                 progress.update(1)
             if self.step % log_cfg.every == 0 or self.step == cfg.train.steps:
                 now = time.perf_counter()
+                self.phase = f"step {self.step}: averaging the logged losses over the ranks"
                 record = self._reduce(window, self.geometry.effective_batch * (self.step - steps_last) / (now - t_last))
                 writer.write(record)
                 if progress is not None:
                     progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                 window, t_last, steps_last = [], now, self.step
+            self.phase = f"step {self.step}: the per-step signal and checkpoint-time check"
             stop, minutes_passed = self.signals.requested(self._minutes_passed())
             if self.step < cfg.train.steps and (minutes_passed or (
                     cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0)):
@@ -254,6 +258,7 @@ class Trainer:
     def _show(self, writer: MetricsWriter, *, final: bool) -> None:
         """Previews and evaluation at their cadence; at the end, for the final weights if the cadence missed them."""
         log_cfg, module = self.cfg.logging, self.engine.module
+        self.phase = f"step {self.step}: previews and evaluation"
         for every, show in ((log_cfg.preview_every, self.monitor.preview), (log_cfg.eval_every, self.monitor.evaluate)):
             if every and (self.step % every == 0) != final:
                 show(module, self.step, writer)
@@ -274,6 +279,7 @@ class Trainer:
         return bool(minutes) and time.monotonic() - self.saved_time >= 60 * minutes
 
     def save(self) -> Path:
+        self.phase = f"saving the checkpoint of step {self.step}"
         client_state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                         "world_size": self.acc.world_size}
         path = ckpt.save(self.engine, self.ckpt_root, step=self.step, client_state=client_state,
