@@ -6,8 +6,9 @@ Pure conversions on state dicts; no DeepSpeed, no checkpoints, no command line (
   to the trained channel count. Tools add it back: `merged[k] = base[k] + offset[k]`, then
   `load_state_dict(merged, strict=True)` (the official demo; ../shared/DOMAIN.md).
 * LDM keys are the original Stable Diffusion layout (`input_blocks.1.0.in_layers.0.weight`, ...) that ComfyUI and
-  Forge use. `unet_to_ldm` / `unet_from_ldm` map between it and diffusers' `UNet2DConditionModel` keys; the VAE and
-  CLIP-text mappings exist to write whole single-file checkpoints (`write_ldm_checkpoint`).
+  Forge use: bare in a UNet-only file (the published `*_unet_ldm` files), under `model.diffusion_model.` in a whole
+  checkpoint. `unet_to_ldm` / `unet_from_ldm` map between it and diffusers' `UNet2DConditionModel` keys; the VAE and
+  CLIP-text mappings write whole single-file checkpoints (`write_ldm_checkpoint`).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ BASE_RECORD = "base.json"  # in a run folder: {"source": ..., "unet_hash": ...} 
 LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_VAE_PREFIX = "first_stage_model."
 LDM_TEXT_PREFIX = "cond_stage_model.transformer."
-# Prefixes an LDM-layout UNet-only file may carry; "" (bare keys) is what ComfyUI's UNet loader and the IC-Light
-# nodes read (they add "diffusion_model." themselves when patching).
+# Prefixes an LDM-layout UNet file may carry. "" (bare keys) is the UNet-only layout: ComfyUI's UNet loader strips
+# only "model.diffusion_model." before it looks for "input_blocks.0.0.weight", and the ComfyUI/Forge IC-Light nodes
+# prepend "diffusion_model." to every key themselves (docs/weights-and-export.md names their files).
 UNET_LDM_PREFIXES = (LDM_UNET_PREFIX, "diffusion_model.", "")
 
 # format name -> value of the "format" metadata entry

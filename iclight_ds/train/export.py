@@ -6,7 +6,8 @@
 Formats (the UNet; the merger / env-encoder always go to a separate small `*modules.safetensors`):
   unet            full trained weights, diffusers keys (what the trainer writes at the end of a run)
   iclight-offset  trained - base (base conv_in zero-padded), diffusers keys: what the official demo adds to its base
-  ldm             the same offset in the original key layout (input_blocks.*), for ComfyUI / Forge IC-Light nodes
+  ldm             the same offset in bare LDM keys (input_blocks.0.0.weight, ...), the layout of the published
+                  *_unet_ldm files that ComfyUI's UNet loader and the ComfyUI / Forge IC-Light nodes read
   diffusers       a folder `UNet2DConditionModel.from_pretrained` loads (full weights, safetensors)
 The offsets need the base UNet: --base, else the run's `model.base`, else the run's random base rebuilt from its seed.
 """
@@ -29,6 +30,9 @@ from . import checkpoint as ckpt
 from . import engine as eng
 
 FORMATS = ("unet", "iclight-offset", "ldm", "diffusers")
+# The ldm format's key prefix: none, the layout of the published *_unet_ldm files (formats.UNET_LDM_PREFIXES says
+# who reads what). --ldm-prefix writes 'diffusion_model.' or 'model.diffusion_model.' for other tools.
+DEFAULT_LDM_PREFIX = ""
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +85,7 @@ def export_formatted(
     config: dict,
     step: int,
     base=None,
-    ldm_prefix: str = "diffusion_model.",
+    ldm_prefix: str = DEFAULT_LDM_PREFIX,
 ) -> list[Path]:
     """Write one export format from the trained UNet (diffusers keys) and the small modules.
 
@@ -145,7 +149,7 @@ def export_run_checkpoint(
     fmt_name: str = "unet",
     dtype: str = "fp32",
     base: str | Path | None = None,
-    ldm_prefix: str = "diffusion_model.",
+    ldm_prefix: str = DEFAULT_LDM_PREFIX,
 ) -> list[Path]:
     """Consolidate checkpoint `tag` (default: latest) under `checkpoint_root` and export it as `fmt_name`."""
     checkpoint_root = Path(checkpoint_root)
@@ -181,7 +185,7 @@ def _check_base_record(record: Path, base_model, *, overridden: bool) -> None:
     log.warning("%s (--base was given explicitly: exporting anyway)", msg)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, type=Path, help="run folder (holding checkpoints/)")
     p.add_argument("--format", dest="fmt", choices=FORMATS, default="unet", help="what to write (default: unet)")
@@ -191,11 +195,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--base", default=None,
                    help="base model the offsets are taken from (default: the run's model.base, or its random base)")
-    p.add_argument("--ldm-prefix", default="diffusion_model.",
-                   help="key prefix of the ldm format (default 'diffusion_model.', the layout of the community "
-                        "IC-Light LDM files that the ComfyUI/Forge IC-Light nodes load; '' for bare keys, "
-                        "'model.diffusion_model.' for a full-checkpoint layout)")
-    args = p.parse_args(argv)
+    p.add_argument("--ldm-prefix", default=DEFAULT_LDM_PREFIX,
+                   help="key prefix of the ldm format (default '': bare LDM keys, input_blocks.0.0.weight ..., the "
+                        "layout of the published *_unet_ldm files that ComfyUI's UNet loader, kijai's and "
+                        "huchenlei's ComfyUI IC-Light nodes and the Forge/A1111 IC-Light extensions read; "
+                        "'diffusion_model.' or 'model.diffusion_model.' for tools that want those prefixes)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     out = args.out or (args.run / "unet_diffusers" if args.fmt == "diffusers" else args.run)
     for path in export_run_checkpoint(args.run / "checkpoints", args.tag, out, fmt_name=args.fmt, dtype=args.dtype,
