@@ -10,6 +10,9 @@ Formats (the UNet; the merger / env-encoder always go to a separate small `*modu
                   *_unet_ldm files that ComfyUI's UNet loader and the ComfyUI / Forge IC-Light nodes read
   diffusers       a folder `UNet2DConditionModel.from_pretrained` loads (full weights, safetensors)
 The offsets need the base UNet: --base, else the run's `model.base`, else the run's random base rebuilt from its seed.
+An FC model that sees the light through an environment encoder is exported to iclight-offset or ldm with a warning:
+those tools never run the encoder.
+See docs/weights-and-export.md for each tool's format, folder and loader.
 """
 
 from __future__ import annotations
@@ -26,10 +29,14 @@ from ..dtypes import DTYPES
 from ..model import formats as fmt
 from ..model.base import base_for_run
 from ..model.formats import BASE_RECORD, EXPORT_INFO, MODULES_FILE, UNET_FILE
+from ..model.iclight import has_env_encoder
 from . import checkpoint as ckpt
 from . import engine as eng
 
 FORMATS = ("unet", "iclight-offset", "ldm", "diffusers")
+# Read by third-party tools (the official demo, ComfyUI, Forge), which run the UNet on text and the condition latents
+# only: an FC environment encoder exported to them is never run.
+TOOL_FORMATS = ("iclight-offset", "ldm")
 # The ldm format's key prefix: none, the layout of the published *_unet_ldm files (formats.UNET_LDM_PREFIXES says
 # who reads what). --ldm-prefix writes 'diffusion_model.' or 'model.diffusion_model.' for other tools.
 DEFAULT_LDM_PREFIX = ""
@@ -91,37 +98,59 @@ def export_formatted(
 
     base: a base_model.BaseModel (its 4-channel UNet); required by iclight-offset, ldm and diffusers.
     """
-    if fmt_name not in FORMATS:
-        raise ValueError(f"unknown format {fmt_name!r}; one of {FORMATS}")
-    if fmt_name != "unet" and base is None:
-        raise ValueError(f"format {fmt_name} needs the base model (base=...)")
+    _check_format(fmt_name, base)
     torch_dtype = DTYPES[dtype]
     variant = (config.get("model") or {}).get("variant", "")
     in_channels = unet["conv_in.weight"].shape[1]
     unet_path, modules_path = output_paths(fmt_name, out, variant)
+    if fmt_name in TOOL_FORMATS and has_env_encoder(small):
+        warn_env_encoder(fmt_name, modules_path)
     meta = fmt.metadata(
         fmt_name, variant=variant, in_channels=in_channels, step=step, config=config,
         base_hash=base.unet_hash if base is not None else "", base=base.source if base is not None else "",
     )
     if small:
         meta["modules_file"] = modules_path.name
-    written = []
-    if fmt_name == "unet":
-        written.append(fmt.save_safetensors(unet, unet_path, dtype=torch_dtype, metadata=meta))
-    elif fmt_name in ("iclight-offset", "ldm"):
-        offset = fmt.make_offset(unet, base.unet.state_dict())
-        if fmt_name == "ldm":
-            offset = fmt.unet_to_ldm(offset, base.unet.config, prefix=ldm_prefix)
-            meta["ldm_prefix"] = ldm_prefix
-        written.append(fmt.save_safetensors(offset, unet_path, dtype=torch_dtype, metadata=meta))
-    else:
-        written.append(_save_diffusers_folder(unet, unet_path, dtype=torch_dtype, base_config=base.unet.config))
-        (unet_path / EXPORT_INFO).write_text(json.dumps(meta, indent=2) + "\n")
-        written.append(unet_path / EXPORT_INFO)
+    written = _write_unet(unet, fmt_name, unet_path, dtype=torch_dtype, meta=meta, base=base, ldm_prefix=ldm_prefix)
     if small:
         written.append(fmt.save_safetensors(small, modules_path, dtype=torch_dtype,
                                             metadata=dict(meta, format=fmt.FORMAT_TAGS["modules"])))
     return written
+
+
+def _check_format(fmt_name: str, base) -> None:
+    if fmt_name not in FORMATS:
+        raise ValueError(f"unknown format {fmt_name!r}; one of {FORMATS}")
+    if fmt_name != "unet" and base is None:
+        raise ValueError(f"format {fmt_name} needs the base model (base=...)")
+
+
+def warn_env_encoder(fmt_name: str, modules_path: Path) -> str:
+    """Log (and return) why an environment-conditioned FC exported to a tool format loses its light input."""
+    msg = (f"this FC model sees the light through an environment-map encoder (env_encoder.* in {modules_path.name}), "
+           f"which the tools that read the {fmt_name} format (the official IC-Light demo, the ComfyUI and Forge "
+           "IC-Light nodes) never run: there the UNet gets text and foreground only, without the "
+           "light it was trained with. To relight with the environment map use iclight-relight (python -m "
+           "iclight_ds.relight --env ENV.npy) or the diffusers snippet with the modules file in "
+           "docs/weights-and-export.md; for an FC those tools run as trained, train with model.light_input: text")
+    log.warning(msg)
+    return msg
+
+
+def _write_unet(unet: dict[str, torch.Tensor], fmt_name: str, path: Path, *, dtype: torch.dtype, meta: dict,
+                base, ldm_prefix: str) -> list[Path]:
+    """The format's UNet file(s) (everything but the small modules); returns what was written."""
+    if fmt_name == "unet":
+        return [fmt.save_safetensors(unet, path, dtype=dtype, metadata=meta)]
+    if fmt_name in ("iclight-offset", "ldm"):
+        offset = fmt.make_offset(unet, base.unet.state_dict())
+        if fmt_name == "ldm":
+            offset = fmt.unet_to_ldm(offset, base.unet.config, prefix=ldm_prefix)
+            meta = dict(meta, ldm_prefix=ldm_prefix)
+        return [fmt.save_safetensors(offset, path, dtype=dtype, metadata=meta)]
+    _save_diffusers_folder(unet, path, dtype=dtype, base_config=base.unet.config)
+    (path / EXPORT_INFO).write_text(json.dumps(meta, indent=2) + "\n")
+    return [path, path / EXPORT_INFO]
 
 
 def _save_diffusers_folder(unet: dict[str, torch.Tensor], out: Path, *, dtype: torch.dtype, base_config) -> Path:
@@ -163,7 +192,6 @@ def export_run_checkpoint(
     unet, small = split_state_dict(state)
     base_model = None
     if fmt_name != "unet":
-
         base_model = base_for_run(config_path, override=base, unet_only=True)
         log.info("base for export: %s (%s)", base_model.source, base_model.unet_hash[:19])
         _check_base_record(checkpoint_root.parent / BASE_RECORD, base_model, overridden=base is not None)
