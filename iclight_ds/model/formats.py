@@ -45,6 +45,7 @@ FORMAT_TAGS = {
     "ldm": "iclight-ds/ldm-offset",
     "unet": "iclight-ds/diffusers-unet",
     "diffusers": "iclight-ds/diffusers-folder",
+    "checkpoint": "iclight-ds/ldm-checkpoint",
     "modules": "iclight-ds/training-modules",
 }
 
@@ -80,6 +81,11 @@ def _check_same_keys(a: Mapping, b: Mapping, what_a: str, what_b: str) -> None:
             f"{what_a} and {what_b} differ in shape at {len(bad)} key(s), e.g. {bad[0]}: "
             f"{tuple(a[bad[0]].shape)} vs {tuple(b[bad[0]].shape)}"
         )
+
+
+def check_fits_base(trained: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> None:
+    """FormatError unless `trained` has the base UNet's keys and shapes (its conv_in may take more channels)."""
+    _check_same_keys(trained, padded_base(base, trained), "the trained UNet", "the base UNet")
 
 
 def make_offset(trained: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -244,17 +250,22 @@ def text_encoder_to_ldm(state: Mapping[str, torch.Tensor], *, prefix: str = LDM_
 
 
 def write_ldm_checkpoint(path: str | Path, *, unet: Mapping, unet_config: Mapping, vae: Mapping,
-                         text_encoder: Mapping, extra: Mapping | None = None) -> Path:
+                         text_encoder: Mapping, extra: Mapping | None = None, dtype: torch.dtype | None = None,
+                         metadata: Mapping[str, str] | None = None) -> Path:
     """One original-layout single-file checkpoint (UNet + VAE + CLIP text) as .safetensors or .ckpt/.pt.
 
-    A .ckpt is written as `{"state_dict": ...}` like the original releases (tensors only).
+    Keys: `model.diffusion_model.*` (the UNet, any conv_in width), `first_stage_model.*`,
+    `cond_stage_model.transformer.text_model.*`. `dtype` None keeps each tensor's; `metadata` goes into a
+    .safetensors header. A .ckpt is written as `{"state_dict": ...}` like the original releases (tensors only).
     """
     path = Path(path)
     state = {**unet_to_ldm(unet, unet_config, prefix=LDM_UNET_PREFIX), **vae_to_ldm(vae),
              **text_encoder_to_ldm(text_encoder), **(extra or {})}
     if path.suffix == ".safetensors":
-        save_safetensors(state, path, dtype=None, metadata={})
+        save_safetensors(state, path, dtype=dtype, metadata=metadata or {})
     else:
+        if dtype is not None:
+            state = {k: v.detach().to(dtype) for k, v in state.items()}
         torch.save({"state_dict": state}, path)
     return path
 

@@ -9,9 +9,12 @@ Formats (the UNet; the merger / env-encoder always go to a separate small `*modu
   ldm             the same offset in bare LDM keys (input_blocks.0.0.weight, ...), the layout of the published
                   *_unet_ldm files that ComfyUI's UNet loader and the ComfyUI / Forge IC-Light nodes read
   diffusers       a folder `UNet2DConditionModel.from_pretrained` loads (full weights, safetensors)
-The offsets need the base UNet: --base, else the run's `model.base`, else the run's random base rebuilt from its seed.
-An FC model that sees the light through an environment encoder is exported to iclight-offset or ldm with a warning:
-those tools never run the encoder.
+  checkpoint      one original-layout single file for tools that load one checkpoint: the trained UNet (widened
+                  conv_in) + the base's VAE and text encoder (model.diffusion_model.*, first_stage_model.*,
+                  cond_stage_model.transformer.*)
+The offsets need the base UNet: --base, else the run's `model.base`, else the run's random base rebuilt from its seed;
+a checkpoint takes its VAE and text encoder from that base. An FC model that sees the light through an environment
+encoder is exported to iclight-offset, ldm or checkpoint with a warning: those tools never run the encoder.
 See docs/weights-and-export.md for each tool's format, folder and loader.
 """
 
@@ -33,10 +36,10 @@ from ..model.iclight import has_env_encoder
 from . import checkpoint as ckpt
 from . import engine as eng
 
-FORMATS = ("unet", "iclight-offset", "ldm", "diffusers")
-# Read by third-party tools (the official demo, ComfyUI, Forge), which run the UNet on text and the condition latents
-# only: an FC environment encoder exported to them is never run.
-TOOL_FORMATS = ("iclight-offset", "ldm")
+FORMATS = ("unet", "iclight-offset", "ldm", "diffusers", "checkpoint")
+# Read by third-party tools (the official demo, ComfyUI, Forge, single-file loaders), which run the UNet on text and
+# the condition latents only: an FC environment encoder exported to them is never run.
+TOOL_FORMATS = ("iclight-offset", "ldm", "checkpoint")
 # The ldm format's key prefix: none, the layout of the published *_unet_ldm files (formats.UNET_LDM_PREFIXES says
 # who reads what). --ldm-prefix writes 'diffusion_model.' or 'model.diffusion_model.' for other tools.
 DEFAULT_LDM_PREFIX = ""
@@ -77,7 +80,8 @@ def output_paths(fmt_name: str, out: Path, variant: str) -> tuple[Path, Path]:
     if out.suffix != ".safetensors":
         if fmt_name == "unet":  # the trainer's layout
             return out / UNET_FILE, out / MODULES_FILE
-        name = {"iclight-offset": f"iclight_{variant}_offset", "ldm": f"iclight_{variant}_unet_ldm"}[fmt_name]
+        name = {"iclight-offset": f"iclight_{variant}_offset", "ldm": f"iclight_{variant}_unet_ldm",
+                "checkpoint": f"iclight_{variant}_checkpoint"}[fmt_name]
         out = out / f"{name}.safetensors"
     return out, out.with_name(out.name[: -len(".safetensors")] + ".modules.safetensors")
 
@@ -96,7 +100,8 @@ def export_formatted(
 ) -> list[Path]:
     """Write one export format from the trained UNet (diffusers keys) and the small modules.
 
-    base: a base_model.BaseModel (its 4-channel UNet); required by iclight-offset, ldm and diffusers.
+    base: a base_model.BaseModel: its 4-channel UNet for iclight-offset, ldm and diffusers; for checkpoint also its
+    VAE and text encoder.
     """
     _check_format(fmt_name, base)
     torch_dtype = DTYPES[dtype]
@@ -123,13 +128,15 @@ def _check_format(fmt_name: str, base) -> None:
         raise ValueError(f"unknown format {fmt_name!r}; one of {FORMATS}")
     if fmt_name != "unet" and base is None:
         raise ValueError(f"format {fmt_name} needs the base model (base=...)")
+    if fmt_name == "checkpoint" and (base.vae is None or base.text_encoder is None):
+        raise ValueError("format checkpoint needs the base's VAE and text encoder (a base loaded with unet_only=False)")
 
 
 def warn_env_encoder(fmt_name: str, modules_path: Path) -> str:
     """Log (and return) why an environment-conditioned FC exported to a tool format loses its light input."""
     msg = (f"this FC model sees the light through an environment-map encoder (env_encoder.* in {modules_path.name}), "
            f"which the tools that read the {fmt_name} format (the official IC-Light demo, the ComfyUI and Forge "
-           "IC-Light nodes) never run: there the UNet gets text and foreground only, without the "
+           "IC-Light nodes, single-file loaders) never run: there the UNet gets text and foreground only, without the "
            "light it was trained with. To relight with the environment map use iclight-relight (python -m "
            "iclight_ds.relight --env ENV.npy) or the diffusers snippet with the modules file in "
            "docs/weights-and-export.md; for an FC those tools run as trained, train with model.light_input: text")
@@ -148,6 +155,10 @@ def _write_unet(unet: dict[str, torch.Tensor], fmt_name: str, path: Path, *, dty
             offset = fmt.unet_to_ldm(offset, base.unet.config, prefix=ldm_prefix)
             meta = dict(meta, ldm_prefix=ldm_prefix)
         return [fmt.save_safetensors(offset, path, dtype=dtype, metadata=meta)]
+    if fmt_name == "checkpoint":
+        fmt.check_fits_base(unet, base.unet.state_dict())  # its VAE and the key layout must be the trained UNet's
+        return [fmt.write_ldm_checkpoint(path, unet=unet, unet_config=base.unet.config, vae=base.vae.state_dict(),
+                                         text_encoder=base.text_encoder.state_dict(), dtype=dtype, metadata=meta)]
     _save_diffusers_folder(unet, path, dtype=dtype, base_config=base.unet.config)
     (path / EXPORT_INFO).write_text(json.dumps(meta, indent=2) + "\n")
     return [path, path / EXPORT_INFO]
@@ -191,8 +202,8 @@ def export_run_checkpoint(
     step = int(tag.rsplit("_", 1)[-1]) if tag.startswith("step_") else -1
     unet, small = split_state_dict(state)
     base_model = None
-    if fmt_name != "unet":
-        base_model = base_for_run(config_path, override=base, unet_only=True)
+    if fmt_name != "unet":  # a checkpoint also takes the base's VAE and text encoder
+        base_model = base_for_run(config_path, override=base, unet_only=fmt_name != "checkpoint")
         log.info("base for export: %s (%s)", base_model.source, base_model.unet_hash[:19])
         _check_base_record(checkpoint_root.parent / BASE_RECORD, base_model, overridden=base is not None)
     return export_formatted(unet, small, fmt_name=fmt_name, out=Path(out), dtype=dtype, config=config, step=step,
@@ -222,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a .safetensors file, or a folder (default: the run folder; diffusers: <run>/unet_diffusers)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--base", default=None,
-                   help="base model the offsets are taken from (default: the run's model.base, or its random base)")
+                   help="base model the offsets are taken from, and a checkpoint's VAE and text encoder (default: the "
+                        "run's model.base, or its random base)")
     p.add_argument("--ldm-prefix", default=DEFAULT_LDM_PREFIX,
                    help="key prefix of the ldm format (default '': bare LDM keys, input_blocks.0.0.weight ..., the "
                         "layout of the published *_unet_ldm files that ComfyUI's UNet loader, kijai's and "

@@ -2,12 +2,15 @@
 
 - `ldm` writes bare LDM keys by default; adding each file key, as the ComfyUI / Forge IC-Light nodes do, to the base
   model's own LDM weights gives back the trained UNet (no key dropped, none unknown);
-- an FC with an environment encoder exported to a tool format warns that the tool will not run the encoder.
+- an FC with an environment encoder exported to a tool format warns that the tool will not run the encoder;
+- `checkpoint` is one original-layout file that diffusers' single-file loaders read offline with a local config
+  folder, conv_in of 8 (FC) or 12 (FBC) input channels, weights equal to ours.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 
 import pytest
@@ -20,6 +23,7 @@ from iclight_ds.model import formats as fmt
 from iclight_ds.model.arch import build_text_encoder, build_vae
 from iclight_ds.model.base import BaseModel, unet_hash
 from iclight_ds.model.iclight import build_iclight_model, build_unet
+from iclight_ds.model.schedule import make_scheduler
 from iclight_ds.model.tokenizer import build_char_tokenizer
 from iclight_ds.train.export import FORMATS, TOOL_FORMATS, export_formatted, split_state_dict
 
@@ -84,3 +88,51 @@ def test_env_conditioned_fc_warns_for_tool_formats(tmp_path, caplog, fmt_name):
         export_formatted(trained, text_only, fmt_name=fmt_name, out=tmp_path / "text", config=_config("fc"), step=1,
                          base=base)
     assert not [r for r in caplog.records if "environment-map encoder" in r.getMessage()]
+
+
+def _config_folder(base, path):
+    """What a user passes as `config=`: an SD pipeline folder without weights, its UNet config the base's (4 inputs)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                   unet=base.unet, scheduler=make_scheduler("ddim"), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(path))
+    for weights in list(path.rglob("*.safetensors")) + list(path.rglob("*.bin")):
+        weights.unlink()
+    assert json.loads((path / "unet" / "config.json").read_text())["in_channels"] == 4
+    return path
+
+
+@pytest.mark.parametrize("variant, channels", [("fc", 8), ("fbc", 12)])
+def test_checkpoint_loads_with_diffusers_from_single_file(tmp_path, variant, channels):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    base, (trained, small) = _trained(variant)
+    path = export_formatted(trained, small, fmt_name="checkpoint", out=tmp_path, config=_config(variant), step=3,
+                            base=base)[0]
+    assert path.name == f"iclight_{variant}_checkpoint.safetensors"
+    keys = load_file(str(path))
+    assert keys["model.diffusion_model.input_blocks.0.0.weight"].shape[1] == channels
+    assert {k.split(".")[0] for k in keys} == {"model", "first_stage_model", "cond_stage_model"}
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["format"] == fmt.FORMAT_TAGS["checkpoint"] and f.metadata()["in_channels"] == str(channels)
+
+    config = _config_folder(base, tmp_path / "sd_config")
+    unet = UNet2DConditionModel.from_single_file(str(path), config=str(config), subfolder="unet",
+                                                 local_files_only=True, in_channels=channels)
+    pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True, unet=unet,
+                                                    safety_checker=None)
+    assert pipe.unet.config.in_channels == channels and pipe.unet.conv_in.weight.shape[1] == channels
+    for loaded, want in ((pipe.unet.state_dict(), trained), (pipe.vae.state_dict(), base.vae.state_dict()),
+                         (pipe.text_encoder.state_dict(), base.text_encoder.state_dict())):
+        assert set(loaded) == set(want)
+        assert [k for k in want if not torch.equal(loaded[k], want[k])] == []
+
+
+def test_checkpoint_needs_the_base_vae_and_text_encoder(tmp_path):
+    base, (trained, small) = _trained("fbc")
+    unet_only = BaseModel(base.unet, None, None, None, base.source, base.unet_hash)
+    with pytest.raises(ValueError, match="VAE and text encoder"):
+        export_formatted(trained, small, fmt_name="checkpoint", out=tmp_path, config=_config("fbc"), step=1,
+                         base=unet_only)
