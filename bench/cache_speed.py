@@ -46,7 +46,7 @@ def cpu_name() -> str:
 
 def trainer_for(out: Path, **over: str):
     from iclight_ds.config import load_config
-    from iclight_ds.train import Trainer
+    from iclight_ds.train.trainer import Trainer
 
     values = {"train.ds_config": "cpu", "train.output_dir": str(out), "train.export": "false",
               "train.optimizer": "adamw8bit", "model.gradient_checkpointing": "true",  # as measured (the README)
@@ -77,7 +77,7 @@ def time_reads(dataset, batch: int, repeats: int) -> list[float]:
 
 
 def cache_throughput(data: Path, out: Path, **kw) -> dict:
-    from iclight_ds.cache import build_cache
+    from iclight_ds.data.cache import build_cache
 
     stats = build_cache(data, out, progress=False, validate=False, **kw)
     size = sum(p.stat().st_size for p in out.glob("shard_*.safetensors"))
@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full-samples", type=int, default=8, help="samples for the full-size SD1.5 encoders (256 px)")
     p.add_argument("--skip-full", action="store_true")
     args = p.parse_args(argv)
-    from iclight_ds import engine as eng
-    from iclight_ds.cache import CachedDataset
+    from iclight_ds.train import engine as eng
+    from iclight_ds.data.cache import CachedDataset
     from iclight_ds.data.synth import generate
 
     result: dict = {"device": f"cpu: {cpu_name()}", "torch_threads": torch.get_num_threads(),

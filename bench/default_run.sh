@@ -8,7 +8,7 @@
 #                                             LAUNCHER (deepspeed: launch/train.sh's default)
 #
 # On a CPU-only machine that is the CPU default; with a CUDA GPU the trainer takes the GPU default run's preset
-# (iclight_ds/presets/default-gpu.yaml). A run stopped by LIMIT_S is exported from its checkpoint and scored there
+# (iclight_ds/train/presets/default-gpu.yaml). A run stopped by LIMIT_S is exported from its checkpoint and scored there
 # (the JSON says at which step); RESUME=1 finishes its schedule. The evaluation runs on the CPU in fp32, like every
 # README score, whatever trained the model.
 set -o pipefail
@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 
 from bench.cache_speed import cpu_name
-from iclight_ds.engine import batch_geometry, read_ds_config
+from iclight_ds.train.engine import batch_geometry, read_ds_config
 
 R, result = Path(sys.argv[1]), Path(sys.argv[2])
 run = R / "run"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 OPTIMIZERS = ("adamw8bit", "cpu_adam", "torch_fused", "torch_foreach")
-GROUP = 20_000_000  # iclight_ds.engine.MAX_GROUP_ELEMENTS
+GROUP = 20_000_000  # iclight_ds.train.engine.MAX_GROUP_ELEMENTS
 
 
 def one(name: str, n: int, threads: int) -> dict:

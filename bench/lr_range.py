@@ -34,18 +34,20 @@ from bench.cache_speed import cpu_name  # noqa: E402
 
 
 def run(args: argparse.Namespace) -> dict:
-    import iclight_ds.train as train_mod
     from iclight_ds.config import load_config
+    from iclight_ds.train import build
+    from iclight_ds.train.trainer import Trainer
 
     ratio = args.lr_max / args.lr_min
-    train_mod.lr_lambda = lambda cfg: (lambda s: ratio ** (s / args.steps))  # multiplier of train.lr = lr_min
+    build.lr_scheduler = lambda opt, cfg: torch.optim.lr_scheduler.LambdaLR(  # multiplier of train.lr = lr_min
+        opt, lambda s: ratio ** (s / args.steps))
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, {"train.ds_config": "cpu", "train.output_dir": tmp, "train.export": "false",
                                  "train.optimizer": args.optimizer, "model.gradient_checkpointing": "true",
                                  "train.lr": str(args.lr_min), "train.steps": str(args.steps),
                                  "data.synth_samples": str(args.samples), "logging.wandb": "false",
                                  "logging.progress": "false", "data.num_workers": "0"})
-        trainer = train_mod.Trainer(cfg)
+        trainer = Trainer(cfg)
         records = []
         ema = None
         start = time.perf_counter()

@@ -133,11 +133,11 @@ def make_inputs(resolution: int, frozen=None, device=None):
 
     import torch
 
-    from iclight_ds.conditioning import condition_batch
+    from iclight_ds.train.conditioning import condition_batch
     from iclight_ds.data.dataset import RelightDataset
     from iclight_ds.data.synth import generate
-    from iclight_ds.data.tokenizer import build_char_tokenizer
-    from iclight_ds.models import build_text_encoder, build_vae, default_dtype, freeze
+    from iclight_ds.model.tokenizer import build_char_tokenizer
+    from iclight_ds.model.arch import build_text_encoder, build_vae, default_dtype, freeze
 
     device = device if device is not None else torch.device("cpu")
     tok = build_char_tokenizer()
@@ -161,8 +161,8 @@ def make_inputs(resolution: int, frozen=None, device=None):
 
 
 def losses(model, cond, noise, t):
-    from iclight_ds.objectives import iclight_losses
-    from iclight_ds.train import alphas_cumprod
+    from iclight_ds.train.objectives import iclight_losses
+    from iclight_ds.model.schedule import alphas_cumprod
 
     return iclight_losses(model, cond, noise, t, alphas_cumprod=alphas_cumprod())
 
@@ -178,8 +178,9 @@ def case_plain(resolution: int, precise: bool, pin_malloc: bool) -> dict:
     import torch
 
     from iclight_ds.config import ModelConfig
-    from iclight_ds.engine import param_groups, pin_malloc_mmap_threshold
-    from iclight_ds.models import build_iclight_model, configure_attention, default_dtype
+    from iclight_ds.train.engine import param_groups, pin_malloc_mmap_threshold
+    from iclight_ds.model.arch import configure_attention, default_dtype
+    from iclight_ds.model.iclight import build_iclight_model
 
     if pin_malloc and not pin_malloc_mmap_threshold():
         raise RuntimeError("could not pin glibc's mmap threshold (not glibc, or MALLOC_MMAP_THRESHOLD_ is set)")
@@ -239,9 +240,9 @@ def case_trainer(resolution: int, ds_config: str, attention: str, optimizer: str
     """Our Trainer (engine from the DeepSpeed JSON), one rank's numbers; fed the same inputs as plain."""
     import torch
 
-    from iclight_ds import engine as eng
+    from iclight_ds.train import engine as eng
     from iclight_ds.config import load_config
-    from iclight_ds.train import Trainer
+    from iclight_ds.train.trainer import Trainer
 
     class Bench(Trainer):
         grad_bytes = 0
@@ -311,7 +312,8 @@ def case_batching(resolution: int) -> dict:
     import torch
 
     from iclight_ds.config import ModelConfig
-    from iclight_ds.models import build_iclight_model, configure_attention, default_dtype
+    from iclight_ds.model.arch import configure_attention, default_dtype
+    from iclight_ds.model.iclight import build_iclight_model
 
     device = bench_device()
     cond, noise, t = make_inputs(resolution, device=device)

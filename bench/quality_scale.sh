@@ -8,7 +8,7 @@
 #
 # Trains side by side on one device, each for at most TRAIN_S seconds, the default tiny FC setup with a large
 # micro-batch (B; ZeRO stage 0, bf16, no gradient checkpointing, lr 3e-3 cosine over STEPS):
-#   f4-lc0.1 / f4-lc0   the shipped 4x VAE (iclight_ds/assets/tiny_vae_4x.safetensors), lambda_c 0.1 / 0
+#   f4-lc0.1 / f4-lc0   the shipped 4x VAE (iclight_ds/model/assets/tiny_vae_4x.safetensors), lambda_c 0.1 / 0
 #   f8-lc0.1 / f8-lc0   the shipped 8x VAE (the default), lambda_c 0.1 / 0
 # on NBIG synthetic scenes (seed 0), evaluating every EVAL_EVERY steps on 16 held-out scenes (seed 20000). A run the
 # time limit stops saves a checkpoint on SIGTERM and is exported from there. Every run is then scored on 32 held-out
@@ -53,7 +53,7 @@ J
   port=29610
   for n in $RUNS; do
     case $n in
-      f4-*) vae=iclight_ds/assets/tiny_vae_4x.safetensors ;;
+      f4-*) vae=iclight_ds/model/assets/tiny_vae_4x.safetensors ;;
       f8-*) vae=auto ;;
       *) echo "unknown run $n (f4-lc<lambda> or f8-lc<lambda>)"; exit 2 ;;
     esac
