@@ -132,16 +132,32 @@ class TrainConfig:
     """Adam betas."""
     seed: int = 0
     """One seed from which every random stream is derived (per rank)."""
-    checkpoint_every: int = 0
-    """Save a checkpoint every N optimizer steps (0: only at the end)."""
+    checkpoint_every: int = 500
+    """Save a checkpoint every N optimizer steps (0: no step cadence); with checkpoint_minutes, whichever comes
+    first, and always at the end. `keep` bounds how many stay."""
+    checkpoint_minutes: float = 30.0
+    """Also save when this many minutes of training have passed since the last save (0: no time cadence)."""
     resume: Optional[str] = None
-    """'latest' or a checkpoint folder to continue from."""
+    """'latest' or a checkpoint folder to continue from; it is checked against its manifest (every file's size and
+    sha256) before anything in it is loaded."""
+    collective_timeout_s: float = 600.0
+    """How long a rank waits for the others in one collective (gradient all-reduce, barrier, broadcast) before the run
+    stops with a message naming what it was doing: a lost or stuck rank or node ends the run instead of hanging it."""
+    resume_unverified: bool = False
+    """Resume a checkpoint that has no manifest (written by another tool), unchecked (--resume-unverified)."""
     export: bool = True
     """Export <output_dir>/unet.safetensors at the end."""
     keep: int = 3
     """Keep the newest N checkpoints (older ones are deleted after a complete save); 0 keeps all."""
     max_bad_steps: int = 5
     """Non-finite losses tolerated in a row (each micro-batch skipped) before stopping with a checkpoint."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the trainable weights (diffusers' EMAModel, fp32; on the host when the
+    DeepSpeed config offloads): at its n-th update the decay is min(ema_decay, (1 + n) / (10 + n)). 0: off (the tiny
+    default run); 0.9999 is usual for real runs. Saved in every checkpoint; export defaults to it. Not with ZeRO-3."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """The DeepSpeed config's precision as shipped (auto), or that config with only its precision switched (fp16 for
+    GPUs before Ampere, fp32): the derived JSON is what the run records in ds_config.json."""
 
 
 @dataclass
@@ -170,6 +186,24 @@ class LoggingConfig:
     data.synth_seed + 1000) when the run trains on synthetic data, else the last `eval_samples` training samples."""
     eval_steps: int = 20
     """Sampler steps of the training-time evaluation."""
+    tensorboard: bool = True
+    """Also write the logged scalars, eval numbers and previews as TensorBoard events under <output_dir>/tensorboard
+    (`tensorboard --logdir runs`); needs no wandb."""
+    preview_images: list[str] = field(default_factory=list)
+    """Your own foregrounds (RGBA, alpha as mask) relit at every preview with a fixed seed and the official demo's
+    sampler settings; written to previews/user_step_N.png."""
+    preview_prompts: list[str] = field(default_factory=list)
+    """Their prompts: one per image, or one for all."""
+    preview_backgrounds: list[str] = field(default_factory=list)
+    """FBC: their backgrounds, one per image or one for all."""
+    preview_envs: list[str] = field(default_factory=list)
+    """FC: their (H, W, 3) linear HDR environment maps (.npy), one per image or one for all."""
+    preview_image_steps: int = 25
+    """Sampler steps of the user-image previews (the demo's 25)."""
+    preview_image_cfg: float = 2.0
+    """Classifier-free guidance of the user-image previews (the demo's 2.0; its negative prompt too)."""
+    preview_weights: Literal["ema", "raw"] = "ema"
+    """Which weights previews and the training-time evaluation use when train.ema_decay is on."""
 
 
 @dataclass
@@ -206,6 +240,17 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
         return value
+    if origin is list:
+        if isinstance(value, str) and value.lstrip().startswith("["):  # from the command line: a YAML/JSON list
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{key}: cannot parse {value!r} as a list: {e}") from e
+        elif isinstance(value, str):  # or comma-separated
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
@@ -374,6 +419,11 @@ def validate(cfg: RunConfig) -> None:
         problems.append("logging.preview_every >= 0, logging.preview_samples >= 1, logging.preview_steps >= 1")
     if cfg.logging.eval_every < 0 or cfg.logging.eval_samples < 1 or cfg.logging.eval_steps < 1:
         problems.append("logging.eval_every >= 0, logging.eval_samples >= 1, logging.eval_steps >= 1")
+    if not 0 <= cfg.train.ema_decay < 1:
+        problems.append(f"train.ema_decay={cfg.train.ema_decay}: must be in [0, 1) (0: off)")
+    if cfg.train.checkpoint_every < 0 or cfg.train.checkpoint_minutes < 0:
+        problems.append("train.checkpoint_every / train.checkpoint_minutes: must be >= 0 (0: no such cadence)")
+    problems += _preview_image_problems(cfg)
     if cfg.logging.eval_data is not None and not Path(cfg.logging.eval_data).exists():
         problems.append(f"logging.eval_data={cfg.logging.eval_data}: no such folder")
     if problems:
@@ -429,6 +479,8 @@ def _type_name(hint: Any) -> str:
         return " | ".join(_type_name(a) for a in args)
     if origin is tuple:
         return "(" + ", ".join(_type_name(a) for a in args) + ")"
+    if origin is list:
+        return f"list[{_type_name(args[0])}] (a,b or [\"a, with commas\", b])"
     return "none" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
@@ -445,3 +497,26 @@ def help_text() -> str:
             lines.append(f"  --{section.name}.{f.name} {_type_name(hints[f.name])}  (default: {default!r})")
             lines.append(f"      {docs.get(f.name, '')}")
     return "\n".join(lines)
+
+
+def _preview_image_problems(cfg: RunConfig) -> list[str]:
+    """logging.preview_images and the lists that go with them: files that exist, one entry each or one for all."""
+    log_cfg, problems = cfg.logging, []
+    images = log_cfg.preview_images
+    lists = {"logging.preview_prompts": log_cfg.preview_prompts}
+    if cfg.model.variant == "fbc":
+        lists["logging.preview_backgrounds"] = log_cfg.preview_backgrounds
+    else:
+        lists["logging.preview_envs"] = log_cfg.preview_envs
+    for key, paths in (("logging.preview_images", images), ("logging.preview_backgrounds",
+                                                            log_cfg.preview_backgrounds),
+                       ("logging.preview_envs", log_cfg.preview_envs)):
+        problems += [f"{key}: {p}: no such file" for p in paths if not Path(p).is_file()]
+    if not images:
+        return problems
+    for key, values in lists.items():
+        needed = key != "logging.preview_prompts"  # a prompt may be left out (empty); the light may not
+        if len(values) not in (len(images), 1) and (values or needed):
+            problems.append(f"{key}: {len(values)} given for {len(images)} logging.preview_images (one each, or one "
+                            "for all)")
+    return problems

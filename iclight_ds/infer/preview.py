@@ -1,4 +1,4 @@
-"""The trainer's preview grids: input foreground | [background (FBC)] | target | prediction, one row per sample."""
+"""The trainer's preview grids: input foreground | [background (FBC)] | [target] | prediction, one row per sample."""
 
 from __future__ import annotations
 
@@ -28,12 +28,13 @@ def make_preview_grid(
     steps: int = 4,
     guidance: float = 1.0,
     sampler: str = DEFAULT_SAMPLER,
+    negative_prompt: str = "",
 ) -> Image.Image:
-    """A PNG-ready grid, one row per sample: input foreground | [background (FBC)] | target | prediction.
+    """A PNG-ready grid, one row per sample: input foreground | [background (FBC)] | [target] | prediction.
 
-    samples: RelightDataset items (or one collated batch): foreground, target, input_ids (or prompt), and
-    background (FBC) / env (when `env_encoder` is given). A fixed `seed` makes previews comparable across
-    checkpoints. The UNet and env encoder are put in eval mode and restored. Under ZeRO-3 call this inside
+    samples: RelightDataset items (or one collated batch): foreground, input_ids (or prompt), and background (FBC) /
+    env (when `env_encoder` is given); target when there is one (a user's own images have none). A fixed `seed`
+    makes previews comparable across checkpoints; `negative_prompt` is used with guidance > 1. The UNet and env encoder are put in eval mode and restored. Under ZeRO-3 call this inside
     `deepspeed.zero.GatheredParameters` (the UNet weights must be whole).
     """
     if isinstance(samples, dict):
@@ -51,7 +52,7 @@ def make_preview_grid(
     embeds = _with_env(text, env_tokens)
     negative = None
     if guidance > 1:
-        negative = prompt_embeddings(text_encoder, tokenizer, [""] * embeds.shape[0], env_tokens)
+        negative = prompt_embeddings(text_encoder, tokenizer, [negative_prompt] * embeds.shape[0], env_tokens)
     modes = [(m, m.training) for m in (unet, env_encoder) if m is not None]
     for m, _ in modes:
         m.eval()
@@ -65,6 +66,8 @@ def make_preview_grid(
     columns = [(batch["foreground"].float() + 1) * GREY / 255]  # undo x / 127 - 1
     if fbc:
         columns.append((batch["background"].float() + 1) / 2)
-    columns += [(batch["target"].float() + 1) / 2, pred]
+    if "target" in batch:
+        columns.append((batch["target"].float() + 1) / 2)
+    columns.append(pred)
     cells = [to_pil(col[r]) for r in range(pred.shape[0]) for col in columns]  # row-major
     return make_image_grid(cells, rows=pred.shape[0], cols=len(columns))

@@ -6,8 +6,9 @@ Pure conversions on state dicts; no DeepSpeed, no checkpoints, no command line (
   to the trained channel count. Tools add it back: `merged[k] = base[k] + offset[k]`, then
   `load_state_dict(merged, strict=True)` (the official demo; ../shared/DOMAIN.md).
 * LDM keys are the original Stable Diffusion layout (`input_blocks.1.0.in_layers.0.weight`, ...) that ComfyUI and
-  Forge use. `unet_to_ldm` / `unet_from_ldm` map between it and diffusers' `UNet2DConditionModel` keys; the VAE and
-  CLIP-text mappings exist to write whole single-file checkpoints (`write_ldm_checkpoint`).
+  Forge use: bare in a UNet-only file (the published `*_unet_ldm` files), under `model.diffusion_model.` in a whole
+  checkpoint. `unet_to_ldm` / `unet_from_ldm` map between it and diffusers' `UNet2DConditionModel` keys; the VAE and
+  CLIP-text mappings write whole single-file checkpoints (`write_ldm_checkpoint`).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ BASE_RECORD = "base.json"  # in a run folder: {"source": ..., "unet_hash": ...} 
 LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_VAE_PREFIX = "first_stage_model."
 LDM_TEXT_PREFIX = "cond_stage_model.transformer."
-# Prefixes an LDM-layout UNet-only file may carry; "" (bare keys) is what ComfyUI's UNet loader and the IC-Light
-# nodes read (they add "diffusion_model." themselves when patching).
+# Prefixes an LDM-layout UNet file may carry. "" (bare keys) is the UNet-only layout: ComfyUI's UNet loader strips
+# only "model.diffusion_model." before it looks for "input_blocks.0.0.weight", and the ComfyUI/Forge IC-Light nodes
+# prepend "diffusion_model." to every key themselves (docs/weights-and-export.md names their files).
 UNET_LDM_PREFIXES = (LDM_UNET_PREFIX, "diffusion_model.", "")
 
 # format name -> value of the "format" metadata entry
@@ -43,6 +45,7 @@ FORMAT_TAGS = {
     "ldm": "iclight-ds/ldm-offset",
     "unet": "iclight-ds/diffusers-unet",
     "diffusers": "iclight-ds/diffusers-folder",
+    "checkpoint": "iclight-ds/ldm-checkpoint",
     "modules": "iclight-ds/training-modules",
 }
 
@@ -78,6 +81,11 @@ def _check_same_keys(a: Mapping, b: Mapping, what_a: str, what_b: str) -> None:
             f"{what_a} and {what_b} differ in shape at {len(bad)} key(s), e.g. {bad[0]}: "
             f"{tuple(a[bad[0]].shape)} vs {tuple(b[bad[0]].shape)}"
         )
+
+
+def check_fits_base(trained: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> None:
+    """FormatError unless `trained` has the base UNet's keys and shapes (its conv_in may take more channels)."""
+    _check_same_keys(trained, padded_base(base, trained), "the trained UNet", "the base UNet")
 
 
 def make_offset(trained: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -242,17 +250,22 @@ def text_encoder_to_ldm(state: Mapping[str, torch.Tensor], *, prefix: str = LDM_
 
 
 def write_ldm_checkpoint(path: str | Path, *, unet: Mapping, unet_config: Mapping, vae: Mapping,
-                         text_encoder: Mapping, extra: Mapping | None = None) -> Path:
+                         text_encoder: Mapping, extra: Mapping | None = None, dtype: torch.dtype | None = None,
+                         metadata: Mapping[str, str] | None = None) -> Path:
     """One original-layout single-file checkpoint (UNet + VAE + CLIP text) as .safetensors or .ckpt/.pt.
 
-    A .ckpt is written as `{"state_dict": ...}` like the original releases (tensors only).
+    Keys: `model.diffusion_model.*` (the UNet, any conv_in width), `first_stage_model.*`,
+    `cond_stage_model.transformer.text_model.*`. `dtype` None keeps each tensor's; `metadata` goes into a
+    .safetensors header. A .ckpt is written as `{"state_dict": ...}` like the original releases (tensors only).
     """
     path = Path(path)
     state = {**unet_to_ldm(unet, unet_config, prefix=LDM_UNET_PREFIX), **vae_to_ldm(vae),
              **text_encoder_to_ldm(text_encoder), **(extra or {})}
     if path.suffix == ".safetensors":
-        save_safetensors(state, path, dtype=None, metadata={})
+        save_safetensors(state, path, dtype=dtype, metadata=metadata or {})
     else:
+        if dtype is not None:
+            state = {k: v.detach().to(dtype) for k, v in state.items()}
         torch.save({"state_dict": state}, path)
     return path
 

@@ -178,6 +178,11 @@ def narrow_conv_in(unet, channels: int):
     return unet
 
 
+def has_env_encoder(small) -> bool:
+    """Whether a small-modules state dict (keys without 'unet.') holds an FC environment encoder ('env_encoder.*')."""
+    return any(k.startswith("env_encoder.") for k in small)
+
+
 def env_encoder_from_state(small: dict[str, torch.Tensor]):
     """The FC environment encoder from a modules state dict ('env_encoder.*' keys), sizes read off the shapes."""
 

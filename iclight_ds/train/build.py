@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
+from transformers import (
+    get_constant_schedule_with_warmup,
+    get_cosine_with_min_lr_schedule_with_warmup,
+)
 
 from ..config import RunConfig
 from ..data.cache import CachedDataset, run_expectations

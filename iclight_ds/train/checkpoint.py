@@ -10,7 +10,9 @@ A save goes to `.tmp-<tag>/` first; only a finished folder is renamed to its tag
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -23,7 +25,11 @@ from .. import config
 from ..config import RESOLVED_FILE
 from . import engine as eng
 
+log = logging.getLogger(__name__)
+
 LATEST = "latest"
+MANIFEST = "manifest.json"  # written last, before the rename: every file's relative path, size and sha256
+MANIFEST_FORMAT = "iclight-ds checkpoint manifest v1"
 RESOLVED = RESOLVED_FILE  # the run's resolved record (train/resolve.py), beside each checkpoint's config.json
 
 
@@ -72,10 +78,11 @@ class CheckpointError(RuntimeError):
 
 
 def save(engine, root: Path, *, step: int, client_state: dict, config: dict, generator, rank: int,
-         keep: int = 0, resolved: dict | None = None) -> Path:
+         keep: int = 0, resolved: dict | None = None, rank0_files: dict | None = None) -> Path:
     """Collective: every rank calls it, and every rank learns whether it succeeded. Returns the final folder.
 
     `resolved`: what the run's `auto` settings resolved to (resolved.json), so that a resume builds the same.
+    `rank0_files`: {file name: write(path)} that rank 0 adds to the checkpoint (the EMA weights).
 
     Ranks write their parts into `.tmp-<tag>/`; only when all succeeded does rank 0 rename it to `<tag>/` and
     move `latest`. On any failure the temporary folder is removed and CheckpointError says why.
@@ -98,11 +105,14 @@ def save(engine, root: Path, *, step: int, client_state: dict, config: dict, gen
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             if resolved is not None:
                 (tmp / RESOLVED).write_text(json.dumps(resolved, indent=2) + "\n")
+            for name, write in (rank0_files or {}).items():
+                write(tmp / name)
     except OSError as e:
         error = error or f"{e}"
     failed = eng.all_reduce_max(torch.tensor(1.0 if error else 0.0)).item() > 0
     if not failed and rank == 0:
         try:
+            write_manifest(tmp)
             if final.exists():  # re-saving the same step (e.g. after a resume): the new one replaces it
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -161,8 +171,64 @@ def read_resolved(folder: Path) -> dict:
         raise CheckpointError(str(e)) from e
 
 
-def load(engine, root: Path, tag: str, *, generator, rank: int) -> dict:
-    """Restore the engine, this rank's random streams, and return the client state."""
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(folder: Path) -> Path:
+    """Record every file of a checkpoint folder (relative path, size, sha256) in MANIFEST, atomically."""
+    files = [{"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    _write_atomic(folder / MANIFEST, json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1) + "\n")
+    return folder / MANIFEST
+
+
+def verify(folder: Path, *, unverified_ok: bool = False) -> None:
+    """Check a checkpoint folder against its MANIFEST before anything in it is unpickled (DeepSpeed reads its own
+    files with weights_only=False): a modified, truncated, missing or extra file is refused by name. A folder
+    without a manifest is refused unless `unverified_ok` (--resume-unverified), which logs that it was not checked."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        if unverified_ok:
+            log.warning("%s has no %s: loading it unverified, as asked (--resume-unverified)", folder, MANIFEST)
+            return
+        raise CheckpointError(f"{folder}: no {MANIFEST}, so its files cannot be checked before DeepSpeed unpickles "
+                              "them; if you trust this checkpoint, pass --resume-unverified (train.resume_unverified)")
+    try:
+        record = json.loads(manifest.read_text())
+        listed = {e["path"]: e for e in record["files"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{manifest}: unreadable ({e})") from e
+    if record.get("format") != MANIFEST_FORMAT:
+        raise CheckpointError(f"{manifest}: not a '{MANIFEST_FORMAT}' manifest")
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST}
+    problems = [f"{name}: missing" for name in sorted(set(listed) - present)]
+    problems += [f"{name}: not in the manifest (an extra file)" for name in sorted(present - set(listed))]
+    for name in sorted(set(listed) & present):
+        size = (folder / name).stat().st_size
+        if size != listed[name]["size"]:
+            problems.append(f"{name}: {size} bytes, the manifest says {listed[name]['size']} (truncated?)")
+        elif _sha256(folder / name) != listed[name]["sha256"]:
+            problems.append(f"{name}: its sha256 differs from the manifest's (modified)")
+    if problems:
+        raise CheckpointError(f"{folder} fails its manifest, refused before loading: " + "; ".join(problems))
+
+
+def load(engine, root: Path, tag: str, *, generator, rank: int, unverified_ok: bool = False) -> dict:
+    """Collective: verify the checkpoint (rank 0, against its manifest), then restore the engine and this rank's
+    random streams, and return the client state."""
+    error = None
+    if rank == 0:
+        try:
+            verify(root / tag, unverified_ok=unverified_ok)
+        except CheckpointError as e:
+            error = e
+    box = [error]
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise box[0]
     saved_ranks = len(list((root / tag).glob("rng_rank*.pt")))
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if saved_ranks != world_size:

@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, help_text, load_config, parse_overrides
+from ..data.cache import CacheError
 from ..data.dataset import DatasetError
 from ..infer.eval import EvalError
+from ..infer.sampling import RelightError
 from ..model.base import BaseModelError
 from ..model.frozen import TinyVaeError
-from ..data.cache import CacheError
 from . import engine as eng
 from .checkpoint import CheckpointError
 from .checks import DeviceCheckError
@@ -31,15 +32,16 @@ log = logging.getLogger("iclight_ds")
 
 # Bad input: the message says what and where, so the trainer exits 2 with it and no traceback
 USER_ERRORS = (BaseModelError, CacheError, CheckpointError, DeviceCheckError, DatasetError, eng.EngineConfigError,
-               EvalError, TinyVaeError, FileNotFoundError, ConfigError)
+               EvalError, RelightError, TinyVaeError, FileNotFoundError, ConfigError)
 # The default run on a GPU (a bigger recipe for the same tiny model), and the overrides that leave a run the default
 # run: launch/train.sh's own --output-dir and --resume
 GPU_DEFAULT_PRESET = Path(__file__).parent / "presets" / "default-gpu.yaml"
 DEFAULT_RUN_KEYS = {"train.output_dir", "train.resume"}
 # its micro-batch of 512 took 10.7 GiB of an H200 (nvidia-smi, CUDA context included); smaller GPUs keep the planner's
 GPU_DEFAULT_MIN_GIB = 16
-# the launcher's flags, accepted here as well: each is a config key
+# the launcher's flags, accepted here as well: each is a config key (SWITCHES take no value)
 LAUNCHER_FLAGS = {"--output-dir": "train.output_dir", "--resume": "train.resume", "--ds-config": "train.ds_config"}
+SWITCHES = {"--resume-unverified": "train.resume_unverified"}
 
 
 def default_config_file(config_path: str | None, overrides: dict, gpu_mem_gib: float | None) -> str | None:
@@ -65,6 +67,10 @@ def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
     config_path, rest, i = None, [], 0
     while i < len(argv):
         flag, eq, inline = argv[i].partition("=")
+        if flag in SWITCHES and not eq:
+            rest += [f"--{SWITCHES[flag]}", "true"]
+            i += 1
+            continue
         if flag == "--config" or flag in LAUNCHER_FLAGS:
             if not eq and i + 1 >= len(argv):
                 raise ConfigError(f"{flag} needs a value")
@@ -98,14 +104,39 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    trainer = None
     try:
-        Trainer(cfg, preset=chosen if chosen != config_path else None).train()
+        trainer = Trainer(cfg, preset=chosen if chosen != config_path else None)
+        trainer.train()
     except NonFiniteError as e:
         log.error("%s", e)
         return 3
     except USER_ERRORS as e:
         log.error("%s: %s", type(e).__name__, e)
         return 2
+    except RuntimeError as e:
+        if not is_collective_failure(e):
+            raise
+        phase = trainer.phase if trainer is not None else "start-up"
+        log.error("a collective with the other ranks failed while %s: %s. Another rank or node is gone or stuck (a "
+                  "collective waits train.collective_timeout_s=%g s); the last complete checkpoint is intact: "
+                  "relaunch every node with --resume latest", phase, str(e).splitlines()[0][:300],
+                  cfg.train.collective_timeout_s)
+        logging.shutdown()
+        os._exit(COLLECTIVE_FAILED)  # not the process group's teardown: it would wait on the lost rank
     finally:
         eng.shutdown()
     return 0
+
+
+# Exit status when a collective with the other ranks failed (a lost or stuck rank or node)
+COLLECTIVE_FAILED = 4
+# What gloo and NCCL say when a peer is gone (connection reset/closed) or never answered (timed out)
+_COLLECTIVE_MESSAGES = ("Connection reset by peer", "Connection closed by peer", "Timed out waiting", "timed out",
+                        "NCCL error", "Broken pipe", "ProcessGroupGloo", "ProcessGroupNCCL")
+
+
+def is_collective_failure(error: RuntimeError) -> bool:
+    """Did `error` come from a collective whose peer is gone or stuck? Only in a run of several ranks."""
+    several = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    return several and any(m in str(error) for m in _COLLECTIVE_MESSAGES)

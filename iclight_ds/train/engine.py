@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+from datetime import timedelta
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +103,22 @@ def training_dtype(ds_cfg: dict) -> torch.dtype:
     return torch.float32
 
 
+# fp16 needs a loss scale: DeepSpeed's dynamic one, as the shipped fp16-capable configs would set it
+FP16_SECTION = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                "hysteresis": 2, "min_loss_scale": 1}
+
+
+def with_precision(ds_cfg: dict, precision: str) -> dict:
+    """The DeepSpeed config with only its precision switched (train.precision): bf16, fp16 (dynamic loss scale) or
+    fp32; 'auto' returns it as it is."""
+    if precision == "auto":
+        return ds_cfg
+    out = {k: v for k, v in ds_cfg.items() if k not in ("bf16", "fp16")}
+    out["bf16"] = {"enabled": precision == "bf16"}
+    out["fp16"] = dict(FP16_SECTION) if precision == "fp16" else {"enabled": False}
+    return out
+
+
 def zero_stage(ds_cfg: dict) -> int:
     return int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
 
@@ -169,8 +186,9 @@ def pin_malloc_mmap_threshold() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD))
 
 
-def init_distributed() -> Accelerator:
-    """Join (or create, for a plain single process) the process group on DeepSpeed's accelerator."""
+def init_distributed(timeout_s: float = 600.0) -> Accelerator:
+    """Join (or create, for a plain single process) the process group on DeepSpeed's accelerator. A collective that
+    waits longer than `timeout_s` for another rank fails (train.collective_timeout_s) instead of waiting forever."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -182,7 +200,7 @@ def init_distributed() -> Accelerator:
     if own_rendezvous:
         os.environ.update(MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"), MASTER_PORT=str(_free_port()))
     acc = get_accelerator()
-    deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
+    deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), timeout=timedelta(seconds=timeout_s))
     if own_rendezvous:
         os.environ.pop("MASTER_PORT")
     local_rank = int(os.environ["LOCAL_RANK"])

@@ -6,9 +6,16 @@
 Formats (the UNet; the merger / env-encoder always go to a separate small `*modules.safetensors`):
   unet            full trained weights, diffusers keys (what the trainer writes at the end of a run)
   iclight-offset  trained - base (base conv_in zero-padded), diffusers keys: what the official demo adds to its base
-  ldm             the same offset in the original key layout (input_blocks.*), for ComfyUI / Forge IC-Light nodes
+  ldm             the same offset in bare LDM keys (input_blocks.0.0.weight, ...), the layout of the published
+                  *_unet_ldm files that ComfyUI's UNet loader and the ComfyUI / Forge IC-Light nodes read
   diffusers       a folder `UNet2DConditionModel.from_pretrained` loads (full weights, safetensors)
-The offsets need the base UNet: --base, else the run's `model.base`, else the run's random base rebuilt from its seed.
+  checkpoint      one original-layout single file for tools that load one checkpoint: the trained UNet (widened
+                  conv_in) + the base's VAE and text encoder (model.diffusion_model.*, first_stage_model.*,
+                  cond_stage_model.transformer.*)
+The offsets need the base UNet: --base, else the run's `model.base`, else the run's random base rebuilt from its seed;
+a checkpoint takes its VAE and text encoder from that base. An FC model that sees the light through an environment
+encoder is exported to iclight-offset, ldm or checkpoint with a warning: those tools never run the encoder.
+See docs/weights-and-export.md for each tool's format, folder and loader.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -25,10 +33,18 @@ from ..dtypes import DTYPES
 from ..model import formats as fmt
 from ..model.base import base_for_run
 from ..model.formats import BASE_RECORD, EXPORT_INFO, MODULES_FILE, UNET_FILE
+from ..model.iclight import has_env_encoder
 from . import checkpoint as ckpt
 from . import engine as eng
+from .ema import EMA_FILE, read_ema_file
 
-FORMATS = ("unet", "iclight-offset", "ldm", "diffusers")
+FORMATS = ("unet", "iclight-offset", "ldm", "diffusers", "checkpoint")
+# Read by third-party tools (the official demo, ComfyUI, Forge, single-file loaders), which run the UNet on text and
+# the condition latents only: an FC environment encoder exported to them is never run.
+TOOL_FORMATS = ("iclight-offset", "ldm", "checkpoint")
+# The ldm format's key prefix: none, the layout of the published *_unet_ldm files (formats.UNET_LDM_PREFIXES says
+# who reads what). --ldm-prefix writes 'diffusion_model.' or 'model.diffusion_model.' for other tools.
+DEFAULT_LDM_PREFIX = ""
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +65,28 @@ def export_state_dict(state: dict, out_dir: Path, *, dtype: str, config: dict, s
     return export_formatted(unet, small, fmt_name="unet", out=out_dir, dtype=dtype, config=config, step=step)
 
 
-def export_checkpoint(checkpoint_root: Path, tag: str | None, out_dir: Path, *, dtype: str = "fp32") -> list[Path]:
+def export_checkpoint(checkpoint_root: Path, tag: str | None, out_dir: Path, *, dtype: str = "fp32",
+                      weights: str = "auto", verify: bool = True) -> list[Path]:
     """Consolidate a saved checkpoint (any stage, any world size) and write the `unet` format files."""
-    return export_run_checkpoint(checkpoint_root, tag, out_dir, fmt_name="unet", dtype=dtype)
+    return export_run_checkpoint(checkpoint_root, tag, out_dir, fmt_name="unet", dtype=dtype, weights=weights,
+                                 verify=verify)
+
+
+def checkpoint_state(folder: Path, weights: str = "auto") -> dict[str, torch.Tensor]:
+    """The trained model's fp32 state dict in checkpoint `folder`: its raw weights (consolidated from DeepSpeed's
+    files), or with weights 'ema' (the default, 'auto', where the checkpoint holds an EMA) the averaged ones."""
+    ema_path = folder / EMA_FILE
+    if weights == "ema" and not ema_path.is_file():
+        raise FileNotFoundError(f"--weights ema: {folder} holds no {EMA_FILE} (the run had train.ema_decay=0)")
+    state = eng.fp32_state_dict_from_checkpoint(folder.parent, folder.name)
+    if weights == "raw" or not ema_path.is_file():
+        return state
+    averaged, _ = read_ema_file(ema_path)
+    unknown = sorted(set(averaged) - set(state))
+    if unknown:
+        raise ValueError(f"{ema_path}: EMA of parameters the model does not have, e.g. {unknown[:3]}")
+    log.info("exporting the EMA weights of %s (--weights raw for the raw ones)", folder)
+    return {**state, **averaged}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -66,7 +101,8 @@ def output_paths(fmt_name: str, out: Path, variant: str) -> tuple[Path, Path]:
     if out.suffix != ".safetensors":
         if fmt_name == "unet":  # the trainer's layout
             return out / UNET_FILE, out / MODULES_FILE
-        name = {"iclight-offset": f"iclight_{variant}_offset", "ldm": f"iclight_{variant}_unet_ldm"}[fmt_name]
+        name = {"iclight-offset": f"iclight_{variant}_offset", "ldm": f"iclight_{variant}_unet_ldm",
+                "checkpoint": f"iclight_{variant}_checkpoint"}[fmt_name]
         out = out / f"{name}.safetensors"
     return out, out.with_name(out.name[: -len(".safetensors")] + ".modules.safetensors")
 
@@ -81,43 +117,72 @@ def export_formatted(
     config: dict,
     step: int,
     base=None,
-    ldm_prefix: str = "diffusion_model.",
+    ldm_prefix: str = DEFAULT_LDM_PREFIX,
 ) -> list[Path]:
     """Write one export format from the trained UNet (diffusers keys) and the small modules.
 
-    base: a base_model.BaseModel (its 4-channel UNet); required by iclight-offset, ldm and diffusers.
+    base: a base_model.BaseModel: its 4-channel UNet for iclight-offset, ldm and diffusers; for checkpoint also its
+    VAE and text encoder.
     """
-    if fmt_name not in FORMATS:
-        raise ValueError(f"unknown format {fmt_name!r}; one of {FORMATS}")
-    if fmt_name != "unet" and base is None:
-        raise ValueError(f"format {fmt_name} needs the base model (base=...)")
+    _check_format(fmt_name, base)
     torch_dtype = DTYPES[dtype]
     variant = (config.get("model") or {}).get("variant", "")
     in_channels = unet["conv_in.weight"].shape[1]
     unet_path, modules_path = output_paths(fmt_name, out, variant)
+    if fmt_name in TOOL_FORMATS and has_env_encoder(small):
+        warn_env_encoder(fmt_name, modules_path)
     meta = fmt.metadata(
         fmt_name, variant=variant, in_channels=in_channels, step=step, config=config,
         base_hash=base.unet_hash if base is not None else "", base=base.source if base is not None else "",
     )
     if small:
         meta["modules_file"] = modules_path.name
-    written = []
-    if fmt_name == "unet":
-        written.append(fmt.save_safetensors(unet, unet_path, dtype=torch_dtype, metadata=meta))
-    elif fmt_name in ("iclight-offset", "ldm"):
-        offset = fmt.make_offset(unet, base.unet.state_dict())
-        if fmt_name == "ldm":
-            offset = fmt.unet_to_ldm(offset, base.unet.config, prefix=ldm_prefix)
-            meta["ldm_prefix"] = ldm_prefix
-        written.append(fmt.save_safetensors(offset, unet_path, dtype=torch_dtype, metadata=meta))
-    else:
-        written.append(_save_diffusers_folder(unet, unet_path, dtype=torch_dtype, base_config=base.unet.config))
-        (unet_path / EXPORT_INFO).write_text(json.dumps(meta, indent=2) + "\n")
-        written.append(unet_path / EXPORT_INFO)
+    written = _write_unet(unet, fmt_name, unet_path, dtype=torch_dtype, meta=meta, base=base, ldm_prefix=ldm_prefix)
     if small:
         written.append(fmt.save_safetensors(small, modules_path, dtype=torch_dtype,
                                             metadata=dict(meta, format=fmt.FORMAT_TAGS["modules"])))
     return written
+
+
+def _check_format(fmt_name: str, base) -> None:
+    if fmt_name not in FORMATS:
+        raise ValueError(f"unknown format {fmt_name!r}; one of {FORMATS}")
+    if fmt_name != "unet" and base is None:
+        raise ValueError(f"format {fmt_name} needs the base model (base=...)")
+    if fmt_name == "checkpoint" and (base.vae is None or base.text_encoder is None):
+        raise ValueError("format checkpoint needs the base's VAE and text encoder (a base loaded with unet_only=False)")
+
+
+def warn_env_encoder(fmt_name: str, modules_path: Path) -> str:
+    """Log (and return) why an environment-conditioned FC exported to a tool format loses its light input."""
+    msg = (f"this FC model sees the light through an environment-map encoder (env_encoder.* in {modules_path.name}), "
+           f"which the tools that read the {fmt_name} format (the official IC-Light demo, the ComfyUI and Forge "
+           "IC-Light nodes, single-file loaders) never run: there the UNet gets text and foreground only, without the "
+           "light it was trained with. To relight with the environment map use iclight-relight (python -m "
+           "iclight_ds.relight --env ENV.npy) or the diffusers snippet with the modules file in "
+           "docs/weights-and-export.md; for an FC those tools run as trained, train with model.light_input: text")
+    log.warning(msg)
+    return msg
+
+
+def _write_unet(unet: dict[str, torch.Tensor], fmt_name: str, path: Path, *, dtype: torch.dtype, meta: dict,
+                base, ldm_prefix: str) -> list[Path]:
+    """The format's UNet file(s) (everything but the small modules); returns what was written."""
+    if fmt_name == "unet":
+        return [fmt.save_safetensors(unet, path, dtype=dtype, metadata=meta)]
+    if fmt_name in ("iclight-offset", "ldm"):
+        offset = fmt.make_offset(unet, base.unet.state_dict())
+        if fmt_name == "ldm":
+            offset = fmt.unet_to_ldm(offset, base.unet.config, prefix=ldm_prefix)
+            meta = dict(meta, ldm_prefix=ldm_prefix)
+        return [fmt.save_safetensors(offset, path, dtype=dtype, metadata=meta)]
+    if fmt_name == "checkpoint":
+        fmt.check_fits_base(unet, base.unet.state_dict())  # its VAE and the key layout must be the trained UNet's
+        return [fmt.write_ldm_checkpoint(path, unet=unet, unet_config=base.unet.config, vae=base.vae.state_dict(),
+                                         text_encoder=base.text_encoder.state_dict(), dtype=dtype, metadata=meta)]
+    _save_diffusers_folder(unet, path, dtype=dtype, base_config=base.unet.config)
+    (path / EXPORT_INFO).write_text(json.dumps(meta, indent=2) + "\n")
+    return [path, path / EXPORT_INFO]
 
 
 def _save_diffusers_folder(unet: dict[str, torch.Tensor], out: Path, *, dtype: torch.dtype, base_config) -> Path:
@@ -145,22 +210,28 @@ def export_run_checkpoint(
     fmt_name: str = "unet",
     dtype: str = "fp32",
     base: str | Path | None = None,
-    ldm_prefix: str = "diffusion_model.",
+    ldm_prefix: str = DEFAULT_LDM_PREFIX,
+    weights: str = "auto",
+    verify: bool = True,
+    unverified_ok: bool = False,
 ) -> list[Path]:
-    """Consolidate checkpoint `tag` (default: latest) under `checkpoint_root` and export it as `fmt_name`."""
+    """Consolidate checkpoint `tag` (default: latest) under `checkpoint_root` and export it as `fmt_name`; `weights`:
+    ema, raw, or auto (the EMA where the checkpoint holds one). The checkpoint is checked against its manifest first
+    (`verify`; a checkpoint without one only with `unverified_ok`)."""
     checkpoint_root = Path(checkpoint_root)
     tag = tag or ckpt.latest_tag(checkpoint_root)
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint under {checkpoint_root} (no 'latest' file)")
+    if verify:
+        ckpt.verify(checkpoint_root / tag, unverified_ok=unverified_ok)
     config_path = checkpoint_root / tag / "config.json"
     config = json.loads(config_path.read_text())
-    state = eng.fp32_state_dict_from_checkpoint(checkpoint_root, tag)
+    state = checkpoint_state(checkpoint_root / tag, weights)
     step = int(tag.rsplit("_", 1)[-1]) if tag.startswith("step_") else -1
     unet, small = split_state_dict(state)
     base_model = None
-    if fmt_name != "unet":
-
-        base_model = base_for_run(config_path, override=base, unet_only=True)
+    if fmt_name != "unet":  # a checkpoint also takes the base's VAE and text encoder
+        base_model = base_for_run(config_path, override=base, unet_only=fmt_name != "checkpoint")
         log.info("base for export: %s (%s)", base_model.source, base_model.unet_hash[:19])
         _check_base_record(checkpoint_root.parent / BASE_RECORD, base_model, overridden=base is not None)
     return export_formatted(unet, small, fmt_name=fmt_name, out=Path(out), dtype=dtype, config=config, step=step,
@@ -181,7 +252,7 @@ def _check_base_record(record: Path, base_model, *, overridden: bool) -> None:
     log.warning("%s (--base was given explicitly: exporting anyway)", msg)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, type=Path, help="run folder (holding checkpoints/)")
     p.add_argument("--format", dest="fmt", choices=FORMATS, default="unet", help="what to write (default: unet)")
@@ -189,19 +260,36 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None,
                    help="a .safetensors file, or a folder (default: the run folder; diffusers: <run>/unet_diffusers)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--unverified", action="store_true",
+                   help="export a checkpoint that has no manifest (written by another tool) without checking it")
+    p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
+                   help="auto (default): the EMA weights where the checkpoint holds them (train.ema_decay), else raw")
     p.add_argument("--base", default=None,
-                   help="base model the offsets are taken from (default: the run's model.base, or its random base)")
-    p.add_argument("--ldm-prefix", default="diffusion_model.",
-                   help="key prefix of the ldm format (default 'diffusion_model.', the layout of the community "
-                        "IC-Light LDM files that the ComfyUI/Forge IC-Light nodes load; '' for bare keys, "
-                        "'model.diffusion_model.' for a full-checkpoint layout)")
-    args = p.parse_args(argv)
+                   help="base model the offsets are taken from, and a checkpoint's VAE and text encoder (default: the "
+                        "run's model.base, or its random base)")
+    p.add_argument("--ldm-prefix", default=DEFAULT_LDM_PREFIX,
+                   help="key prefix of the ldm format (default '': bare LDM keys, input_blocks.0.0.weight ..., the "
+                        "layout of the published *_unet_ldm files that ComfyUI's UNet loader, kijai's and "
+                        "huchenlei's ComfyUI IC-Light nodes and the Forge/A1111 IC-Light extensions read; "
+                        "'diffusion_model.' or 'model.diffusion_model.' for tools that want those prefixes)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     out = args.out or (args.run / "unet_diffusers" if args.fmt == "diffusers" else args.run)
-    for path in export_run_checkpoint(args.run / "checkpoints", args.tag, out, fmt_name=args.fmt, dtype=args.dtype,
-                                      base=args.base, ldm_prefix=args.ldm_prefix):
+    try:
+        paths = export_run_checkpoint(args.run / "checkpoints", args.tag, out, fmt_name=args.fmt, dtype=args.dtype,
+                                      base=args.base, ldm_prefix=args.ldm_prefix, weights=args.weights,
+                                      unverified_ok=args.unverified)
+    except ckpt.CheckpointError as e:  # a checkpoint that fails its manifest: the message names the files
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in paths:
         print(path)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,10 +1,14 @@
-"""Training metrics: metrics.jsonl (one JSON object per logged step) and wandb, rank 0 only."""
+"""Training metrics: metrics.jsonl (one JSON object per logged step), TensorBoard events and wandb, rank 0 only."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
 
 from ..config import RunConfig, to_dict
 
@@ -27,11 +31,16 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 class MetricsWriter:
-    """metrics.jsonl (one JSON object per logged step) and wandb, rank 0 only."""
+    """metrics.jsonl (one JSON object per logged step), TensorBoard (logging.tensorboard) and wandb, rank 0 only.
 
-    def __init__(self, path: Path, cfg: RunConfig, *, enabled: bool):
+    `start_step`: the step a resumed run continues from; TensorBoard drops the events it had written past it."""
+
+    def __init__(self, path: Path, cfg: RunConfig, *, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         self.file = path.open("a") if enabled else None
+        self.tensorboard = None
+        if enabled and cfg.logging.tensorboard:
+            self.tensorboard = SummaryWriter(log_dir=str(path.parent / "tensorboard"), purge_step=start_step or None)
         self.wandb = None
         # WANDB_MODE=disabled (wandb's own switch) turns it off without a config override, so a default run stays
         # the default run (train.default_config_file), and needs no wandb installed
@@ -48,10 +57,19 @@ class MetricsWriter:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(key, value, record["step"])
+            self.tensorboard.flush()
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
 
     def image(self, key: str, path: Path, step: int) -> None:
+        if self.tensorboard is not None:
+            with Image.open(path) as img:
+                self.tensorboard.add_image(key, np.asarray(img.convert("RGB")), step, dataformats="HWC")
+            self.tensorboard.flush()
         if self.enabled and self.wandb is not None:
             import wandb
 
@@ -60,5 +78,7 @@ class MetricsWriter:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()

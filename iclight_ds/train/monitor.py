@@ -6,14 +6,20 @@ Both are collective under ZeRO-3, which gathers each layer's weights inside its 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
+import torch
+
 from ..config import RunConfig
 from ..infer.eval import evaluate_samples, load_eval_samples
+from ..infer.images import background_tensor, env_tensor, foreground_tensor, open_image
 from ..infer.preview import make_preview_grid
+from ..infer.sampling import DEMO_NEGATIVE_PROMPT
 from . import engine as eng
 from .build import make_synthetic
+from .ema import WeightsEMA
 from .metrics import MetricsWriter
 
 log = logging.getLogger("iclight_ds")
@@ -21,12 +27,41 @@ log = logging.getLogger("iclight_ds")
 
 class Monitor:
     def __init__(self, cfg: RunConfig, *, out_dir: Path, is_main: bool, zero_stage: int, dataset, vae, text_encoder,
-                 tokenizer):
+                 tokenizer, ema: WeightsEMA | None = None):
         self.cfg, self.out_dir, self.is_main = cfg, out_dir, is_main
         self.samples_here = is_main or zero_stage == 3
         self.dataset, self.vae, self.text_encoder, self.tokenizer = dataset, vae, text_encoder, tokenizer
+        self.ema = ema if cfg.logging.preview_weights == "ema" else None  # only rank 0 holds one
         self._warned: set[str] = set()
         self._eval_items: list[dict] | None = None
+        self._user_batch: dict | None = None
+
+    def _weights(self, module):
+        """The weights previews and evaluations sample with: the EMA's (logging.preview_weights) or the module's."""
+        return self.ema.swapped_in(module) if self.ema is not None else contextlib.nullcontext(module)
+
+    def user_batch(self) -> dict:
+        """logging.preview_images as a batch (loaded once): foregrounds at the training resolution, their prompts,
+        and their backgrounds (FBC) or environment maps (FC), a single entry standing for all."""
+        if self._user_batch is None:
+            log_cfg, res = self.cfg.logging, self.cfg.data.resolution
+            n = len(log_cfg.preview_images)
+
+            def each(values: list[str]) -> list[str]:
+                return values if len(values) == n else values * n
+
+            batch = {"foreground": torch.stack([foreground_tensor(open_image(p, "logging.preview_images"), None, res,
+                                                                  res) for p in log_cfg.preview_images]),
+                     "prompt": each(log_cfg.preview_prompts or [""])}
+            if self.cfg.model.variant == "fbc":
+                batch["background"] = torch.stack([
+                    background_tensor(open_image(p, "logging.preview_backgrounds"), res, res)
+                    for p in each(log_cfg.preview_backgrounds)])
+            else:
+                batch["env"] = torch.stack([env_tensor(p, self.cfg.model.env_shape)
+                                            for p in each(log_cfg.preview_envs)])
+            self._user_batch = batch
+        return self._user_batch
 
     def _can_decode(self, warning: str) -> bool:
         """Previews and evaluations decode through the VAE, which a run from a latent cache never builds: False then,
@@ -46,14 +81,20 @@ class Monitor:
         path = self.out_dir / "previews" / f"step_{step:08d}.png"
         if self.samples_here:
             n = min(cfg.logging.preview_samples, len(self.dataset))
-            samples = [self.dataset[i] for i in range(n)]
-            grid = make_preview_grid(module.unet, self.vae, self.text_encoder, self.tokenizer, module.env_encoder,
-                                     samples, seed=cfg.train.seed, steps=cfg.logging.preview_steps)
-            if self.is_main:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                grid.save(path)
-                writer.image("preview", path, step)
-                log.info("preview %s", path)
+            grids = {path: dict(samples=[self.dataset[i] for i in range(n)], steps=cfg.logging.preview_steps)}
+            if cfg.logging.preview_images:  # the user's own, with the official demo's sampler settings
+                grids[path.with_name(f"user_step_{step:08d}.png")] = dict(
+                    samples=self.user_batch(), steps=cfg.logging.preview_image_steps,
+                    guidance=cfg.logging.preview_image_cfg, negative_prompt=DEMO_NEGATIVE_PROMPT)
+            with self._weights(module):
+                for out, how in grids.items():
+                    grid = make_preview_grid(module.unet, self.vae, self.text_encoder, self.tokenizer,
+                                             module.env_encoder, seed=cfg.train.seed, **how)
+                    if self.is_main:
+                        out.parent.mkdir(parents=True, exist_ok=True)
+                        grid.save(out)
+                        writer.image("preview" if out == path else "preview_user", out, step)
+                        log.info("preview %s", out)
         eng.barrier()
         return path
 
@@ -87,8 +128,9 @@ class Monitor:
         summary = None
         scenes = self.eval_set()  # on every rank: making the held-out scenes ends with a barrier
         if self.samples_here:
-            result = evaluate_samples(module.unet, self.vae, self.text_encoder, module.env_encoder, scenes,
-                                      steps=cfg.logging.eval_steps, seed=cfg.train.seed, tokenizer=self.tokenizer)
+            with self._weights(module):
+                result = evaluate_samples(module.unet, self.vae, self.text_encoder, module.env_encoder, scenes,
+                                          steps=cfg.logging.eval_steps, seed=cfg.train.seed, tokenizer=self.tokenizer)
             summary = result["summary"]
             if self.is_main:
                 writer.write({"step": step, **{f"eval/{k}": v for k, v in summary.items()}})

@@ -26,7 +26,14 @@ from ..model.base import base_unet_size
 from . import checkpoint as ckpt
 from . import engine as eng
 from .checks import check_offload_ram, check_optimizer, check_precision
-from .plan import GiB, activations_per_sample, choose_config, model_state_bytes, optimizer_for, unet_parameters
+from .plan import (
+    GiB,
+    activations_per_sample,
+    choose_config,
+    model_state_bytes,
+    optimizer_for,
+    unet_parameters,
+)
 
 log = logging.getLogger("iclight_ds")
 
@@ -34,7 +41,7 @@ log = logging.getLogger("iclight_ds")
 # for runs on synthetic data
 RESUME_FIXED_KEYS = ("model.size", "model.base", "model.variant", "model.vae", "model.iclight_weights",
                      "model.env_tokens", "model.env_shape", "model.merger_hidden", "model.merger_layers",
-                     "data.resolution", "data.synth_samples", "data.synth_seed")
+                     "data.resolution", "data.synth_samples", "data.synth_seed", "train.precision")
 
 
 @dataclass
@@ -42,7 +49,8 @@ class ResolvedRun:
     """What a run is, with every `auto` decided. Saved as RESOLVED_FILE; `from_dict(to_dict())` round-trips."""
 
     ds_config: str  # path of the DeepSpeed JSON the run trains with
-    ds: dict  # its contents (comment keys dropped): micro-batch, accumulation, precision, ZeRO stage, offload
+    ds: dict  # its contents (comment keys dropped; train.precision applied): micro-batch, accumulation, precision,
+    # ZeRO stage, offload
     world_size: int
     micro_batch: int
     accumulation: int
@@ -139,7 +147,7 @@ class _Resolver:
             self.ds_path = eng.resolve_ds_config_path(cfg.train.ds_config)
         else:
             self.ds_path = self._recorded_ds_config() or self._planned_ds_config()
-        self.ds_cfg = eng.read_ds_config(self.ds_path)
+        self.ds_cfg = eng.with_precision(eng.read_ds_config(self.ds_path), cfg.train.precision)
         geometry = eng.batch_geometry(self.ds_cfg, self.acc.world_size)
         dtype = dtype_name(eng.training_dtype(self.ds_cfg))
         params = unet_parameters(self.plan_size, cfg.model.in_channels)
@@ -251,7 +259,11 @@ def planning_size(cfg: RunConfig) -> str:
 
 
 def check_run(run: ResolvedRun, cfg: RunConfig, acc: eng.Accelerator) -> None:
-    """On every rank: can this machine train the resolved run? (precision, optimizer, host RAM under offload)"""
+    """On every rank: can this machine train the resolved run? (precision, optimizer, EMA, host RAM under offload)"""
+    if cfg.train.ema_decay and run.zero_stage == 3:
+        raise ConfigError(f"train.ema_decay={cfg.train.ema_decay} with ZeRO-3 ({run.ds_config}): the EMA would need "
+                          "every rank's whole weights, which ZeRO-3 partitions; use a ZeRO-2 config (with offload "
+                          "for memory) or train.ema_decay=0")
     check_precision(acc.name, run.torch_dtype, bf16_ok=acc.bf16, fp16_ok=acc.fp16, ds_path=run.ds_config)
     check_optimizer(run.optimizer, accelerator=acc.name, stage=run.zero_stage,
                     offload_optimizer=eng.offloads_optimizer(run.ds), ds_path=run.ds_config)

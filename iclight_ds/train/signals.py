@@ -29,10 +29,11 @@ class StopSignals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, handler)
 
-    def requested(self) -> bool:
-        """Did any rank get a signal? One scalar all-reduce per step, so that all ranks stop at the same step."""
-        mine = torch.tensor(0.0 if self.signal is None else float(self.signal))
-        any_signal = int(eng.all_reduce_max(mine).item())
+    def requested(self, flag: bool = False) -> tuple[bool, bool]:
+        """(did any rank get a signal?, is `flag` set on any rank?): one all-reduce per step, so that all ranks stop
+        (and save on the time cadence, the flag) at the same step."""
+        mine = torch.tensor([0.0 if self.signal is None else float(self.signal), float(flag)])
+        any_signal, any_flag = (int(v) for v in eng.all_reduce_max(mine).tolist())
         if any_signal and self.signal is None:
             self.signal = any_signal
-        return bool(any_signal)
+        return bool(any_signal), bool(any_flag)

@@ -21,6 +21,7 @@ from . import engine as eng
 from .build import build_dataset, build_models, load_run_base, run_tokenizer
 from .checks import describe
 from .conditioning import condition_batch, condition_cached_batch
+from .ema import EMA_FILE, WeightsEMA
 from .export import export_checkpoint
 from .loader import build_loader
 from .metrics import MetricsWriter, truncate_metrics
@@ -44,7 +45,8 @@ class NonFiniteError(RuntimeError):
 class Trainer:
     def __init__(self, cfg: RunConfig, *, preset: str | None = None):
         self.cfg = cfg
-        self.acc = eng.init_distributed()
+        self.phase = "start-up"  # what the run is doing, for the message when a collective fails
+        self.acc = eng.init_distributed(cfg.train.collective_timeout_s)
         self.is_main = self.acc.rank == 0
         _setup_logging(self.acc.rank)
         self.out_dir = Path(cfg.train.output_dir)
@@ -64,9 +66,10 @@ class Trainer:
         models = build_models(cfg, self.run, self.base, self.tokenizer, self.acc.device)
         self.engine, self.vae, self.text_encoder = models.engine, models.vae, models.text_encoder
         self._write_run_records()
+        self.ema = self._build_ema()
         self.monitor = Monitor(cfg, out_dir=self.out_dir, is_main=self.is_main, zero_stage=self.run.zero_stage,
                                dataset=self.dataset, vae=self.vae, text_encoder=self.text_encoder,
-                               tokenizer=self.tokenizer)
+                               tokenizer=self.tokenizer, ema=self.ema)
         self.loader, self.sampler = build_loader(self.dataset, self.geometry, rank=self.acc.rank, seed=cfg.train.seed,
                                                  num_workers=cfg.data.num_workers)
         self.alphas_cumprod = alphas_cumprod().to(self.acc.device)
@@ -88,9 +91,25 @@ class Trainer:
         record = {"_source": self.run.ds_config, **self.run.ds}
         (self.out_dir / "ds_config.json").write_text(json.dumps(record, indent=2) + "\n")
 
+    def _build_ema(self) -> WeightsEMA | None:
+        """train.ema_decay: rank 0's average of the trainable weights, on the host where the config offloads."""
+        if not self.cfg.train.ema_decay or not self.is_main:
+            return None
+        zero = self.run.ds.get("zero_optimization", {})
+        offloads = any(zero.get(k, {}).get("device", "none") not in (None, "none")
+                       for k in ("offload_optimizer", "offload_param"))
+        device = torch.device("cpu") if offloads else self.acc.device
+        log.info("EMA of the trainable weights (decay %g) in fp32 on %s", self.cfg.train.ema_decay, device)
+        return WeightsEMA(self.engine.module, self.cfg.train.ema_decay, device=device)
+
     def _resume(self, resume: str) -> None:
         root, tag = ckpt.resolve(resume, self.ckpt_root)
-        state = ckpt.load(self.engine, root, tag, generator=self.generator, rank=self.acc.rank)
+        state = ckpt.load(self.engine, root, tag, generator=self.generator, rank=self.acc.rank,
+                          unverified_ok=self.cfg.train.resume_unverified)
+        if self.ema is not None and (root / tag / EMA_FILE).is_file():
+            self.ema.load(root / tag / EMA_FILE)
+        elif self.ema is not None:
+            log.warning("%s holds no EMA weights: the EMA starts from the resumed weights", root / tag)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         log.info("resumed from %s at step %d (epoch %d, batch %d)", root / tag, self.step, self.epoch,
                  self.batch_in_epoch)
@@ -162,12 +181,15 @@ class Trainer:
         totals: dict[str, torch.Tensor] = {}
         done = 0
         while done < self.geometry.accumulation:  # a skipped (non-finite) micro-batch is replaced by the next one
+            self.phase = f"step {self.step + 1}: forward, backward and the gradient all-reduce"
             terms = self.forward_backward(self._next_batch())
             if terms:
                 done += 1
                 for k, v in terms.items():
                     totals[k] = totals.get(k, 0) + v / self.geometry.accumulation
         self._check_fp16_scale()
+        if self.ema is not None:  # the optimizer stepped at the last micro-batch
+            self.ema.update(self.engine.module)
         return totals
 
     def _check_fp16_scale(self) -> None:
@@ -180,13 +202,13 @@ class Trainer:
 
     def train(self) -> None:
         cfg, log_cfg = self.cfg, self.cfg.logging
-        writer = MetricsWriter(self.out_dir / "metrics.jsonl", cfg, enabled=self.is_main)
+        writer = MetricsWriter(self.out_dir / "metrics.jsonl", cfg, enabled=self.is_main, start_step=self.step)
         progress = None
         if self.is_main and log_cfg.progress:
             progress = tqdm(total=cfg.train.steps, initial=self.step, desc="train", dynamic_ncols=True)
         window: list[dict[str, torch.Tensor]] = []
         t_last, steps_last = time.perf_counter(), self.step
-        saved_at = None
+        saved_at, self.saved_time = None, time.monotonic()
         self.signals.install()
         while self.step < cfg.train.steps:
             try:
@@ -199,19 +221,23 @@ class Trainer:
                 progress.update(1)
             if self.step % log_cfg.every == 0 or self.step == cfg.train.steps:
                 now = time.perf_counter()
+                self.phase = f"step {self.step}: averaging the logged losses over the ranks"
                 record = self._reduce(window, self.geometry.effective_batch * (self.step - steps_last) / (now - t_last))
                 writer.write(record)
                 if progress is not None:
                     progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                 window, t_last, steps_last = [], now, self.step
-            if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+            self.phase = f"step {self.step}: the per-step signal and checkpoint-time check"
+            stop, minutes_passed = self.signals.requested(self._minutes_passed())
+            if self.step < cfg.train.steps and (minutes_passed or (
+                    cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0)):
                 try:
                     self.save()
                     saved_at = self.step
                 except ckpt.CheckpointError as e:  # keep training: the next save may succeed
                     log.error("%s", e)
             self._show(writer, final=False)
-            if self.signals.requested():
+            if stop:
                 log.warning("signal %s: saving at step %d and exiting", self.signals.signal, self.step)
                 break
         if progress is not None:
@@ -223,7 +249,8 @@ class Trainer:
         if self.signals.signal is None:
             self._show(writer, final=True)
             if cfg.train.export and self.is_main:
-                for path in export_checkpoint(self.ckpt_root, ckpt.tag_for(self.step), self.out_dir):
+                for path in export_checkpoint(self.ckpt_root, ckpt.tag_for(self.step), self.out_dir,
+                                              weights="ema" if self.ema is not None else "raw", verify=False):
                     log.info("exported %s", path)
             eng.barrier()
         writer.close()
@@ -231,6 +258,7 @@ class Trainer:
     def _show(self, writer: MetricsWriter, *, final: bool) -> None:
         """Previews and evaluation at their cadence; at the end, for the final weights if the cadence missed them."""
         log_cfg, module = self.cfg.logging, self.engine.module
+        self.phase = f"step {self.step}: previews and evaluation"
         for every, show in ((log_cfg.preview_every, self.monitor.preview), (log_cfg.eval_every, self.monitor.evaluate)):
             if every and (self.step % every == 0) != final:
                 show(module, self.step, writer)
@@ -245,12 +273,20 @@ class Trainer:
                       skipped_micro_batches=self.skipped_total)
         return record
 
+    def _minutes_passed(self) -> bool:
+        """train.checkpoint_minutes since the last save? (decided with every rank in StopSignals.requested)"""
+        minutes = self.cfg.train.checkpoint_minutes
+        return bool(minutes) and time.monotonic() - self.saved_time >= 60 * minutes
+
     def save(self) -> Path:
+        self.phase = f"saving the checkpoint of step {self.step}"
         client_state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                         "world_size": self.acc.world_size}
         path = ckpt.save(self.engine, self.ckpt_root, step=self.step, client_state=client_state,
                          config=to_dict(self.run.config(self.cfg)), generator=self.generator, rank=self.acc.rank,
-                         keep=self.cfg.train.keep, resolved=self.run.to_dict())
+                         keep=self.cfg.train.keep, resolved=self.run.to_dict(),
+                         rank0_files={EMA_FILE: self.ema.save} if self.ema is not None else None)
+        self.saved_time = time.monotonic()
         log.info("checkpoint %s", path)
         return path
 

@@ -121,7 +121,7 @@ def test_every_format_round_trips(tmp_path, fmt_name):
     assert meta["base_hash"] == base.unet_hash
     if fmt_name == "ldm":
         assert paths[0].name == "iclight_fc_unet_ldm.safetensors"
-        assert got["diffusion_model.input_blocks.0.0.weight"].shape == (TINY_UNET["block_out_channels"][0], 8, 3, 3)  # the community LDM layout
+        assert got["input_blocks.0.0.weight"].shape == (TINY_UNET["block_out_channels"][0], 8, 3, 3)  # bare keys, the community LDM layout
         got = fmt.unet_from_ldm(got, base.unet.config)
     merged = fmt.apply_offset(base.unet.state_dict(), got)
     assert set(merged) == set(trained)
