@@ -107,8 +107,9 @@ def save(engine, root: Path, *, step: int, client_state: dict, config: dict, gen
                 (tmp / RESOLVED).write_text(json.dumps(resolved, indent=2) + "\n")
             for name, write in (rank0_files or {}).items():
                 write(tmp / name)
-    except OSError as e:
-        error = error or f"{e}"
+    except Exception as e:  # noqa: BLE001  any failed write (OSError; torch.save's RuntimeError on a full disk;
+        # safetensors' own error) must reach the all-reduce below, so that every rank learns of it
+        error = error or f"{type(e).__name__}: {e}"
     failed = eng.all_reduce_max(torch.tensor(1.0 if error else 0.0)).item() > 0
     if not failed and rank == 0:
         try:
