@@ -79,7 +79,7 @@ def test_two_nodes_train_as_one_node_of_the_same_world_size(tmp_path, ds_config)
 
 def _python_ranks(launcher: subprocess.Popen) -> list[psutil.Process]:
     return [p for p in psutil.Process(launcher.pid).children(recursive=True)
-            if "iclight_ds.train" in " ".join(p.cmdline()) and "deepspeed.launcher" not in " ".join(p.cmdline())]
+            if p.cmdline()[1:4] == ["-u", "-m", "iclight_ds.train"]]  # how DeepSpeed's launcher starts a rank
 
 
 def _wait_for_checkpoint(out: Path, procs, logs, timeout: float = 240) -> None:
@@ -136,7 +136,10 @@ def test_a_stuck_rank_ends_the_run_within_the_timeout(tmp_path):
         rank.send_signal(signal.SIGSTOP)
     started = time.monotonic()
     try:
-        code = procs[0].wait(timeout=120)
+        code = procs[0].wait(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(procs[0].pid, signal.SIGKILL)
+        raise AssertionError("node 0 did not stop after its peer was stopped:\n" + logs[0].read_text()[-4000:])
     finally:
         os.killpg(procs[1].pid, signal.SIGKILL)
         procs[1].wait()
