@@ -146,10 +146,17 @@ def test_one_backward_per_combined_step():
 
 def test_split_is_complementary_and_linear():
     g = torch.Generator().manual_seed(0)
-    m = split_masks(3, 4, (16, 32), g)
-    assert set(m.unique().tolist()) <= {0.0, 1.0}
-    env = torch.rand(3, 3, 16, 32)
-    torch.testing.assert_close(env * m + env * (1 - m), env)
+    m = split_masks(3, 4, (16, 32), g)  # (3, 1, 16, 32)
+    assert m.shape == (3, 1, 16, 32) and set(m.unique().tolist()) == {0.0, 1.0}  # binary
+    for sample in m:  # both parts of every sample hold light: neither L1 nor L2 is empty
+        assert 0 < sample.mean() < 1
+    other = split_masks(3, 4, (16, 32), g)
+    assert not torch.equal(m, other)  # drawn, not fixed
+    env = torch.rand(3, 3, 16, 32) + 0.1  # light everywhere
+    l1, l2 = env * m, env * (1 - m)
+    assert ((l1 > 0) & (l2 > 0)).sum() == 0  # disjoint: no pixel lit in both parts
+    assert torch.equal((l1 > 0) | (l2 > 0), torch.ones_like(l1, dtype=torch.bool))  # together they cover L
+    torch.testing.assert_close(l1 + l2, env)
     bg = torch.rand(2, 3, 16, 16) * 2 - 1
     mb = split_masks(2, 2, (16, 16), g)
     b1, b2 = split_background(bg, mb)
