@@ -25,6 +25,7 @@ from .imageio import (
     DECODE_ERRORS,
     GREY,
     open_decoded,
+    read_env_file,
     resize_center_crop,
     to_rgb_over_grey,
     to_rgba,
@@ -154,8 +155,9 @@ def read_manifest(root: str | Path, require_background: bool = False,
 
 
 def load_env(path: Path) -> np.ndarray:
-    """(H, W, 3) float32 linear env map; raises ValueError when it is malformed."""
-    env = np.load(path, allow_pickle=False)
+    """(H, W, 3) float32 linear env map from a .npy, .hdr or .exr file; raises ValueError when it is malformed or of
+    another type."""
+    env = read_env_file(Path(path))
     if env.ndim != 3 or env.shape[2] != 3 or env.shape[0] < 1 or env.shape[1] < 1:
         raise ValueError(f"env map shape {env.shape}, expected (H, W, 3)")
     if env.dtype.kind != "f":
