@@ -72,7 +72,7 @@ def build_dataset(cfg: RunConfig, run: ResolvedRun, out_dir: Path, tokenizer, *,
         check_dataset(root, cfg)
     eng.barrier()
     return RelightDataset(root, data_cfg.resolution, tokenizer, env_shape=model_cfg.env_shape,
-                          require_background=model_cfg.variant == "fbc", require_env=model_cfg.variant == "fc",
+                          require_background=model_cfg.variant == "fbc", require_env=model_cfg.env_input,
                           skip_bad=data_cfg.skip_bad)
 
 
@@ -117,7 +117,7 @@ def check_dataset(root: Path, cfg: RunConfig) -> None:
     """Decode and check every sample of a user's dataset; refuse it with the problems listed unless data.skip_bad."""
     model_cfg = cfg.model
     problems = validate_dataset(root, env_shape=model_cfg.env_shape, require_background=model_cfg.variant == "fbc",
-                                require_env=model_cfg.variant == "fc")
+                                require_env=model_cfg.env_input)
     if not problems:
         return
     listing = "\n  ".join(p.format() for p in problems[:20]) + (

@@ -73,7 +73,8 @@ class Monitor:
             eng.barrier()
         if root is not None:
             self._eval_items = load_eval_samples(root, cfg.data.resolution, self.tokenizer, cfg.model.env_shape,
-                                                 count=n, require_background=cfg.model.variant == "fbc")
+                                                 count=n, require_background=cfg.model.variant == "fbc",
+                                                 require_env=cfg.model.env_input)
         else:
             log.info("evaluation on the last %d training samples (set logging.eval_data to held-out scenes)", n)
             self._eval_items = [self.dataset[i] for i in range(max(0, len(self.dataset) - n), len(self.dataset))]
