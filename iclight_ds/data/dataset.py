@@ -119,6 +119,22 @@ def _parse_line(root: Path, line: int, text: str) -> tuple[Sample | None, list[P
     return Sample(line=line, id=rec["id"], prompt=rec["prompt"], **{k: rec.get(k) for k in FILE_KEYS}, **pairs), []
 
 
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
+
+
+def no_manifest_message(root: Path) -> str:
+    """Why `root` is not a dataset, and, for a folder of photos, the command that makes one from it."""
+    if not root.is_dir():
+        return f"no such folder {root}"
+    photos = sum(1 for p in root.rglob("*") if p.suffix.lower() in PHOTO_SUFFIXES)
+    message = f"no {MANIFEST} in {root}"
+    if photos:
+        out = root.resolve().parent / f"{root.resolve().name}-prepared"
+        message += (f"; it holds {photos} image(s): to train on your own photos, make a dataset from them with "
+                    f"`python -m iclight_ds.data.prepare --images {root} --out {out}` (docs/data.md)")
+    return message
+
+
 def read_manifest(root: str | Path, require_background: bool = False,
                   require_env: bool = False) -> tuple[list[Sample], list[Problem]]:
     """Parse and check `root/manifest.jsonl` (no image decoding).
@@ -129,7 +145,7 @@ def read_manifest(root: str | Path, require_background: bool = False,
     root = Path(root)
     manifest = root / MANIFEST
     if not manifest.is_file():
-        return [], [Problem(0, "", f"no {MANIFEST} in {root}")]
+        return [], [Problem(0, "", no_manifest_message(root))]
     samples: list[Sample] = []
     problems: list[Problem] = []
     first_line: dict[str, int] = {}

@@ -122,6 +122,9 @@ def check_dataset(root: Path, cfg: RunConfig) -> None:
         return
     listing = "\n  ".join(p.format() for p in problems[:20]) + (
         f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+    whole = [p for p in problems if p.line == 0]  # the manifest as a whole: skipping sample lines cannot help
+    if whole:
+        raise DatasetError(f"{root}: " + "; ".join(p.message for p in whole))
     if not cfg.data.skip_bad:
         raise DatasetError(f"{root}: {len(problems)} problem(s); fix them or set data.skip_bad=true:\n  {listing}")
     lines = len({p.line for p in problems})
