@@ -440,6 +440,9 @@ def _check_settings(s: Settings) -> None:
                        ("--shadow-materials", s.shadow_materials)):
         if path is not None and not path.is_dir():
             raise PrepareError(f"{flag} {path}: no such folder")
+    if s.matting is not None and not (s.matting / "config.json").is_file():
+        raise PrepareError(f"--matting {s.matting}: no config.json (expected a model folder saved with "
+                           "save_pretrained; nothing is downloaded)")
     if s.variants < 1:
         raise PrepareError(f"--variants {s.variants}: must be >= 1")
     if s.resolution < 32 or s.resolution % 8:
@@ -532,9 +535,11 @@ def prepare(s: Settings, *, workers: int = 1, progress: bool = True) -> dict:
     done = {job.name: record for job in jobs if (record := _finished(s, job)) is not None}
     pending = [job for job in jobs if job.name not in done]
     log.info("%d photo(s): %d done by an earlier run, %d to prepare", len(jobs), len(done), len(pending))
+    if s.matting is not None and pending:
+        matting_model(s.matting)  # loaded once here: a bad folder stops the run, and forked workers share it
     records, skipped = _run_pending(s, pending, backgrounds, workers, progress)
     records = sorted([*done.values(), *records], key=lambda r: r["source"])
-    lines = [json.dumps({k: line[k] for k in sorted(line)}, ensure_ascii=False) for r in records for line in r["lines"]]
+    lines = [json.dumps(line, ensure_ascii=False, sort_keys=True) for r in records for line in r["lines"]]
     tmp = s.out / (MANIFEST + ".tmp")
     tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     os.replace(tmp, s.out / MANIFEST)
