@@ -74,6 +74,7 @@ class Settings:
     shadow_materials: Path | None = None
     variants: int = 2
     resolution: int = 512
+    image_format: str = "jpg"  # of targets, foregrounds and backgrounds; masks are always PNG
     seed: int = 0
     default_prompt: str = DEFAULT_PROMPT
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
@@ -292,10 +293,15 @@ def matting_model(folder: Path) -> Matting:
 # One photo -> its files and manifest lines
 
 
-def _save_png(image: Image.Image, path: Path) -> None:
-    """Write atomically (a crash leaves no half-written file); compress level 1: fast, and the same bytes each run."""
+def _save_image(image: Image.Image, path: Path) -> None:
+    """Write atomically (a crash leaves no half-written file), the same bytes each run. JPEG at quality 95 without
+    chroma subsampling (a photo's noise makes PNG ~20x slower to write, bench/prepare_speed.py); PNG at compress
+    level 1 with the run-length strategy (Z_RLE), the fastest of zlib's for images."""
     tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG", compress_level=1)
+    if path.suffix == ".jpg":
+        image.save(tmp, format="JPEG", quality=95, subsampling=0)
+    else:
+        image.save(tmp, format="PNG", compress_level=1, compress_type=3)
     os.replace(tmp, path)
 
 
@@ -330,11 +336,15 @@ def load_photo(s: Settings, rel: Path) -> tuple[np.ndarray, np.ndarray, str, tup
     return np.round(rgb_arr).clip(0, 255).astype(np.uint8), m.astype(np.float32), source, (w, h)
 
 
-def _foreground_png(image: np.ndarray, mask: np.ndarray) -> Image.Image:
-    """RGBA: the degraded object, the soft mask as alpha, grey outside (it compresses well and is never seen)."""
-    rgb = np.where(mask[..., None] > 0, image, np.uint8(GREY))
-    alpha = np.round(mask * 255).astype(np.uint8)
-    return Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+def _foreground(image: np.ndarray, mask: np.ndarray) -> Image.Image:
+    """The degraded object, grey outside the mask (never seen: the dataset composites with the mask)."""
+    return Image.fromarray(np.where(mask[..., None] > 0, image, np.uint8(GREY)), "RGB")
+
+
+def _mask_image(mask: np.ndarray) -> Image.Image:
+    """'L': the soft mask with its edge steepened (x4 around 0.5), so that the dataset composites anti-aliased edges
+    and thresholds at 0.5 as before, while a feathered mask still counts as binary for validation."""
+    return Image.fromarray(np.round(np.clip((mask - 0.5) * 4 + 0.5, 0, 1) * 255).astype(np.uint8), "L")
 
 
 def _fbc_target(s: Settings, analysis: dg.PhotoAnalysis, mask: np.ndarray, backgrounds: list[Path],
@@ -359,24 +369,24 @@ def process_photo(s: Settings, rel: Path, name: str, prompt: str, materials: lis
     """Write one photo's files; return its record: {"source", "mask_source", "lines": manifest dicts}."""
     rgb, mask, source, _ = load_photo(s, rel)
     analysis = dg.analyse(rgb, mask, s.degradation)
-    out = s.out
+    out, ext = s.out, s.image_format
     mask_rel = f"mask/{name}.png"
-    _save_png(Image.fromarray(np.where(mask >= 0.5, 255, 0).astype(np.uint8), "L"), out / mask_rel)
+    _save_image(_mask_image(mask), out / mask_rel)
     if not backgrounds:
-        target_rel = f"target/{name}.png"
-        _save_png(Image.fromarray(rgb, "RGB"), out / target_rel)
+        target_rel = f"target/{name}.{ext}"
+        _save_image(Image.fromarray(rgb, "RGB"), out / target_rel)
     lines = []
     for k in range(s.variants):
         rng = _rng(s.seed, rel, k)
         image, drawn = dg.degrade(analysis, rng, s.degradation, materials)
         line = {"id": f"{name}-{k}", "prompt": prompt}
-        fg_rel = f"fg/{name}-{k}.png"
-        _save_png(_foreground_png(image, mask), out / fg_rel)
+        fg_rel = f"fg/{name}-{k}.{ext}"
+        _save_image(_foreground(image, mask), out / fg_rel)
         if backgrounds:
             bg, target, bg_record = _fbc_target(s, analysis, mask, backgrounds, rng)
-            target_rel, bg_rel = f"target/{name}-{k}.png", f"bg/{name}-{k}.png"
-            _save_png(Image.fromarray(target, "RGB"), out / target_rel)
-            _save_png(Image.fromarray(bg, "RGB"), out / bg_rel)
+            target_rel, bg_rel = f"target/{name}-{k}.{ext}", f"bg/{name}-{k}.{ext}"
+            _save_image(Image.fromarray(target, "RGB"), out / target_rel)
+            _save_image(Image.fromarray(bg, "RGB"), out / bg_rel)
             line["background"] = bg_rel
             drawn = {**drawn, **bg_record}
         line.update(target=target_rel, foreground=fg_rel, mask=mask_rel, source=rel.as_posix(), degradation=drawn)
@@ -443,6 +453,8 @@ def _check_settings(s: Settings) -> None:
     if s.matting is not None and not (s.matting / "config.json").is_file():
         raise PrepareError(f"--matting {s.matting}: no config.json (expected a model folder saved with "
                            "save_pretrained; nothing is downloaded)")
+    if s.image_format not in ("jpg", "png"):
+        raise PrepareError(f"--image-format {s.image_format}: jpg or png")
     if s.variants < 1:
         raise PrepareError(f"--variants {s.variants}: must be >= 1")
     if s.resolution < 32 or s.resolution % 8:
@@ -507,7 +519,11 @@ def _run_pending(s: Settings, pending: list[_Job], backgrounds: list[Path], work
         results = map(_run_job, pending)
         pool = None
     else:
-        pool = multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=(s, backgrounds))
+        # forkserver, not fork: a process forked from one whose OpenCV / torch thread pools already ran can deadlock
+        # on a lock held by a thread that did not survive the fork (seen in tests: a worker stuck in a futex)
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["iclight_ds.data.prepare"])
+        pool = context.Pool(workers, initializer=_init_worker, initargs=(s, backgrounds))
         results = pool.imap_unordered(_run_job, pending, chunksize=4)
     try:
         for job, record, reason in results:
@@ -536,7 +552,7 @@ def prepare(s: Settings, *, workers: int = 1, progress: bool = True) -> dict:
     pending = [job for job in jobs if job.name not in done]
     log.info("%d photo(s): %d done by an earlier run, %d to prepare", len(jobs), len(done), len(pending))
     if s.matting is not None and pending:
-        matting_model(s.matting)  # loaded once here: a bad folder stops the run, and forked workers share it
+        matting_model(s.matting)  # loaded here first: a folder it cannot load stops the run before any work
     records, skipped = _run_pending(s, pending, backgrounds, workers, progress)
     records = sorted([*done.values(), *records], key=lambda r: r["source"])
     lines = [json.dumps(line, ensure_ascii=False, sort_keys=True) for r in records for line in r["lines"]]
@@ -608,6 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of grey shadow images (dark = shadow) used as random cast shadows")
     p.add_argument("--variants", type=int, default=2, help="degradations (samples) per photo")
     p.add_argument("--resolution", type=int, default=512, help="short side of the written images, in pixels")
+    p.add_argument("--image-format", choices=("jpg", "png"), default="jpg",
+                   help="targets, foregrounds and backgrounds: jpg (quality 95, 4:4:4; fast) or png (lossless, "
+                   "~20x slower to write for photos); masks are always png")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--default-prompt", default=DEFAULT_PROMPT, help="prompt of a photo without a caption")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
@@ -623,7 +642,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s = Settings(images=args.images, out=args.out, masks=args.masks, matting=args.matting,
                      backgrounds=args.backgrounds, shadow_materials=args.shadow_materials, variants=args.variants,
-                     resolution=args.resolution, seed=args.seed, default_prompt=args.default_prompt,
+                     resolution=args.resolution, image_format=args.image_format, seed=args.seed,
+                     default_prompt=args.default_prompt,
                      degradation=_degradation_from(args))
         summary = prepare(s, workers=args.workers, progress=not args.no_progress)
     except (PrepareError, ConfigError) as e:

@@ -101,8 +101,9 @@ def _relight_and_eval(run, data, tmp_path, capsys):
     from iclight_ds.infer.eval import main as eval_main
     from iclight_ds.infer.relight import main as relight_main
 
-    fg = data / "fg" / "item0-0.png"
+    fg = data / "fg" / "item0-0.jpg"
     common = ["--base", str(run), "--weights", str(run / "unet.safetensors"), "--fg", str(fg), "--steps", "2",
+              "--mask", str(data / "mask" / "item0.png"),
               "--prompt", "product 0, warm light from the left", "--device", "cpu", "--cfg", "1"]
     np.save(tmp_path / "env.npy", np.ones((8, 16, 3), np.float32))
     assert relight_main(common + ["--out", str(tmp_path / "x.png"), "--env", str(tmp_path / "env.npy")]) == 2
