@@ -125,7 +125,7 @@ PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
 def no_manifest_message(root: Path) -> str:
     """Why `root` is not a dataset, and, for a folder of photos, the command that makes one from it."""
     if not root.is_dir():
-        return f"no such folder {root}"
+        return f"no {MANIFEST} in {root} (no such folder)"
     photos = sum(1 for p in root.rglob("*") if p.suffix.lower() in PHOTO_SUFFIXES)
     message = f"no {MANIFEST} in {root}"
     if photos:
