@@ -83,6 +83,10 @@ class DataConfig:
     """Dataset folder with manifest.jsonl; None generates the synthetic set into <output_dir>/data."""
     resolution: int = 64
     """Training resolution in pixels (square; resize short side, centre-crop)."""
+    buckets: bool = False
+    """Aspect-ratio buckets (kohya-style): each sample is sized to the bucket (W, H <= resolution^2 pixels, sides
+    multiples of resolution/8, aspect up to 2:1) nearest its target's aspect instead of a centre-cropped square, and
+    each micro-batch comes from one bucket. Not with data.cache (its shards hold one size)."""
     num_workers: int = 1
     """DataLoader worker processes per rank."""
     synth_samples: int = 1024
@@ -398,6 +402,9 @@ def validate(cfg: RunConfig) -> None:
         problems.append("train.keep / train.max_bad_steps: must be >= 0")
     if cfg.logging.every < 1:
         problems.append("logging.every: must be >= 1")
+    if cfg.data.buckets and cfg.data.cache:
+        problems.append("data.buckets with data.cache: a latent cache holds one square size per sample; train "
+                        "buckets from data.path, or the cache without buckets")
     if cfg.data.num_workers < 0:
         problems.append("data.num_workers: must be >= 0")
     if cfg.model.size == "full" and cfg.model.base is None and cfg.data.resolution < 256:

@@ -73,7 +73,7 @@ def build_dataset(cfg: RunConfig, run: ResolvedRun, out_dir: Path, tokenizer, *,
     eng.barrier()
     return RelightDataset(root, data_cfg.resolution, tokenizer, env_shape=model_cfg.env_shape,
                           require_background=model_cfg.variant == "fbc", require_env=model_cfg.env_input,
-                          skip_bad=data_cfg.skip_bad)
+                          skip_bad=data_cfg.skip_bad, buckets=data_cfg.buckets)
 
 
 def run_tokenizer(cfg: RunConfig, base: BaseModel | None):

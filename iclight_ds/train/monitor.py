@@ -24,7 +24,9 @@ class Monitor:
                  tokenizer):
         self.cfg, self.out_dir, self.is_main = cfg, out_dir, is_main
         self.samples_here = is_main or zero_stage == 3
-        self.dataset, self.vae, self.text_encoder, self.tokenizer = dataset, vae, text_encoder, tokenizer
+        # previews and evaluations stack their samples: with data.buckets they see the square centre crops
+        self.dataset = dataset.square() if hasattr(dataset, "square") else dataset
+        self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
         self._warned: set[str] = set()
         self._eval_items: list[dict] | None = None
 

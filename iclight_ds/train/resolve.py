@@ -32,9 +32,9 @@ log = logging.getLogger("iclight_ds")
 
 # What a resume may not change (the weights may load, but the run would go on as something else); data.synth_* only
 # for runs on synthetic data
-RESUME_FIXED_KEYS = ("model.size", "model.base", "model.variant", "model.light_input", "model.vae", "model.iclight_weights",
-                     "model.env_tokens", "model.env_shape", "model.merger_hidden", "model.merger_layers",
-                     "data.resolution", "data.synth_samples", "data.synth_seed")
+RESUME_FIXED_KEYS = ("model.size", "model.base", "model.variant", "model.light_input", "model.vae",
+                     "model.iclight_weights", "model.env_tokens", "model.env_shape", "model.merger_hidden",
+                     "model.merger_layers", "data.resolution", "data.buckets", "data.synth_samples", "data.synth_seed")
 
 
 @dataclass

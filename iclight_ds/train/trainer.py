@@ -70,7 +70,8 @@ class Trainer:
                                dataset=self.dataset, vae=self.vae, text_encoder=self.text_encoder,
                                tokenizer=self.tokenizer)
         self.loader, self.sampler = build_loader(self.dataset, self.geometry, rank=self.acc.rank, seed=cfg.train.seed,
-                                                 num_workers=cfg.data.num_workers)
+                                                 num_workers=cfg.data.num_workers,
+                                                 buckets=cfg.data.buckets and not cfg.data.cache)
         self.alphas_cumprod = alphas_cumprod().to(self.acc.device)
         self.generator = torch.Generator().manual_seed(generator_seed(cfg.train.seed, self.acc.rank))
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0

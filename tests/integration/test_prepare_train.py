@@ -150,3 +150,29 @@ def test_a_text_lit_cache_stores_no_env_and_matches_a_text_run(photos, tiny_base
     assert "env" not in item and item["target"].shape == (4, 8, 8)
     with pytest.raises(CacheError, match="env_shape"):
         CachedDataset(tmp_path / "cache", run_expectations(load_config(None, over), torch.bfloat16))
+
+
+def test_buckets_train_photos_of_two_aspects_uncropped(tiny_base, tmp_path):
+    from iclight_ds.train.trainer import Trainer
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    for i in range(16):
+        w, h = (120, 80) if i % 2 else (80, 120)
+        img = np.zeros((h, w, 4), np.uint8)
+        img[10:h - 10, 10:w - 10] = (200, 120 + 4 * i, 60, 255)
+        Image.fromarray(img, "RGBA").save(images / f"p{i:02d}.png")
+    data = tmp_path / "set"
+    prep.prepare(prep.Settings(images=images, out=data, resolution=64, variants=1), progress=False)
+    cfg = load_config(None, {"model.base": str(tiny_base), "data.path": str(data), "data.resolution": 64,
+                             "data.buckets": True, "model.light_input": "text", "train.output_dir": str(tmp_path / "r"),
+                             "train.steps": 2, "train.ds_config": "cpu-1rank", "logging.wandb": False,
+                             "logging.progress": False, "logging.preview_every": 2, "logging.preview_samples": 2,
+                             "logging.preview_steps": 1, "logging.eval_every": 0, "data.num_workers": 0})
+    trainer = Trainer(cfg)
+    assert sorted(set(trainer.dataset.bucket_of)) == [(48, 80), (80, 48)]
+    shapes, step = [], trainer.forward_backward
+    trainer.forward_backward = lambda batch: (shapes.append(tuple(batch["target"].shape)), step(batch))[1]
+    trainer.train()
+    assert len(shapes) == 2 and all(s[0] == 8 and s[2:] in ((48, 80), (80, 48)) for s in shapes)
+    assert Image.open(tmp_path / "r" / "previews" / "step_00000002.png").size[1] == 2 * 64  # square previews
