@@ -36,6 +36,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -233,10 +234,8 @@ class Matting:
     """
 
     def __init__(self, folder: Path):
-        import torch
-        import transformers as tf
+        import transformers as tf  # seconds to import: only when a matting model is used
 
-        self.torch = torch
         if not (folder / "config.json").is_file():
             raise PrepareError(f"--matting {folder}: no config.json (expected a model folder saved with "
                                "save_pretrained; nothing is downloaded)")
@@ -260,11 +259,10 @@ class Matting:
             return self.processor(images=photo, return_tensors="pt")["pixel_values"]
         x = np.asarray(photo.resize((1024, 1024), Image.BILINEAR), np.float32) / 255.0
         x = (x - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
-        return self.torch.from_numpy(x).permute(2, 0, 1)[None]
+        return torch.from_numpy(x).permute(2, 0, 1)[None]
 
     def mask(self, photo: Image.Image) -> Image.Image:
         """'L' soft mask at the photo's size."""
-        torch = self.torch
         with torch.no_grad():
             out = self.model(pixel_values=self._pixels(photo.convert("RGB")))
         logits = getattr(out, "logits", out)
@@ -409,8 +407,12 @@ class _Job:
 _WORKER: dict = {}  # per process: the settings, shadow materials and background list
 
 
-def _init_worker(s: Settings, backgrounds: list[Path]) -> None:
-    cv2.setNumThreads(1)
+def _init_worker(s: Settings, backgrounds: list[Path], pool: bool = False) -> None:
+    """Per process: the settings, shadow materials and backgrounds; a pool's workers use one thread each (the pool is
+    the parallelism), the caller's own process is left as it is."""
+    if pool:
+        cv2.setNumThreads(1)
+        torch.set_num_threads(1)
     materials = []
     if s.shadow_materials is not None:
         for path in sorted(p for p in s.shadow_materials.iterdir() if p.suffix.lower() in PHOTO_TYPES):
@@ -424,10 +426,6 @@ def _init_worker(s: Settings, backgrounds: list[Path]) -> None:
 def _run_job(job: _Job) -> tuple[_Job, dict | None, str | None]:
     """(job, record or None, skip reason or None); a finished record is saved in the state folder."""
     s = _WORKER["settings"]
-    if s.matting is not None:
-        import torch
-
-        torch.set_num_threads(1)
     try:
         record = process_photo(s, job.rel, job.name, job.prompt, _WORKER["materials"], _WORKER["backgrounds"])
     except Skip as e:
@@ -523,7 +521,7 @@ def _run_pending(s: Settings, pending: list[_Job], backgrounds: list[Path], work
         # on a lock held by a thread that did not survive the fork (seen in tests: a worker stuck in a futex)
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["iclight_ds.data.prepare"])
-        pool = context.Pool(workers, initializer=_init_worker, initargs=(s, backgrounds))
+        pool = context.Pool(workers, initializer=_init_worker, initargs=(s, backgrounds, True))
         results = pool.imap_unordered(_run_job, pending, chunksize=4)
     try:
         for job, record, reason in results:
