@@ -253,3 +253,19 @@ def test_cli_prints_the_summary_and_the_train_command(folders, capsys):
     assert json.loads((out / "manifest.jsonl").read_text())["degradation"]["shadow"] == "none"
     assert prep.main(["--images", str(images), "--out", str(out) + "2", "--degrade.ambient", "x"]) == 2
     assert "--degrade.ambient: expected 2 values" in capsys.readouterr().err
+
+
+def test_shadow_materials_are_used(folders, tmp_path):
+    from iclight_ds.config import DegradationConfig
+
+    images, _, out = folders
+    _cutout(images / "a.png", 0)
+    materials = tmp_path / "shadows"
+    materials.mkdir()
+    leaf = Image.new("L", (64, 64), 255)
+    leaf.paste(0, (0, 0, 32, 64))
+    leaf.save(materials / "leaf.png")
+    _run(images, out, shadow_materials=materials, variants=2,
+         degradation=DegradationConfig(shadow_prob=1.0, material_prob=1.0))
+    drawn = [s["degradation"] for s in map(json.loads, (out / MANIFEST).read_text().splitlines())]
+    assert [d["shadow"] for d in drawn] == ["material 0", "material 0"] and all(d["shadow_strength"] > 0 for d in drawn)
