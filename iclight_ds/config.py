@@ -42,8 +42,12 @@ class ModelConfig:
     """An IC-Light offset file (e.g. iclight_sd15_fc.safetensors) added to the base before training."""
     variant: Literal["fc", "fbc"] = "fc"
     """fc: UNet input = noisy + foreground latent (8 ch); fbc: + background latent (12 ch)."""
+    light_input: Literal["env", "text"] = "env"
+    """FC only: how the model is told the light. env: an HDR environment map through a learned encoder whose tokens
+    join the text tokens (every sample needs `env`); text: the official FC, the light is described in the prompt (no
+    encoder, no env maps; the consistency term is off, see method.md). FBC sees the light in its background."""
     env_tokens: int = 4
-    """FC only: cross-attention tokens the environment-map encoder appends to the text tokens."""
+    """FC with light_input=env: cross-attention tokens the environment-map encoder appends to the text tokens."""
     env_shape: tuple[int, int] = DEFAULT_ENV_SHAPE
     """Equirectangular environment map size (H, W) the encoder takes."""
     merger_hidden: int = 64
@@ -67,6 +71,11 @@ class ModelConfig:
     def in_channels(self) -> int:
         return 8 if self.variant == "fc" else 12
 
+    @property
+    def env_input(self) -> bool:
+        """Whether the model reads an environment map (FC with light_input=env): the encoder, and `env` per sample."""
+        return self.variant == "fc" and self.light_input == "env"
+
 
 @dataclass
 class DataConfig:
@@ -74,6 +83,10 @@ class DataConfig:
     """Dataset folder with manifest.jsonl; None generates the synthetic set into <output_dir>/data."""
     resolution: int = 64
     """Training resolution in pixels (square; resize short side, centre-crop)."""
+    buckets: bool = False
+    """Aspect-ratio buckets (kohya-style): each sample is sized to the bucket (W, H <= resolution^2 pixels, sides
+    multiples of resolution/8, aspect up to 2:1) nearest its target's aspect instead of a centre-cropped square, and
+    each micro-batch comes from one bucket. Not with data.cache (its shards hold one size)."""
     num_workers: int = 1
     """DataLoader worker processes per rank."""
     synth_samples: int = 1024
@@ -204,6 +217,41 @@ class LoggingConfig:
     """Classifier-free guidance of the user-image previews (the demo's 2.0; its negative prompt too)."""
     preview_weights: Literal["ema", "raw"] = "ema"
     """Which weights previews and the training-time evaluation use when train.ema_decay is on."""
+
+
+@dataclass
+class DegradationConfig:
+    """The relight degradation of `python -m iclight_ds.data.prepare` (iclight_ds/data/degrade.py); not part of a
+    training run. Ranges are (low, high), drawn uniformly per variant from the prepare seed."""
+
+    shading_blur: float = 0.06
+    """Scale of the smoothed luminance taken as the photo's shading, as a fraction of the image's short side."""
+    albedo_strength: float = 0.85
+    """Share of the estimated shading divided out of the photo (1: all of it, 0: the photo's shading stays)."""
+    grey_world: float = 0.6
+    """Share of the photo's light colour (grey-world estimate over the object) removed from the albedo estimate."""
+    normal_detail: float = 0.4
+    """Weight of the luminance-gradient detail added to the mask-shape normals (0: the mask's dome shape only)."""
+    light_polar_max: float = 100.0
+    """Largest angle in degrees between the random light direction and the view axis (> 90: some light from behind)."""
+    light_saturation: tuple[float, float] = (0.0, 0.6)
+    """Saturation of the random light colour (0: white)."""
+    ambient: tuple[float, float] = (0.05, 0.4)
+    """Ambient light relative to the directional light."""
+    exposure: tuple[float, float] = (-0.7, 0.5)
+    """log2 brightness of the degraded object relative to the photo's object."""
+    shadow_prob: float = 0.7
+    """Chance that a variant gets a shadow mask (noise, shapes or, with --shadow-materials, a material)."""
+    shadow_strength: tuple[float, float] = (0.5, 0.95)
+    """How much of the directional light a shadow blocks."""
+    material_prob: float = 0.5
+    """With --shadow-materials: chance that a shadow is a material image rather than a procedural one."""
+    highlight_prob: float = 0.5
+    """Chance of a specular highlight (Blinn-Phong on the estimated normals)."""
+    highlight_strength: tuple[float, float] = (0.1, 0.6)
+    """Specular intensity relative to the directional light."""
+    shininess: tuple[float, float] = (8.0, 64.0)
+    """Blinn-Phong exponent of the highlight."""
 
 
 @dataclass
@@ -385,8 +433,12 @@ def validate(cfg: RunConfig) -> None:
         problems.append("objective.lambda_vanilla and objective.lambda_consistency are both 0: nothing to train")
     if cfg.model.merger_layers < 1 or cfg.model.merger_hidden < 1:
         problems.append("model.merger_layers / model.merger_hidden: must be >= 1")
-    if cfg.model.variant == "fc" and cfg.model.env_tokens < 1:
-        problems.append("model.env_tokens: FC needs >= 1 environment token (it is how the model sees the light)")
+    if cfg.model.env_input and cfg.model.env_tokens < 1:
+        problems.append("model.env_tokens: FC with light_input=env needs >= 1 environment token (it is how the model "
+                        "sees the light)")
+    if cfg.model.variant == "fbc" and cfg.model.light_input != "env":
+        problems.append(f"model.light_input={cfg.model.light_input}: applies to FC only (FBC sees the light in its "
+                        "background); leave it at env")
     if cfg.objective.snr_gamma < 0:
         problems.append("objective.snr_gamma: must be >= 0 (0 disables Min-SNR weighting)")
     if cfg.objective.split_cells < 1:
@@ -395,6 +447,9 @@ def validate(cfg: RunConfig) -> None:
         problems.append("train.keep / train.max_bad_steps: must be >= 0")
     if cfg.logging.every < 1:
         problems.append("logging.every: must be >= 1")
+    if cfg.data.buckets and cfg.data.cache:
+        problems.append("data.buckets with data.cache: a latent cache holds one square size per sample; train "
+                        "buckets from data.path, or the cache without buckets")
     if cfg.data.num_workers < 0:
         problems.append("data.num_workers: must be >= 0")
     if cfg.model.size == "full" and cfg.model.base is None and cfg.data.resolution < 256:
@@ -428,6 +483,25 @@ def validate(cfg: RunConfig) -> None:
         problems.append(f"logging.eval_data={cfg.logging.eval_data}: no such folder")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def consistency_off_reason(cfg: RunConfig) -> str | None:
+    """Why this run cannot train the light-transport consistency term although objective.lambda_consistency > 0, or
+    None when it can (or the term is not asked for)."""
+    if cfg.objective.lambda_consistency > 0 and cfg.model.variant == "fc" and cfg.model.light_input == "text":
+        return ("model.light_input=text: the light is in the prompt, so there is no illumination input to split into "
+                "complementary parts (the term needs eps(L1) and eps(L2)); objective.lambda_consistency is not used")
+    return None
+
+
+def trains_consistency(cfg: RunConfig) -> bool:
+    """The run evaluates the consistency term (three UNet rows per sample): asked for and possible."""
+    return cfg.objective.lambda_consistency > 0 and consistency_off_reason(cfg) is None
+
+
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """`value` (a YAML value or command-line text) as the type `hint`; ConfigError naming `key` when it is not one."""
+    return _coerce(value, hint, key)
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -1,2 +1,3 @@
-"""Data layer: the on-disk relighting dataset format, images, the complementary light split, the synthetic
-generator, the validator and the latent cache (docs/data.md)."""
+"""Data layer: the on-disk relighting dataset format, images and environment maps, the complementary light split,
+aspect-ratio buckets, the synthetic generator, datasets from photos (degradation, prepare), the validator and the
+latent cache (docs/data.md)."""

@@ -142,8 +142,10 @@ def run_expectations(cfg, training_dtype: torch.dtype) -> dict:
         expect.update(base=None, size=cfg.model.size, vae=vae_identity(cfg.model.size, cfg.model.vae),
                       seed=cfg.train.seed)
     expect["frozen_dtype"] = dtype_name(frozen)
-    if cfg.model.variant == "fc":
+    if cfg.model.env_input:
         expect["env_shape"] = list(cfg.model.env_shape)
+    elif cfg.model.variant == "fc":  # text-lit FC: no env maps cached (caches of env-lit FC have no such key)
+        expect["light_input"] = cfg.model.light_input
     elif cfg.objective.lambda_consistency > 0:
         expect["split_cells"] = cfg.objective.split_cells
     if cfg.data.path:
@@ -226,8 +228,9 @@ def _encode_latents(vae, images: torch.Tensor, chunk: int) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_samples(batch: dict, vae, text_encoder, *, variant: str, split_variants: int, split_cells: int, seed: int,
-                   device, chunk: int) -> dict[str, torch.Tensor]:
-    """One collated RelightDataset batch -> the cached tensors (on the CPU, in the encoders' dtypes; mask/env fp32)."""
+                   device, chunk: int, with_env: bool = True) -> dict[str, torch.Tensor]:
+    """One collated RelightDataset batch -> the cached tensors (on the CPU, in the encoders' dtypes; mask/env fp32).
+    with_env=False: FC without env maps (model.light_input=text)."""
 
     target = batch["target"].to(device)  # (B, 3, R, R)
     bsz = target.shape[0]
@@ -251,7 +254,8 @@ def encode_samples(batch: dict, vae, text_encoder, *, variant: str, split_varian
         "index": torch.as_tensor(batch["index"], dtype=torch.int64),
     }
     if variant == "fc":
-        out["env"] = batch["env"].float()  # (B, 3, He, We)
+        if with_env:
+            out["env"] = batch["env"].float()  # (B, 3, He, We)
     else:
         out["background"] = latents[2 * bsz: 3 * bsz]
         if grids is not None:
@@ -301,7 +305,7 @@ def build_cache(
     out: str | Path,
     *,
     base: str | None = None, size: str = "tiny", vae: str = "auto", seed: int = 0, frozen_dtype: str = "bf16",
-    variant: str = "fc", resolution: int = 64, env_shape: tuple[int, int] = DEFAULT_ENV_SHAPE,
+    variant: str = "fc", light_input: str = "env", resolution: int = 64, env_shape: tuple[int, int] = DEFAULT_ENV_SHAPE,
     split_variants: int = 4, split_cells: int = 4, dtype: str = "bf16", batch_size: int = 8, shard_size: int = 256,
     num_workers: int = 0, device: str | None = None, validate: bool = True, progress: bool = True,
 ) -> dict:
@@ -313,20 +317,22 @@ def build_cache(
     data, out = Path(data), Path(out)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     split_variants = split_variants if variant == "fbc" else 0  # FC splits its env map at train time: no VAE
-    samples, problems = read_manifest(data, require_background=variant == "fbc", require_env=variant == "fc")
+    env_input = variant == "fc" and light_input == "env"  # text-lit FC: the light is in the prompt, no env maps
+    samples, problems = read_manifest(data, require_background=variant == "fbc", require_env=env_input)
     if problems:
         raise CacheError(f"{data}: {len(problems)} manifest problem(s), e.g. {problems[0].format()}; "
                          f"python -m iclight_ds.data.validate {data} lists them")
     partial = {  # everything but the model identity, checked before any model is built
         "seed": seed, "frozen_dtype": frozen_dtype, "variant": variant, "resolution": resolution,
-        "env_shape": list(env_shape) if variant == "fc" else None, "split_variants": split_variants,
+        "env_shape": list(env_shape) if env_input else None, "split_variants": split_variants,
         "split_cells": split_cells if split_variants else None, "dtype": dtype,
         "dataset_hash": manifest_hash(data), "num_samples": len(samples), "shard_size": shard_size,
+        **({"light_input": light_input} if variant == "fc" and not env_input else {}),
     }
     old = _existing_cache(out, partial, base=base, size=size, vae=vae)
     if validate and old is None:
         bad = validate_dataset(data, env_shape=env_shape, require_background=variant == "fbc",
-                               require_env=variant == "fc")
+                               require_env=env_input)
         if bad:
             raise CacheError(f"{data}: {len(bad)} problem(s), e.g. {bad[0].format()}; python -m "
                              f"iclight_ds.data.validate {data} lists them (--no-validate skips this check)")
@@ -350,11 +356,12 @@ def build_cache(
 
     todo = [s for s in shards if not _shard_is_complete(out / s["file"], ident, s["count"])]
     ds = RelightDataset(data, resolution, tokenizer, env_shape=env_shape, require_background=variant == "fbc",
-                        require_env=variant == "fc")
+                        require_env=env_input)
     bar = tqdm(total=len(samples), initial=len(samples) - sum(s["count"] for s in todo), unit="sample",
                desc=f"cache {out.name}", dynamic_ncols=True, disable=not progress)
     t0 = time.perf_counter()
-    encode = dict(variant=variant, split_variants=split_variants, split_cells=split_cells, seed=seed, device=device,
+    encode = dict(variant=variant, with_env=env_input, split_variants=split_variants, split_cells=split_cells,
+                  seed=seed, device=device,
                   chunk=2 * batch_size)
     _encode_shards(ds, todo, out, [s.id for s in samples], vae, text_encoder, encode=encode, storage=DTYPES[dtype],
                    ident=ident, batch_size=batch_size, num_workers=num_workers, bar=bar)
@@ -438,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="dtype the VAE/text encoder run in: the run's model.frozen_dtype, 'auto' there meaning the "
                    "DeepSpeed JSON's precision (bf16 in every shipped config)")
     p.add_argument("--variant", choices=("fc", "fbc"), default="fc")
+    p.add_argument("--light-input", choices=("env", "text"), default="env",
+                   help="FC: model.light_input of the run (text: no env maps are read or stored)")
     p.add_argument("--resolution", type=int, default=64, help="data.resolution")
     p.add_argument("--env-shape", type=int, nargs=2, default=DEFAULT_ENV_SHAPE, metavar=("H", "W"), help="model.env_shape")
     p.add_argument("--split-variants", type=int, default=4,
@@ -459,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         stats = build_cache(
             args.data, args.out, base=args.base, size=args.size, vae=args.vae, seed=args.seed,
             frozen_dtype=args.frozen_dtype,
-            variant=args.variant, resolution=args.resolution, env_shape=tuple(args.env_shape),
+            variant=args.variant, light_input=args.light_input, resolution=args.resolution, env_shape=tuple(args.env_shape),
             split_variants=args.split_variants, split_cells=args.split_cells, dtype=args.dtype,
             batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.num_workers,
             device=args.device, validate=not args.no_validate)

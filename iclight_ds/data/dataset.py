@@ -21,10 +21,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..config import DEFAULT_ENV_SHAPE
+from .buckets import make_buckets, nearest_bucket, upright_size
 from .imageio import (
     DECODE_ERRORS,
     GREY,
     open_decoded,
+    read_env_file,
     resize_center_crop,
     to_rgb_over_grey,
     to_rgba,
@@ -118,6 +120,22 @@ def _parse_line(root: Path, line: int, text: str) -> tuple[Sample | None, list[P
     return Sample(line=line, id=rec["id"], prompt=rec["prompt"], **{k: rec.get(k) for k in FILE_KEYS}, **pairs), []
 
 
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
+
+
+def no_manifest_message(root: Path) -> str:
+    """Why `root` is not a dataset, and, for a folder of photos, the command that makes one from it."""
+    if not root.is_dir():
+        return f"no {MANIFEST} in {root} (no such folder)"
+    photos = sum(1 for p in root.rglob("*") if p.suffix.lower() in PHOTO_SUFFIXES)
+    message = f"no {MANIFEST} in {root}"
+    if photos:
+        out = root.resolve().parent / f"{root.resolve().name}-prepared"
+        message += (f"; it holds {photos} image(s): to train on your own photos, make a dataset from them with "
+                    f"`python -m iclight_ds.data.prepare --images {root} --out {out}` (docs/data.md)")
+    return message
+
+
 def read_manifest(root: str | Path, require_background: bool = False,
                   require_env: bool = False) -> tuple[list[Sample], list[Problem]]:
     """Parse and check `root/manifest.jsonl` (no image decoding).
@@ -128,7 +146,7 @@ def read_manifest(root: str | Path, require_background: bool = False,
     root = Path(root)
     manifest = root / MANIFEST
     if not manifest.is_file():
-        return [], [Problem(0, "", f"no {MANIFEST} in {root}")]
+        return [], [Problem(0, "", no_manifest_message(root))]
     samples: list[Sample] = []
     problems: list[Problem] = []
     first_line: dict[str, int] = {}
@@ -154,8 +172,9 @@ def read_manifest(root: str | Path, require_background: bool = False,
 
 
 def load_env(path: Path) -> np.ndarray:
-    """(H, W, 3) float32 linear env map; raises ValueError when it is malformed."""
-    env = np.load(path, allow_pickle=False)
+    """(H, W, 3) float32 linear env map from a .npy, .hdr or .exr file; raises ValueError when it is malformed or of
+    another type."""
+    env = read_env_file(Path(path))
     if env.ndim != 3 or env.shape[2] != 3 or env.shape[0] < 1 or env.shape[1] < 1:
         raise ValueError(f"env map shape {env.shape}, expected (H, W, 3)")
     if env.dtype.kind != "f":
@@ -175,17 +194,20 @@ def _rgb_tensor(img: Image.Image, scale: float) -> torch.Tensor:
 class RelightDataset(torch.utils.data.Dataset):
     """Samples for IC-Light training: relit target, grey-composited foreground, mask, background, env.
 
-    `__getitem__` returns (R = resolution, He x We = env_shape):
-      target (3, R, R) in [-1, 1]; foreground (3, R, R) IC-Light convention (`x / 127 - 1`, grey -> 0);
-      mask (1, R, R) in {0, 1}; background (3, R, R) in [-1, 1] or zeros; env (3, He, We) linear or
+    `__getitem__` returns (H x W = R x R for R = resolution, or the sample's bucket with `buckets`; He x We =
+    env_shape):
+      target (3, H, W) in [-1, 1]; foreground (3, H, W) IC-Light convention (`x / 127 - 1`, grey -> 0);
+      mask (1, H, W) in {0, 1}; background (3, H, W) in [-1, 1] or zeros; env (3, He, We) linear or
       zeros; env_parts (2, 3, He, We) or zeros; has_background / has_env / has_env_parts (bool);
       input_ids (L,) long; index (int, of the sample actually returned).
     With `skip_bad`, a sample whose files fail to load is replaced by the next one that loads and
-    counted in `skipped` (per process: workers count in their own copies).
+    counted in `skipped` (per process: workers count in their own copies). With `buckets` (data.buckets) each sample
+    is sized to the aspect-ratio bucket nearest its target's aspect (`bucket_of[i]`, (W, H); iclight_ds.data.buckets).
     """
 
     def __init__(self, root: str | Path, resolution: int, tokenizer: Any, env_shape: tuple[int, int] = DEFAULT_ENV_SHAPE,
-                 require_background: bool = False, require_env: bool = False, skip_bad: bool = False) -> None:
+                 require_background: bool = False, require_env: bool = False, skip_bad: bool = False,
+                 buckets: bool = False) -> None:
         self.root = Path(root)
         self.resolution = int(resolution)
         self.tokenizer = tokenizer
@@ -198,6 +220,24 @@ class RelightDataset(torch.utils.data.Dataset):
             more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
             raise DatasetError(f"{shown}{more}\n({len(problems)} problem(s); "
                                f"`python -m iclight_ds.data.validate {self.root}` checks every file)")
+        square = (self.resolution, self.resolution)
+        self.bucket_of: list[tuple[int, int]] = [square] * len(self.samples)
+        if buckets:
+            self.bucket_of = [self._bucket(s, make_buckets(self.resolution)) for s in self.samples]
+
+    def _bucket(self, sample: Sample, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+        try:
+            return nearest_bucket(*upright_size(self.root / sample.target), buckets)
+        except DECODE_ERRORS:  # a broken file: its error comes when it is loaded
+            return (self.resolution, self.resolution)
+
+    def square(self) -> "RelightDataset":
+        """This dataset without buckets (every sample R x R): for previews and evaluations, which stack samples."""
+        if all(b == (self.resolution, self.resolution) for b in self.bucket_of):
+            return self
+        copy = object.__new__(RelightDataset)
+        copy.__dict__.update(self.__dict__, bucket_of=[(self.resolution, self.resolution)] * len(self.samples))
+        return copy
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -205,6 +245,8 @@ class RelightDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         for offset in range(len(self.samples)):
             i = (index + offset) % len(self.samples)
+            if self.bucket_of[i] != self.bucket_of[index]:  # a replacement must have the batch's size
+                continue
             try:
                 return self.load(i)
             except DatasetError as e:
@@ -235,31 +277,30 @@ class RelightDataset(torch.utils.data.Dataset):
             env = F.interpolate(env[None], size=self.env_shape, mode="area")[0]
         return env.contiguous()
 
-    def _foreground(self, sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
-        """Foreground over grey 127 (3, R, R) and thresholded mask (1, R, R)."""
-        res = self.resolution
+    def _foreground(self, sample: Sample, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Foreground over grey 127 (3, H, W) and thresholded mask (1, H, W); size = (W, H)."""
         rgb, alpha = to_rgba(self._image(sample, sample.foreground))
         mask = self._image(sample, sample.mask).convert("L")
         if mask.size != rgb.size:
             raise self._error(sample, sample.mask, f"mask size {mask.size[0]}x{mask.size[1]} differs from "
                               f"foreground {sample.foreground} size {rgb.size[0]}x{rgb.size[1]}")
-        fg = np.array(resize_center_crop(rgb, res), dtype=np.float32)  # (R, R, 3) in [0, 255]
-        m = np.array(resize_center_crop(mask, res), dtype=np.float32) / 255.0  # (R, R)
-        a = m if alpha is None else m * np.array(resize_center_crop(alpha, res), dtype=np.float32) / 255.0
+        fg = np.array(resize_center_crop(rgb, *size), dtype=np.float32)  # (H, W, 3) in [0, 255]
+        m = np.array(resize_center_crop(mask, *size), dtype=np.float32) / 255.0  # (H, W)
+        a = m if alpha is None else m * np.array(resize_center_crop(alpha, *size), dtype=np.float32) / 255.0
         # IC-Light's composite: uint8 `127 + (fg - 127) * a`, then `x / 127 - 1`, so grey is exactly 0.
         fg = (GREY + (fg - GREY) * a[..., None]).clip(0, 255).astype(np.uint8)
-        mask_t = torch.from_numpy((m > 0.5).astype(np.float32))[None]  # (1, R, R)
+        mask_t = torch.from_numpy((m > 0.5).astype(np.float32))[None]  # (1, H, W)
         return _rgb_tensor(Image.fromarray(fg), float(GREY)), mask_t.contiguous()
 
     def load(self, i: int) -> dict[str, Any]:
         """Load sample i without skipping; raises DatasetError naming the file that failed."""
-        s, res = self.samples[i], self.resolution
+        s, size = self.samples[i], self.bucket_of[i]  # size: (W, H)
         he, we = self.env_shape
-        target = _rgb_tensor(resize_center_crop(to_rgb_over_grey(self._image(s, s.target)), res), 127.5)
-        foreground, mask = self._foreground(s)
-        background = torch.zeros(3, res, res)
+        target = _rgb_tensor(resize_center_crop(to_rgb_over_grey(self._image(s, s.target)), *size), 127.5)
+        foreground, mask = self._foreground(s, size)
+        background = torch.zeros(3, size[1], size[0])
         if s.background is not None:
-            background = _rgb_tensor(resize_center_crop(to_rgb_over_grey(self._image(s, s.background)), res), 127.5)
+            background = _rgb_tensor(resize_center_crop(to_rgb_over_grey(self._image(s, s.background)), *size), 127.5)
         env = self._env(s, s.env) if s.env is not None else torch.zeros(3, he, we)
         env_parts = torch.zeros(2, 3, he, we)
         if s.env_parts is not None:

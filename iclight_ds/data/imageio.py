@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 Array = TypeVar("Array", np.ndarray, torch.Tensor)
 
@@ -60,10 +60,13 @@ def _to_8bit(img: Image.Image) -> Image.Image:
 
 
 def open_decoded(path: Path) -> Image.Image:
-    """Open and fully decode an image (raises one of DECODE_ERRORS if the file is broken)."""
+    """Open and fully decode an image (raises one of DECODE_ERRORS if the file is broken), turned upright by its EXIF
+    orientation (as viewers show it) and with 16-bit or float grey scaled to 8-bit 'L'. Other modes (CMYK, palette,
+    LA, ...) are kept: `to_rgba` converts them."""
     with Image.open(path) as img:
         img.load()
-        return _to_8bit(img)
+        upright = ImageOps.exif_transpose(img)  # a copy without the orientation tag, or `img` when upright
+        return _to_8bit(upright if upright is not None else img)
 
 
 def to_rgba(img: Image.Image) -> tuple[Image.Image, Image.Image | None]:
@@ -82,6 +85,49 @@ def to_rgb_over_grey(img: Image.Image) -> Image.Image:
         return rgb
     grey = Image.new("RGB", rgb.size, (GREY, GREY, GREY))
     return Image.composite(rgb, grey, alpha)
+
+
+# Environment-map file types: numpy arrays, Radiance RGBE (OpenCV) and OpenEXR (the OpenEXR bindings)
+ENV_TYPES = (".npy", ".hdr", ".exr")
+
+
+def read_env_file(path: Path) -> np.ndarray:
+    """The pixels of an environment-map file as (H, W, C) values (float for .hdr / .exr), by the file's type.
+
+    .npy is read without pickles; .hdr (Radiance RGBE) through OpenCV, whose BGR order is turned into RGB; .exr
+    through the OpenEXR bindings (its RGB or R, G, B channels; a Y-only map becomes grey RGB). Another type raises
+    ValueError naming it and the accepted ones."""
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    if suffix == ".hdr":
+        import cv2  # a large import, needed only for this file type
+
+        bgr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if bgr is None:
+            raise ValueError(f"cannot read {path.name} as a Radiance .hdr image")
+        return np.ascontiguousarray(bgr[..., ::-1]) if bgr.ndim == 3 else bgr[..., None].repeat(3, axis=2)
+    if suffix == ".exr":
+        return _read_exr(path)
+    raise ValueError(f"environment maps of type {suffix or '(no extension)'!r} are not supported; accepted: "
+                     + ", ".join(ENV_TYPES))
+
+
+def _read_exr(path: Path) -> np.ndarray:
+    import OpenEXR
+
+    try:
+        with OpenEXR.File(str(path)) as f:
+            channels = {name: np.asarray(c.pixels) for name, c in f.channels().items()}
+    except Exception as e:  # the bindings raise plain exceptions for broken files
+        raise ValueError(f"cannot read {path.name} as OpenEXR ({e})") from e
+    if "RGB" in channels or "RGBA" in channels:
+        return (channels.get("RGB") if "RGB" in channels else channels["RGBA"])[..., :3]
+    if all(c in channels for c in "RGB"):
+        return np.stack([channels[c] for c in "RGB"], axis=-1)
+    if "Y" in channels:
+        return channels["Y"][..., None].repeat(3, axis=2)
+    raise ValueError(f"{path.name}: no R, G, B or Y channels (has {', '.join(sorted(channels))})")
 
 
 def resize_center_crop(img: Image.Image, width: int, height: int | None = None,

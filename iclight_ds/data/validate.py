@@ -17,7 +17,7 @@ from ..config import DEFAULT_ENV_SHAPE
 from .dataset import MANIFEST, Problem, Sample, load_env, read_manifest
 from .imageio import DECODE_ERRORS, open_decoded
 
-IMAGE_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "1")  # 16-bit grey arrives here as "L"
+IMAGE_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "1", "CMYK")  # 16-bit grey arrives here as "L"
 MASK_MODES = ("L", "1")
 BINARY_FRACTION = 0.9  # a mask must have more than this share of pixels near 0 or 255
 NEAR = 16  # "near 0 or 255": within this many grey levels

@@ -227,13 +227,15 @@ def _score_chunk(unet, vae, text_encoder, env_encoder, chunk, *, steps, seed, gu
 
 
 def load_eval_samples(data: str | Path, resolution: int, tokenizer, env_shape: tuple[int, int], *,
-                      count: int | None = None, require_background: bool = False) -> list[dict]:
+                      count: int | None = None, require_background: bool = False,
+                      require_env: bool | None = None) -> list[dict]:
     """The first `count` samples of the dataset at `data`, as RelightDataset items plus `id` and, when the manifest
-    has them at this resolution, `parts_linear` (2, 3, R, R): the ground-truth frames under L1 and L2."""
+    has them at this resolution, `parts_linear` (2, 3, R, R): the ground-truth frames under L1 and L2.
+    require_env: every sample needs an env map (default: unless require_background; False for text-lit FC)."""
 
     try:
         ds = RelightDataset(data, resolution, tokenizer, env_shape=env_shape, require_background=require_background,
-                            require_env=not require_background)
+                            require_env=not require_background if require_env is None else require_env)
     except DatasetError as e:
         raise EvalError(f"--data {data}: {e}") from e
     n = len(ds) if count is None else min(count, len(ds))
@@ -319,7 +321,7 @@ def run_eval(args: argparse.Namespace) -> dict:
             module.to(device)
     fbc = unet.config.in_channels == 12
     samples = load_eval_samples(args.data, cfg.data.resolution, tokenizer, tuple(cfg.model.env_shape),
-                                count=args.samples, require_background=fbc)
+                                count=args.samples, require_background=fbc, require_env=env_encoder is not None)
     start = time.perf_counter()
     result = evaluate_samples(unet, vae, text_encoder, env_encoder, samples, steps=args.steps, seed=args.seed,
                               guidance=args.cfg, batch_size=args.batch_size, sampler=args.sampler, tokenizer=tokenizer,

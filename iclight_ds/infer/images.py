@@ -46,7 +46,7 @@ def background_tensor(bg: Image.Image, width: int, height: int) -> torch.Tensor:
 
 
 def env_tensor(path: str | Path, env_shape: tuple[int, int]) -> torch.Tensor:
-    """(3, He, We) linear HDR environment map from an (H, W, 3) .npy, area-resampled like the dataset does."""
+    """(3, He, We) linear HDR environment map from a .npy, .hdr or .exr file, area-resampled like the dataset does."""
 
     try:
         env = torch.from_numpy(load_env(Path(path))).permute(2, 0, 1)

@@ -1,6 +1,6 @@
 """Relight a foreground with trained IC-Light weights: the `iclight-relight` command.
 
-    python -m iclight_ds.relight --base MODEL --weights FILE --fg IMAGE [--mask MASK] [--bg IMAGE] [--env ENV.npy]
+    python -m iclight_ds.relight --base MODEL --weights FILE --fg IMAGE [--mask MASK] [--bg IMAGE] [--env ENV.npy|.hdr|.exr]
         --prompt TEXT --out OUT.png [--steps 25] [--cfg 7.0] [--seed 0] [--width W] [--height H]
         [--sampler dpmpp_2m_sde_karras] [--init IMAGE [--strength 0.9]] [--tokenizer DIR] [--modules FILE]
         [--weights-kind auto|offset|full]
@@ -74,10 +74,11 @@ def relight_file(args: argparse.Namespace) -> Path:
         raise RelightError("these are FC weights (8 input channels): they take no --bg")
     if env_encoder is not None and args.env is None:
         raise RelightError("these FC weights come with an environment encoder (iclight_modules.safetensors): "
-                           "pass --env ENV.npy, an (H, W, 3) linear HDR environment map")
+                           "pass --env ENV (.npy, .hdr or .exr), a linear HDR environment map")
     if env_encoder is None and args.env is not None:
         raise RelightError("--env was given but these weights have no environment encoder (the official IC-Light "
-                           "models see the light through the prompt and, for FBC, the background)")
+                           "models, and FC models trained with model.light_input=text, see the light through the "
+                           "prompt and, for FBC, the background)")
 
     latent_scale = 2 ** (len(base.vae.config.block_out_channels) - 1)
     width = args.width or unet.config.sample_size * latent_scale
@@ -118,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fg", required=True, help="foreground: RGBA, or RGB with --mask")
     p.add_argument("--mask", default=None, help="foreground mask (white = object)")
     p.add_argument("--bg", default=None, help="background image (FBC weights)")
-    p.add_argument("--env", default=None, help="(H, W, 3) linear HDR environment map .npy (our FC weights)")
+    p.add_argument("--env", default=None, help="linear HDR environment map, .npy (H, W, 3), .hdr or .exr (FC weights "
+                   "trained with model.light_input=env)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=DEMO_NEGATIVE_PROMPT)
     p.add_argument("--out", required=True, help="output PNG")

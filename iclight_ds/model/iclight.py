@@ -99,7 +99,8 @@ class LatentMerger(nn.Module):
 
 
 class ICLightModel(nn.Module):
-    """Everything that trains: the widened UNet, the consistency merger and (FC) the environment encoder.
+    """Everything that trains: the widened UNet, the consistency merger and (FC with model.light_input=env) the
+    environment encoder; without one the light is in the prompt and `env` is ignored.
 
     This is the one module handed to `deepspeed.initialize`.
     """
@@ -146,7 +147,7 @@ def build_iclight_model(model_cfg, unet=None, modify=contextlib.nullcontext) -> 
             f"got {unet.config.in_channels}"
         )
     env_encoder = None
-    if model_cfg.variant == "fc":
+    if model_cfg.env_input:  # FC with light_input=env; the official FC (light_input=text) has none
         env_encoder = EnvEncoder(model_cfg.env_tokens, unet.config.cross_attention_dim)
     merger = LatentMerger(model_cfg.merger_hidden, model_cfg.merger_layers)
     return ICLightModel(unet, merger, env_encoder)

@@ -75,8 +75,8 @@ def build_dataset(cfg: RunConfig, run: ResolvedRun, out_dir: Path, tokenizer, *,
         check_dataset(root, cfg)
     eng.barrier()
     return RelightDataset(root, data_cfg.resolution, tokenizer, env_shape=model_cfg.env_shape,
-                          require_background=model_cfg.variant == "fbc", require_env=model_cfg.variant == "fc",
-                          skip_bad=data_cfg.skip_bad)
+                          require_background=model_cfg.variant == "fbc", require_env=model_cfg.env_input,
+                          skip_bad=data_cfg.skip_bad, buckets=data_cfg.buckets)
 
 
 def run_tokenizer(cfg: RunConfig, base: BaseModel | None):
@@ -120,11 +120,14 @@ def check_dataset(root: Path, cfg: RunConfig) -> None:
     """Decode and check every sample of a user's dataset; refuse it with the problems listed unless data.skip_bad."""
     model_cfg = cfg.model
     problems = validate_dataset(root, env_shape=model_cfg.env_shape, require_background=model_cfg.variant == "fbc",
-                                require_env=model_cfg.variant == "fc")
+                                require_env=model_cfg.env_input)
     if not problems:
         return
     listing = "\n  ".join(p.format() for p in problems[:20]) + (
         f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+    whole = [p for p in problems if p.line == 0]  # the manifest as a whole: skipping sample lines cannot help
+    if whole:
+        raise DatasetError(f"{root}: " + "; ".join(p.message for p in whole))
     if not cfg.data.skip_bad:
         raise DatasetError(f"{root}: {len(problems)} problem(s); fix them or set data.skip_bad=true:\n  {listing}")
     lines = len({p.line for p in problems})

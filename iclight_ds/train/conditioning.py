@@ -33,11 +33,13 @@ def condition_batch(
     with_split: bool,
     generator: torch.Generator,
     device: torch.device,
+    light_input: str = "env",
 ) -> ConditionedBatch:
     """Encode one data batch. `with_split` draws the complementary illumination parts for the consistency loss.
 
     FBC: the light is the background; its linear-light split is VAE-encoded like the background itself.
-    FC: the light is the environment map, split on its own grid (the encoder inside the model reads it).
+    FC, light_input=env: the light is the environment map, split on its own grid (the encoder inside the model reads
+    it). FC, light_input=text: the light is in the prompt; no env (and nothing to split).
     """
     target = batch["target"].to(device)  # (B, 3, H, W)
     fg = batch["foreground"].to(device)
@@ -54,7 +56,9 @@ def condition_batch(
     background = None
     if variant == "fbc":
         background = tuple(latents[2:]) if with_split else (latents[2],) * 3
-    env = env_conditions(batch, split_cells, with_split, generator, device) if variant == "fc" else None
+    env = None
+    if variant == "fc" and light_input == "env":
+        env = env_conditions(batch, split_cells, with_split, generator, device)
     mask = F.interpolate(batch["mask"].to(device).float(), size=latents[0].shape[-2:], mode="area")  # (B, 1, h, w)
     return ConditionedBatch(
         latents=latents[0],
@@ -88,6 +92,7 @@ def condition_cached_batch(
     with_split: bool,
     generator: torch.Generator,
     device: torch.device,
+    light_input: str = "env",
 ) -> ConditionedBatch:
     """`condition_batch` for a batch of `cache.CachedDataset` samples: no VAE, no text encoder.
 
@@ -120,7 +125,9 @@ def condition_cached_batch(
             background = (bg, latent(chosen[:, 0]), latent(chosen[:, 1]))
         else:
             background = (bg,) * 3
-    env = env_conditions(batch, split_cells, with_split, generator, device) if variant == "fc" else None
+    env = None
+    if variant == "fc" and light_input == "env":
+        env = env_conditions(batch, split_cells, with_split, generator, device)
     return ConditionedBatch(
         latents=target,
         foreground=latent(batch["foreground"]),

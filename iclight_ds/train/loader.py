@@ -6,8 +6,11 @@ from __future__ import annotations
 import atexit
 import signal
 import weakref
+from collections import Counter
 
 from torch.utils.data import DataLoader, DistributedSampler
+
+from ..data.buckets import BucketBatchSampler
 
 
 class ResumableSampler(DistributedSampler):
@@ -46,15 +49,25 @@ def _shut_workers_down(loader_ref: "weakref.ref[DataLoader]") -> None:
                 worker.kill()
 
 
-def build_loader(dataset, geometry, *, rank: int, seed: int, num_workers: int) -> tuple[DataLoader, ResumableSampler]:
-    """This rank's DataLoader over its shard, in micro-batches, with the sampler that positions it on resume."""
-    sampler = ResumableSampler(dataset, num_replicas=geometry.world_size, rank=rank, shuffle=True, seed=seed,
-                               drop_last=True)
-    if len(sampler) < geometry.micro_batch:
-        raise ValueError(f"dataset has {len(dataset)} samples: fewer than one micro-batch ({geometry.micro_batch}) "
-                         f"per rank over {geometry.world_size} rank(s)")
-    loader = DataLoader(dataset, batch_size=geometry.micro_batch, sampler=sampler, num_workers=num_workers,
-                        drop_last=True, persistent_workers=num_workers > 0, worker_init_fn=leave_stop_signals_to_main)
+def build_loader(dataset, geometry, *, rank: int, seed: int, num_workers: int,
+                 buckets: bool = False) -> tuple[DataLoader, ResumableSampler | BucketBatchSampler]:
+    """This rank's DataLoader over its shard, in micro-batches, with the sampler that positions it on resume.
+    buckets: micro-batches of one aspect-ratio bucket each (the dataset's `bucket_of`)."""
+    how = dict(num_workers=num_workers, persistent_workers=num_workers > 0, worker_init_fn=leave_stop_signals_to_main)
+    if buckets:
+        sampler = BucketBatchSampler(dataset.bucket_of, geometry.micro_batch, world_size=geometry.world_size,
+                                     rank=rank, seed=seed)
+        if len(sampler) == 0:
+            raise ValueError(f"no aspect-ratio bucket holds one micro-batch ({geometry.micro_batch}) per rank over "
+                             f"{geometry.world_size} rank(s); buckets: {dict(Counter(dataset.bucket_of))}")
+        loader = DataLoader(dataset, batch_sampler=sampler, **how)
+    else:
+        sampler = ResumableSampler(dataset, num_replicas=geometry.world_size, rank=rank, shuffle=True, seed=seed,
+                                   drop_last=True)
+        if len(sampler) < geometry.micro_batch:
+            raise ValueError(f"dataset has {len(dataset)} samples: fewer than one micro-batch "
+                             f"({geometry.micro_batch}) per rank over {geometry.world_size} rank(s)")
+        loader = DataLoader(dataset, batch_size=geometry.micro_batch, sampler=sampler, drop_last=True, **how)
     if num_workers > 0:
         atexit.register(_shut_workers_down, weakref.ref(loader))
     return loader, sampler

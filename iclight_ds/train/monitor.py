@@ -30,7 +30,9 @@ class Monitor:
                  tokenizer, ema: WeightsEMA | None = None):
         self.cfg, self.out_dir, self.is_main = cfg, out_dir, is_main
         self.samples_here = is_main or zero_stage == 3
-        self.dataset, self.vae, self.text_encoder, self.tokenizer = dataset, vae, text_encoder, tokenizer
+        # previews and evaluations stack their samples: with data.buckets they see the square centre crops
+        self.dataset = dataset.square() if hasattr(dataset, "square") else dataset
+        self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
         self.ema = ema if cfg.logging.preview_weights == "ema" else None  # only rank 0 holds one
         self._warned: set[str] = set()
         self._eval_items: list[dict] | None = None
@@ -114,7 +116,8 @@ class Monitor:
             eng.barrier()
         if root is not None:
             self._eval_items = load_eval_samples(root, cfg.data.resolution, self.tokenizer, cfg.model.env_shape,
-                                                 count=n, require_background=cfg.model.variant == "fbc")
+                                                 count=n, require_background=cfg.model.variant == "fbc",
+                                                 require_env=cfg.model.env_input)
         else:
             log.info("evaluation on the last %d training samples (set logging.eval_data to held-out scenes)", n)
             self._eval_items = [self.dataset[i] for i in range(max(0, len(self.dataset) - n), len(self.dataset))]

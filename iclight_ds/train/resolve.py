@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from ..config import RESOLVED_FILE, ConfigError, RunConfig, to_dict
+from ..config import RESOLVED_FILE, ConfigError, RunConfig, to_dict, trains_consistency
 from ..dtypes import DTYPES, dtype_name
 from ..model.arch import wants_checkpointing
 from ..model.base import base_unet_size
@@ -39,9 +39,10 @@ log = logging.getLogger("iclight_ds")
 
 # What a resume may not change (the weights may load, but the run would go on as something else); data.synth_* only
 # for runs on synthetic data
-RESUME_FIXED_KEYS = ("model.size", "model.base", "model.variant", "model.vae", "model.iclight_weights",
-                     "model.env_tokens", "model.env_shape", "model.merger_hidden", "model.merger_layers",
-                     "data.resolution", "data.synth_samples", "data.synth_seed", "train.precision")
+RESUME_FIXED_KEYS = ("model.size", "model.base", "model.variant", "model.light_input", "model.vae",
+                     "model.iclight_weights", "model.env_tokens", "model.env_shape", "model.merger_hidden",
+                     "model.merger_layers", "data.resolution", "data.buckets", "data.synth_samples", "data.synth_seed",
+                     "train.precision")
 
 
 @dataclass
@@ -163,7 +164,7 @@ class _Resolver:
 
     def _planned_ds_config(self) -> Path:
         cfg = self.cfg
-        choice = choose_config(cfg.data.resolution, cfg.model.variant, cfg.objective.lambda_consistency > 0,
+        choice = choose_config(cfg.data.resolution, cfg.model.variant, trains_consistency(cfg),
                                self.plan_size, cfg.train.optimizer, ranks=self.ranks_here,
                                checkpointing=cfg.model.gradient_checkpointing)
         log.info("train.ds_config=auto: the planner chose %s", choice)
@@ -202,7 +203,7 @@ class _Resolver:
         if cfg.train.optimizer == "auto" and not self.on_gpu:
             activations = micro_batch * activations_per_sample(
                 self.plan_size, cfg.model.in_channels, cfg.data.resolution, params,
-                checkpointing=cfg.model.gradient_checkpointing, consistency=cfg.objective.lambda_consistency > 0)
+                checkpointing=cfg.model.gradient_checkpointing, consistency=trains_consistency(cfg))
         name = optimizer_for(cfg.train.optimizer, params, self.ds_cfg, world=self.acc.world_size,
                              ranks_here=self.ranks_here, ram_gib=psutil.virtual_memory().total / GiB,
                              on_gpu=self.on_gpu, activations=activations)

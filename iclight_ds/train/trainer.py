@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..config import RunConfig, save_config, to_dict
+from ..config import RunConfig, consistency_off_reason, save_config, to_dict, trains_consistency
 from ..model.schedule import NUM_TIMESTEPS, alphas_cumprod
 from . import checkpoint as ckpt
 from . import engine as eng
@@ -54,6 +54,8 @@ class Trainer:
         self.run = resolve_run(cfg, self.acc, preset=preset)
         check_run(self.run, cfg, self.acc)
         warn_if_unusual(cfg, self.run)
+        if self.is_main and (reason := consistency_off_reason(cfg)) is not None:
+            log.warning("the consistency term is off: %s", reason)
         self.geometry, self.dtype = self.run.geometry, self.run.torch_dtype
         log.info("%s (ds_config=%s, optimizer=%s)", describe(self.acc.name, self.acc.world_size, self.dtype,
                                                              self.run.zero_stage, self.geometry),
@@ -71,7 +73,8 @@ class Trainer:
                                dataset=self.dataset, vae=self.vae, text_encoder=self.text_encoder,
                                tokenizer=self.tokenizer, ema=self.ema)
         self.loader, self.sampler = build_loader(self.dataset, self.geometry, rank=self.acc.rank, seed=cfg.train.seed,
-                                                 num_workers=cfg.data.num_workers)
+                                                 num_workers=cfg.data.num_workers,
+                                                 buckets=cfg.data.buckets and not cfg.data.cache)
         self.alphas_cumprod = alphas_cumprod().to(self.acc.device)
         self.generator = torch.Generator().manual_seed(generator_seed(cfg.train.seed, self.acc.rank))
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
@@ -134,8 +137,9 @@ class Trainer:
     def forward_backward(self, batch: dict) -> dict[str, torch.Tensor]:
         """One micro-batch: conditions, noise, losses, ONE backward and ONE engine step (DeepSpeed accumulates)."""
         cfg = self.cfg
-        how = dict(variant=cfg.model.variant, split_cells=cfg.objective.split_cells,
-                   with_split=cfg.objective.lambda_consistency > 0, generator=self.generator, device=self.acc.device)
+        consistency = trains_consistency(cfg)
+        how = dict(variant=cfg.model.variant, split_cells=cfg.objective.split_cells, with_split=consistency,
+                   generator=self.generator, device=self.acc.device, light_input=cfg.model.light_input)
         if cfg.data.cache:
             cond = condition_cached_batch(batch, **how)
         else:
@@ -147,7 +151,8 @@ class Trainer:
         timesteps = torch.randint(0, NUM_TIMESTEPS, (shape[0],), generator=self.generator)
         terms = iclight_losses(self.engine, cond, noise.to(self.acc.device), timesteps.to(self.acc.device),
                                alphas_cumprod=self.alphas_cumprod, lambda_vanilla=cfg.objective.lambda_vanilla,
-                               lambda_consistency=cfg.objective.lambda_consistency, snr_gamma=cfg.objective.snr_gamma)
+                               lambda_consistency=cfg.objective.lambda_consistency if consistency else 0.0,
+                               snr_gamma=cfg.objective.snr_gamma)
         if not self._all_finite(terms["loss"], batch):
             return {}
         self.engine.backward(terms["loss"])
