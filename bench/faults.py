@@ -63,7 +63,15 @@ def _ranks(launcher: subprocess.Popen) -> list[psutil.Process]:
         kids = psutil.Process(launcher.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-    return [p for p in kids if p.cmdline()[1:4] == ["-u", "-m", "iclight_ds.train"]]  # how the launcher starts them
+    return [p for p in kids if _is_rank(p)]
+
+
+def _is_rank(proc: psutil.Process) -> bool:
+    """A training rank, as DeepSpeed's launcher starts it (python -u -m iclight_ds.train ...); not one that is gone."""
+    try:
+        return proc.cmdline()[1:4] == ["-u", "-m", "iclight_ds.train"]
+    except psutil.Error:  # exited (or a zombie) since it was listed
+        return False
 
 
 def _saving(out: Path) -> bool:

@@ -78,8 +78,13 @@ def test_two_nodes_train_as_one_node_of_the_same_world_size(tmp_path, ds_config)
 
 
 def _python_ranks(launcher: subprocess.Popen) -> list[psutil.Process]:
-    return [p for p in psutil.Process(launcher.pid).children(recursive=True)
-            if p.cmdline()[1:4] == ["-u", "-m", "iclight_ds.train"]]  # how DeepSpeed's launcher starts a rank
+    def is_rank(proc: psutil.Process) -> bool:  # as DeepSpeed's launcher starts a rank, and still there
+        try:
+            return proc.cmdline()[1:4] == ["-u", "-m", "iclight_ds.train"]
+        except psutil.Error:
+            return False
+
+    return [p for p in psutil.Process(launcher.pid).children(recursive=True) if is_rank(p)]
 
 
 def _wait_for_checkpoint(out: Path, procs, logs, timeout: float = 240) -> None:
