@@ -52,7 +52,7 @@ def _launch(out: Path, steps: int, log: Path, resume: bool) -> subprocess.Popen:
             "--output-dir", str(out), "--ds-config", "cpu", "--train.steps", str(steps),
             "--train.checkpoint_every", "5", "--train.checkpoint_minutes", "0", "--train.keep", "2",
             "--data.synth_samples", "64", "--data.num_workers", "0", "--logging.preview_every", "0",
-            "--logging.eval_every", "0", "--logging.progress", "false", "--logging.wandb", "false",
+            "--logging.eval_every", "0", "--logging.every", "1", "--logging.progress", "false", "--logging.wandb", "false",
             "--logging.tensorboard", "false"] + (["--resume", "latest"] if resume else [])
     return subprocess.Popen(args, cwd=REPO, env=_env(), stdout=log.open("a"), stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -79,19 +79,31 @@ def _saving(out: Path) -> bool:
     return root.is_dir() and any(p.name.startswith(".tmp-") for p in root.iterdir())
 
 
+def _logged_step(out: Path) -> int:
+    """The last step in metrics.jsonl (logging.every 1: every step), 0 before the first."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.startswith("{")]
+    return max(steps, default=0)
+
+
 def _interrupt(proc: subprocess.Popen, out: Path, kind: str, rng: random.Random) -> str:
-    """Wait for the moment `kind` asks for, then interrupt; returns what was done ('' if the run ended first)."""
-    deadline = time.monotonic() + 120
-    started = (out / "checkpoints" / "latest").is_file()
-    wait_until = time.monotonic() + rng.uniform(2.0, 10.0)
+    """Once this launch has trained `ahead` steps past where it started (so that every interruption lands in
+    training, not in start-up), wait for the moment `kind` asks for and interrupt; returns what was done ('' if the
+    run ended first)."""
+    deadline = time.monotonic() + 300
+    first, ahead = _logged_step(out), rng.randint(1, 6)
+    wait_until = None
     while proc.poll() is None and time.monotonic() < deadline:
-        ranks = _ranks(proc)
-        ready = len(ranks) == 2 and (started or (out / "metrics.jsonl").is_file())
-        if ready and kind == "kill9-save" and _saving(out):
+        training = _logged_step(out) >= first + ahead
+        if training and wait_until is None:
+            wait_until = time.monotonic() + rng.uniform(0.0, 2.0)
+        if training and kind == "kill9-save" and _saving(out):
             break
-        if ready and kind != "kill9-save" and time.monotonic() >= wait_until:
+        if training and kind != "kill9-save" and time.monotonic() >= wait_until:
             break
-        time.sleep(0.01 if kind == "kill9-save" else 0.1)
+        time.sleep(0.005 if kind == "kill9-save" else 0.05)
     if proc.poll() is not None:
         return ""
     if kind == "sigterm":

@@ -60,18 +60,19 @@ def _ok(codes, logs):
     assert codes == [0] * len(codes), "\n".join(log.read_text()[-3000:] for log in logs)
 
 
-@pytest.mark.parametrize("ds_config", ["cpu", "cpu-zero3"])
-def test_two_nodes_train_as_one_node_of_the_same_world_size(tmp_path, ds_config):
+@pytest.mark.parametrize("ds_config, per_node", [("cpu", 1), ("cpu-zero3", 1), ("cpu", 2)],
+                         ids=["zero2-2x1", "zero3-2x1", "zero2-2x2"])
+def test_two_nodes_train_as_one_node_of_the_same_world_size(tmp_path, ds_config, per_node):
     one = tmp_path / "one-node"
     log = tmp_path / "one-node.log"
     port = str(helpers.find_free_port())
-    _ok(_wait([_launch(one, ["--num-gpus", "2", "--master-port", port, "--ds-config", ds_config, *RUN], log)], [log]),
-        [log])
+    _ok(_wait([_launch(one, ["--num-gpus", str(2 * per_node), "--master-port", port, "--ds-config", ds_config, *RUN],
+                       log)], [log]), [log])
     two = tmp_path / "two-nodes"
-    procs = _nodes(tmp_path, two, 1, ["--ds-config", ds_config, *RUN], helpers.find_free_port())
+    procs = _nodes(tmp_path, two, per_node, ["--ds-config", ds_config, *RUN], helpers.find_free_port())
     logs = [tmp_path / f"two-nodes-node{n}.log" for n in (0, 1)]
     _ok(_wait(procs, logs), logs)
-    assert json.loads((two / "resolved.json").read_text())["world_size"] == 2
+    assert json.loads((two / "resolved.json").read_text())["world_size"] == 2 * per_node
     assert _losses(two) == _losses(one) and len(_losses(one)) == 4
     a, b = load_file(str(one / "unet.safetensors")), load_file(str(two / "unet.safetensors"))
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
