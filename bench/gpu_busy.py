@@ -135,7 +135,7 @@ def where(gpu: str) -> dict:
     """The commit and the device measured on (nvidia-smi's name of GPU `gpu`; None without nvidia-smi)."""
     def run(cmd: list[str]) -> str | None:
         try:
-            return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=30).stdout.strip() or None
+            return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=10).stdout.strip() or None
         except (OSError, subprocess.SubprocessError):
             return None
 

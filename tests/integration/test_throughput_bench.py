@@ -106,9 +106,11 @@ def test_a_dead_case_keeps_its_finished_rows(tmp_path):
 
 
 def _fake_nvidia_smi(folder: Path, values: list[str]) -> None:
+    """A stand-in nvidia-smi: with --loop-ms it prints `values` as utilization samples; otherwise a card's name."""
     script = folder / "nvidia-smi"
     lines = "".join(f"echo {v}; sleep 0.05\n" for v in values)
-    script.write_text(f"#!/bin/bash\n{lines}exec sleep 30\n")  # exec: terminate() ends the sampler at once
+    script.write_text(f'#!/bin/bash\n[[ "$*" == *--loop-ms* ]] || {{ echo "NVIDIA Stand-in"; exit 0; }}\n'
+                      f"{lines}exec sleep 30\n")  # exec: terminate() ends the sampler at once
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
 
 
@@ -137,6 +139,7 @@ def test_busy_of_a_command_counts_its_training_window(tmp_path, monkeypatch):
     assert result["stopped_by_limit"] and result["wall_s"] < 10
     assert result["gpu_busy_training"] > 0.8 and result["gpu_busy_whole_run"] < result["gpu_busy_training"]
     assert 0.4 < result["training_started_after_s"] < 1.8 and result["logged_samples_per_s"] == [123.0]
+    assert result["device_name"] == "NVIDIA Stand-in" and result["git_commit"]
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "bench" / "ds_variants").glob("*.json")), ids=lambda p: p.stem)
