@@ -366,8 +366,14 @@ class Results:
             self.rows = old.get("rows", [])
 
     def add(self, row: dict) -> None:
+        """Add a row (`run`: its invocation in `runs`), replacing an older one of the same case and micro-batch,
+        unless the new one did not run and the old one did."""
         key = (row["case"], row["micro_batch"])
-        self.rows = [r for r in self.rows if (r["case"], r["micro_batch"]) != key] + [row]
+        old = [r for r in self.rows if (r["case"], r["micro_batch"]) == key]
+        if old and old[0].get("samples_per_s") and not row.get("samples_per_s"):
+            return
+        self.rows = [r for r in self.rows if (r["case"], r["micro_batch"]) != key] + [
+            {**row, "run": len(self.head["runs"]) - 1}]
         self.write()
 
     def write(self) -> None:
@@ -514,7 +520,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--min-case-s", type=float, default=20, help="the least time left worth starting a case in")
     p.add_argument("--case-timeout", type=float, default=420)
     p.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager", "eager"))
-    p.add_argument("--append", action="store_true", help="add to the rows already in --out (same device)")
+    p.add_argument("--append", action="store_true",
+                   help="add to the rows already in --out (same device; a measured row is kept over one not run)")
     p.add_argument("--in-process", action="store_true", help="run the cases in this process (tests)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
