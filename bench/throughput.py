@@ -242,7 +242,9 @@ def _case_config(name: str, case: Case, args, out_dir: Path):
 
 def _repeat(cond, n: int):
     """The conditioned sample repeated to a micro-batch of n."""
-    rep = lambda t: t.repeat(n, *([1] * (t.dim() - 1)))  # noqa: E731
+    def rep(t):
+        return t.repeat(n, *([1] * (t.dim() - 1)))
+
     return dataclasses.replace(
         cond, latents=rep(cond.latents), foreground=rep(cond.foreground), text=rep(cond.text), mask=rep(cond.mask),
         background=tuple(map(rep, cond.background)) if cond.background is not None else None,
@@ -498,8 +500,10 @@ def print_table(results: Results) -> None:
     print(f"\n{info['device_name']} ({info['device']}, {info['device_count']} device(s)); peak "
           f"{info['peak']['dense_bf16_tflops']} TFLOP/s dense bf16 ({info['peak']['name']})")
     print(f"{'case':<28}{'mb':>4}{'samples/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'busy':>6}{'GiB':>7}{'step s':>9}  note")
+    def fmt(value, spec: str) -> str:
+        return format(value, spec) if value is not None else "-"
+
     for r in results.rows:
-        fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
         print(f"{r['case']:<28}{r['micro_batch']:>4}{fmt(r.get('samples_per_s'), '11.2f')}"
               f"{fmt(r.get('tflops'), '9.2f')}{fmt(r.get('mfu'), '7.3f')}{fmt(r.get('gpu_busy'), '6.2f')}"
               f"{fmt(r.get('device_peak_gib'), '7.2f')}{fmt(r.get('step_s'), '9.3f')}  {(r.get('error') or '')[:60]}")
