@@ -59,7 +59,7 @@ def _weights(run, step: int) -> dict[str, torch.Tensor]:
 def plain_run(setup):
     """Two steps without any switch: what the switched runs are compared with."""
     out = setup / "plain"
-    Trainer(_cfg(setup, out, **{"train.steps": 2})).train()
+    Trainer(_cfg(setup, out, **{"train.steps": 2, "train.export": False})).train()
     return out
 
 
@@ -68,7 +68,9 @@ def test_both_switches_are_off_by_default():
     assert (cfg.channels_last, cfg.compile, cfg.compile_backend) == (False, False, "inductor")
 
 
-def test_channels_last_reaches_the_convolutions(setup, tmp_path):
+def _watch_convolutions(unet) -> dict:
+    """{conv: (input NHWC, output NHWC, weight contiguous)} of conv_in and a convolution in the first block, filled
+    at every forward; for a plain UNet without the switch nothing is NHWC (checked below as a control)."""
     seen = {}
 
     def record(name):
@@ -77,27 +79,29 @@ def test_channels_last_reaches_the_convolutions(setup, tmp_path):
                           output.is_contiguous(memory_format=torch.channels_last), module.weight.is_contiguous())
         return hook
 
-    trainer = Trainer(_cfg(setup, tmp_path / "run", **{"train.steps": 1, "model.channels_last": True}))
-    unet = trainer.engine.module.unet
     unet.conv_in.register_forward_hook(record("conv_in"))
     unet.down_blocks[0].resnets[0].conv2.register_forward_hook(record("inner"))
-    trainer.train_step()
-    # the input, conv_in's output and a convolution inside the first block are NHWC; the weights stay contiguous
-    assert seen["conv_in"] == (True, True, True)
-    assert seen["inner"] == (True, True, True)
-    plain = build_unet("tiny", 8)  # and without the hook nothing is
-    plain.conv_in.register_forward_hook(record("plain"))
-    plain(torch.randn(1, 8, 4, 4), torch.tensor([1]), encoder_hidden_states=torch.randn(1, 77, 32))
-    assert seen["plain"] == (False, False, True)
+    return seen
+
+
+def test_without_channels_last_nothing_is_nhwc():
+    unet = build_unet("tiny", 8)
+    seen = _watch_convolutions(unet)
+    unet(torch.randn(1, 8, 4, 4), torch.tensor([1]), encoder_hidden_states=torch.randn(1, 77, 32))
+    assert seen == {"conv_in": (False, False, True), "inner": (False, False, True)}
 
 
 @pytest.mark.parametrize("name", sorted(SWITCHES))
 def test_switch_trains_resumes_exactly_and_exports(setup, plain_run, tmp_path, name):
     switch = SWITCHES[name]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    Trainer(_cfg(setup, straight, **{**switch, "train.steps": 2})).train()
-    Trainer(_cfg(setup, split, **{**switch, "train.steps": 1})).train()
-    Trainer(_cfg(setup, split, **{**switch, "train.steps": 2, "train.resume": "latest"})).train()
+    trainer = Trainer(_cfg(setup, straight, **{**switch, "train.steps": 2}))
+    seen = _watch_convolutions(trainer.engine.module.unet)
+    trainer.train()
+    Trainer(_cfg(setup, split, **{**switch, "train.steps": 1, "train.export": False})).train()
+    Trainer(_cfg(setup, split, **{**switch, "train.steps": 2, "train.resume": "latest", "train.export": False})).train()
+    if name == "channels_last":  # the input, conv_in's output and a convolution inside the first block are NHWC,
+        assert seen == {"conv_in": (True, True, True), "inner": (True, True, True)}  # the weights stay contiguous
 
     # resume within the switch is bit-exact: the same losses at every step, the same weights after step 2
     assert _losses(split) == _losses(straight) and sorted(_losses(split)) == [1, 2]
@@ -113,8 +117,9 @@ def test_switch_trains_resumes_exactly_and_exports(setup, plain_run, tmp_path, n
     assert all(exported[k].is_contiguous() for k in exported)
     assert torch.equal(exported["conv_in.weight"], a["unet.conv_in.weight"].to(exported["conv_in.weight"].dtype))
 
-    # against the same run without the switch: aot_eager runs the same kernels, bit for bit; channels-last runs other
-    # convolution kernels (other summation orders in bf16), so its losses agree closely but not exactly
+    # against the same run without the switch: aot_eager runs the same kernels, bit for bit; channels-last may run
+    # other convolution kernels (other summation orders in bf16): bit-equal at some shapes (this one, so far), 2e-4
+    # apart at micro-batch 8 and 64 px; within 0.2% is what the test holds it to
     plain, mine = _losses(plain_run), _losses(straight)
     worst = max(abs(plain[s] - mine[s]) for s in plain)
     if name == "compile":
