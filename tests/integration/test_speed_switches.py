@@ -118,8 +118,8 @@ def test_switch_trains_resumes_exactly_and_exports(setup, plain_run, tmp_path, n
     assert torch.equal(exported["conv_in.weight"], a["unet.conv_in.weight"].to(exported["conv_in.weight"].dtype))
 
     # against the same run without the switch: aot_eager runs the same kernels, bit for bit; channels-last may run
-    # other convolution kernels (other summation orders in bf16): bit-equal at some shapes (this one, so far), 2e-4
-    # apart at micro-batch 8 and 64 px; within 0.2% is what the test holds it to
+    # other convolution kernels (other summation orders in bf16): bit-equal at some shapes (this one, so far), up to
+    # 3e-4 apart in three steps at micro-batch 8 and 64 px (a log); within 0.2% is what the test holds it to
     plain, mine = _losses(plain_run), _losses(straight)
     worst = max(abs(plain[s] - mine[s]) for s in plain)
     if name == "compile":
