@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
@@ -487,6 +488,10 @@ def run_cases(names: list[str], args, results: Results, info: dict) -> None:
         if left < args.min_case_s:
             for mb in mbs:
                 add(_not_run(_columns(name, args), mb, "not run: time budget"))
+            continue
+        if CASES[name].overrides.get("model.attention") == "xformers" and importlib.util.find_spec("xformers") is None:
+            for mb in mbs:  # not installed: no process to start (one that imports but cannot run is found there)
+                add(_not_run(_columns(name, args), mb, "unavailable: xformers is not installed"))
             continue
         print(f"case {name}: micro-batches {mbs} ({min(left, args.case_timeout):.0f} s at most)", flush=True)
         if args.in_process:
