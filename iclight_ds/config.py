@@ -59,6 +59,18 @@ class ModelConfig:
     UNet of SD1.5's size, off for the tiny ones, whose activations are a few MB (models.wants_checkpointing)."""
     attention: Literal["auto", "xformers", "sdpa"] = "auto"
     """auto: xformers when it imports and the device is CUDA, else PyTorch SDPA."""
+    channels_last: bool = False
+    """Run the UNet's convolutions in the channels-last (NHWC) memory format: its input is made channels-last before
+    conv_in, so cuDNN picks NHWC kernels (the weights stay contiguous, as DeepSpeed needs them). Off until measured
+    on a GPU (bench/throughput.py, docs/performance.md); changes no weight, checkpoint or export format."""
+    compile: bool = False
+    """torch.compile the UNet in place (nn.Module.compile: checkpoint and export keys unchanged). The first step
+    compiles (minutes: the full UNet on a GPU, even the tiny one on a 2-core CPU), a new batch shape compiles again.
+    Off until measured on a GPU (bench/throughput.py, docs/performance.md). Inductor needs a C/C++ compiler (and
+    Triton on CUDA): without one the run is refused before step 1."""
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    """torch.compile's backend for model.compile: inductor generates kernels; aot_eager and eager are torch's
+    debugging backends (the same graph capture, eager kernels): to tell an inductor problem from a capture problem."""
     frozen_dtype: Literal["bf16", "fp16", "fp32", "auto"] = "auto"
     """dtype of the frozen VAE and text encoder; auto = the engine's training dtype."""
     vae: str = "auto"

@@ -23,7 +23,14 @@ from ..data.cache import CachedDataset, run_expectations
 from ..data.dataset import MANIFEST, DatasetError, RelightDataset
 from ..data.synth import generate
 from ..data.validate import validate_dataset
-from ..model.arch import configure_attention, count_parameters, freeze, unet_size_of
+from ..model.arch import (
+    compile_unet,
+    configure_attention,
+    count_parameters,
+    freeze,
+    unet_size_of,
+    use_channels_last,
+)
 from ..model.base import BaseModel, load_base, load_iclight_offset
 from ..model.formats import BASE_RECORD
 from ..model.frozen import build_frozen
@@ -164,8 +171,14 @@ def build_models(cfg: RunConfig, run: ResolvedRun, base: BaseModel | None, token
     if run.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
     run.attention = configure_attention(model.unet, cfg.model.attention, device.type)
-    log.info("attention: %s; gradient checkpointing: %s; trainable parameters: %.2fM", run.attention,
-             "on" if run.gradient_checkpointing else "off", count_parameters(model) / 1e6)
+    if cfg.model.channels_last:
+        use_channels_last(model.unet)
+    if cfg.model.compile:  # last: the graph is captured with the attention kernel and memory format set above
+        compile_unet(model.unet, cfg.model.compile_backend)
+    log.info("attention: %s; gradient checkpointing: %s; channels-last: %s; torch.compile: %s; trainable parameters: "
+             "%.2fM", run.attention, "on" if run.gradient_checkpointing else "off",
+             "on" if cfg.model.channels_last else "off",
+             cfg.model.compile_backend if cfg.model.compile else "off", count_parameters(model) / 1e6)
     vae = text_encoder = None  # a latent cache holds their outputs: not built at all
     if not cfg.data.cache and base is not None:
         vae = freeze(base.vae, run.torch_frozen_dtype, device)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
+
 import torch
 from torch import nn
 
@@ -32,6 +36,27 @@ def check_optimizer(name: str, *, accelerator: str, stage: int, offload_optimize
         )
     if name == "cpu_adam" and stage == 0:
         raise DeviceCheckError(f"train.optimizer=cpu_adam needs ZeRO (stage >= 1) in {ds_path}")
+
+
+# What inductor may call to build its kernels (C++ on a CPU; on CUDA, Triton's launcher stub in C)
+COMPILERS = ("g++", "c++", "clang++", "gcc", "cc", "clang")
+
+
+def check_compile(backend: str, *, accelerator: str) -> None:
+    """model.compile with inductor needs a C/C++ compiler here (and Triton on CUDA): refuse before step 1 rather than
+    fail inside the first step's compilation."""
+    if backend != "inductor":
+        return
+    missing = []
+    if not any(shutil.which(c) for c in (os.environ.get("CXX"), os.environ.get("CC"), *COMPILERS) if c):
+        missing.append(f"a C/C++ compiler ({', '.join(COMPILERS)}, or $CXX)")
+    if accelerator == "cuda" and importlib.util.find_spec("triton") is None:
+        missing.append("Triton (pip install triton)")
+    if missing:
+        raise DeviceCheckError(
+            f"model.compile=true with model.compile_backend=inductor needs {' and '.join(missing)} on this machine; "
+            "set model.compile=false (or model.compile_backend=aot_eager, which captures the same graphs without "
+            "generating kernels)")
 
 
 def check_offload_ram(*, needed_gib: float, ranks_here: int, ram_gib: float, ds_path) -> None:

@@ -25,7 +25,7 @@ from ..model.arch import wants_checkpointing
 from ..model.base import base_unet_size
 from . import checkpoint as ckpt
 from . import engine as eng
-from .checks import check_offload_ram, check_optimizer, check_precision
+from .checks import check_compile, check_offload_ram, check_optimizer, check_precision
 from .plan import (
     GiB,
     activations_per_sample,
@@ -266,6 +266,8 @@ def check_run(run: ResolvedRun, cfg: RunConfig, acc: eng.Accelerator) -> None:
                           "every rank's whole weights, which ZeRO-3 partitions; use a ZeRO-2 config (with offload "
                           "for memory) or train.ema_decay=0")
     check_precision(acc.name, run.torch_dtype, bf16_ok=acc.bf16, fp16_ok=acc.fp16, ds_path=run.ds_config)
+    if cfg.model.compile:
+        check_compile(cfg.model.compile_backend, accelerator=acc.name)
     check_optimizer(run.optimizer, accelerator=acc.name, stage=run.zero_stage,
                     offload_optimizer=eng.offloads_optimizer(run.ds), ds_path=run.ds_config)
     zero = run.ds.get("zero_optimization", {})

@@ -26,7 +26,7 @@ from .export import export_checkpoint
 from .loader import build_loader
 from .metrics import MetricsWriter, truncate_metrics
 from .monitor import Monitor
-from .objectives import iclight_losses
+from .objectives import ConditionedBatch, iclight_losses
 from .resolve import check_run, resolve_run, warn_if_unusual
 from .signals import StopSignals
 
@@ -134,16 +134,20 @@ class Trainer:
                 return batch
             self._batches, self.epoch, self.batch_in_epoch = None, self.epoch + 1, 0
 
-    def forward_backward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """One micro-batch: conditions, noise, losses, ONE backward and ONE engine step (DeepSpeed accumulates)."""
+    def condition(self, batch: dict) -> ConditionedBatch:
+        """One loader batch -> the UNet's inputs: through the frozen encoders, or read from a latent cache."""
         cfg = self.cfg
         consistency = trains_consistency(cfg)
         how = dict(variant=cfg.model.variant, split_cells=cfg.objective.split_cells, with_split=consistency,
                    generator=self.generator, device=self.acc.device, light_input=cfg.model.light_input)
         if cfg.data.cache:
-            cond = condition_cached_batch(batch, **how)
-        else:
-            cond = condition_batch(batch, vae=self.vae, text_encoder=self.text_encoder, **how)
+            return condition_cached_batch(batch, **how)
+        return condition_batch(batch, vae=self.vae, text_encoder=self.text_encoder, **how)
+
+    def forward_backward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """One micro-batch: conditions, noise, losses, ONE backward and ONE engine step (DeepSpeed accumulates)."""
+        cfg = self.cfg
+        cond = self.condition(batch)
         shape = cond.latents.shape  # (B, 4, h, w)
         noise = torch.randn(shape, generator=self.generator)
         if cfg.objective.noise_offset > 0:
