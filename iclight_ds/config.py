@@ -28,6 +28,13 @@ DEFAULT_ENV_SHAPE = (16, 32)
 # A run's resolved record: what every `auto` became (DeepSpeed config, batch geometry, dtype, optimizer, ...), written
 # by the trainer into the run folder and beside every checkpoint's config.json (iclight_ds/train/resolve.py)
 RESOLVED_FILE = "resolved.json"
+# model.lora_targets by default: the UNet layers kohya's sd-scripts and the diffusers examples put LoRA on. In every
+# transformer block the attention projections (to_q, to_k, to_v, to_out.0 of self- and cross-attention), the
+# transformer's input and output projections (proj_in, proj_out: 1x1 convolutions in SD1.5) and its feed-forward
+# layers (ff.net.0.proj, ff.net.2); in every resnet block both 3x3 convolutions (conv1, conv2), the 1x1 shortcut
+# (conv_shortcut) and the time-embedding projection (time_emb_proj), as kohya's LoCon / "conv_dim" does.
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                        "conv1", "conv2", "conv_shortcut", "time_emb_proj")
 
 
 @dataclass
@@ -63,9 +70,25 @@ class ModelConfig:
     size's config; or a file written by `python -m iclight_ds.tiny_vae`.
     With `base` set the base's own VAE is used and this must stay auto."""
 
+    lora_rank: int = 0
+    """LoRA rank on the UNet (peft): 0 trains every UNet weight (a full fine-tune); r > 0 freezes the UNet and trains
+    rank-r updates of the `lora_targets` layers instead. The widened conv_in, the consistency MLP and the environment
+    encoder always train in full."""
+    lora_alpha: Optional[float] = None
+    """LoRA alpha: each update is scaled by lora_alpha / lora_rank; None: equal to lora_rank (scale 1)."""
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    """The UNet layers that get LoRA: a layer is chosen when its name is an entry or ends with '.' + an entry
+    (peft's rule). Default: the attention projections, proj_in/proj_out and feed-forward layers of every transformer
+    block, and conv1, conv2, conv_shortcut and time_emb_proj of every resnet block (config.DEFAULT_LORA_TARGETS)."""
+
     @property
     def in_channels(self) -> int:
         return 8 if self.variant == "fc" else 12
+
+    @property
+    def lora_scale_alpha(self) -> float:
+        """lora_alpha as it applies: lora_rank where it is None."""
+        return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
 
 
 @dataclass
@@ -385,6 +408,7 @@ def validate(cfg: RunConfig) -> None:
         problems.append("objective.lambda_vanilla and objective.lambda_consistency are both 0: nothing to train")
     if cfg.model.merger_layers < 1 or cfg.model.merger_hidden < 1:
         problems.append("model.merger_layers / model.merger_hidden: must be >= 1")
+    problems += _lora_problems(cfg.model)
     if cfg.model.variant == "fc" and cfg.model.env_tokens < 1:
         problems.append("model.env_tokens: FC needs >= 1 environment token (it is how the model sees the light)")
     if cfg.objective.snr_gamma < 0:
@@ -497,6 +521,22 @@ def help_text() -> str:
             lines.append(f"  --{section.name}.{f.name} {_type_name(hints[f.name])}  (default: {default!r})")
             lines.append(f"      {docs.get(f.name, '')}")
     return "\n".join(lines)
+
+
+def _lora_problems(model_cfg: ModelConfig) -> list[str]:
+    if model_cfg.lora_rank < 0:
+        return [f"model.lora_rank={model_cfg.lora_rank}: must be >= 0 (0: full fine-tune)"]
+    if model_cfg.lora_rank == 0:
+        return []
+    problems = []
+    if model_cfg.lora_alpha is not None and model_cfg.lora_alpha <= 0:
+        problems.append(f"model.lora_alpha={model_cfg.lora_alpha}: must be > 0 (or null: equal to model.lora_rank)")
+    if not model_cfg.lora_targets:
+        problems.append("model.lora_targets is empty: LoRA needs at least one target layer")
+    if "conv_in" in model_cfg.lora_targets:
+        problems.append("model.lora_targets: conv_in always trains in full (its extra input channels start at zero); "
+                        "leave it out")
+    return problems
 
 
 def _preview_image_problems(cfg: RunConfig) -> list[str]:

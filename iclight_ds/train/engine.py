@@ -285,6 +285,16 @@ def whole_params(ds_cfg: dict):
     return lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
+def gathered_params(ds_cfg: dict):
+    """A `gather(params)` context for reading whole parameters: under ZeRO-3 it gathers them (read-only), else
+    nothing."""
+    if zero_stage(ds_cfg) != 3:
+        return lambda params: contextlib.nullcontext()
+    import deepspeed
+
+    return lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
 # Elements per optimizer parameter group. ZeRO gives the client optimizer one flat fp32 partition per group, and
 # bitsandbytes' CPU 8-bit step needs ~20 transient bytes per element of the tensor it updates: one group for the
 # whole SD1.5 UNet would spike ~17 GB in the step (measured: OOM-killed on a 24 GB machine); 20M-element groups

@@ -41,7 +41,8 @@ log = logging.getLogger("iclight_ds")
 # for runs on synthetic data
 RESUME_FIXED_KEYS = ("model.size", "model.base", "model.variant", "model.vae", "model.iclight_weights",
                      "model.env_tokens", "model.env_shape", "model.merger_hidden", "model.merger_layers",
-                     "data.resolution", "data.synth_samples", "data.synth_seed", "train.precision")
+                     "data.resolution", "data.synth_samples", "data.synth_seed", "train.precision",
+                     "model.lora_rank", "model.lora_alpha", "model.lora_targets")
 
 
 @dataclass
@@ -233,6 +234,8 @@ def check_resume_config(cfg: RunConfig, saved: dict, path: Path) -> None:
     """Refuse to resume a checkpoint into another model or another synthetic set (e.g. a GPU default run resumed
     with the plain defaults, or back), naming the keys that differ and the --config that resumes it as it was."""
     now = json.loads(json.dumps(to_dict(cfg)))
+    check_resume_lora(now["model"].get("lora_rank", 0), saved.get("model", {}).get("lora_rank", 0), cfg.train.resume,
+                      path)
     differ = []
     for key in RESUME_FIXED_KEYS:
         section, name = key.split(".")
@@ -244,6 +247,21 @@ def check_resume_config(cfg: RunConfig, saved: dict, path: Path) -> None:
         raise ConfigError(f"--resume {cfg.train.resume}: {path} was trained with another setup: "
                           + "; ".join(differ) + f". Resume it with its own config: --config {path} (plus the "
                           "overrides you want, e.g. --train.resume latest --train.steps N)")
+
+
+def check_resume_lora(rank_now: int, rank_saved: int, resume: str, path: Path) -> None:
+    """A LoRA checkpoint resumed as a full fine-tune, or the reverse, is refused by name (a checkpoint written before
+    LoRA existed is a full fine-tune)."""
+    if bool(rank_now) == bool(rank_saved):
+        return
+    if rank_saved:
+        raise ConfigError(f"--resume {resume}: {path} is a LoRA checkpoint (model.lora_rank={rank_saved}) resumed as a "
+                          "full fine-tune (model.lora_rank=0): its optimizer holds the LoRA layers' states only. "
+                          f"Resume it with --model.lora_rank {rank_saved}, or train the full fine-tune as a new run "
+                          "(another train.output_dir)")
+    raise ConfigError(f"--resume {resume}: {path} is a full fine-tune checkpoint (model.lora_rank=0) resumed as a LoRA "
+                      f"(model.lora_rank={rank_now}): it has no LoRA layers to continue. Resume it with "
+                      "--model.lora_rank 0, or train the LoRA as a new run (another train.output_dir)")
 
 
 def planning_size(cfg: RunConfig) -> str:
