@@ -178,6 +178,11 @@ class TrainConfig:
     """Keep an exponential moving average of the trainable weights (diffusers' EMAModel, fp32; on the host when the
     DeepSpeed config offloads): at its n-th update the decay is min(ema_decay, (1 + n) / (10 + n)). 0: off (the tiny
     default run); 0.9999 is usual for real runs. Saved in every checkpoint; export defaults to it. Not with ZeRO-3."""
+    nvme_path: Optional[str] = None
+    """A folder on a fast local SSD for ZeRO-Infinity's NVMe offload: it replaces the nvme_path of the DeepSpeed
+    config's offload sections that swap to NVMe (ds_configs/1gpu-nvme.json, 1gpu-6gb-nvme.json); None keeps the
+    config's own. It must exist, be writable and have the room the planner counts; the run swaps into a folder of its
+    own under it (one per train.output_dir), removed when the run ends."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """The DeepSpeed config's precision as shipped (auto), or that config with only its precision switched (fp16 for
     GPUs before Ampere, fp32): the derived JSON is what the run records in ds_config.json."""

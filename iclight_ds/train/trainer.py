@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -253,7 +254,14 @@ class Trainer:
                                               weights="ema" if self.ema is not None else "raw", verify=False):
                     log.info("exported %s", path)
             eng.barrier()
+        self._remove_nvme_swap()
         writer.close()
+
+    def _remove_nvme_swap(self) -> None:
+        """NVMe offload: the run's swap files (the optimizer states, GBs) go once the last checkpoint holds them."""
+        eng.barrier()
+        if self.run.nvme_swap and self.acc.local_rank == 0:
+            shutil.rmtree(self.run.nvme_swap, ignore_errors=True)
 
     def _show(self, writer: MetricsWriter, *, final: bool) -> None:
         """Previews and evaluation at their cadence; at the end, for the final weights if the cadence missed them."""
