@@ -28,6 +28,13 @@ DEFAULT_ENV_SHAPE = (16, 32)
 # A run's resolved record: what every `auto` became (DeepSpeed config, batch geometry, dtype, optimizer, ...), written
 # by the trainer into the run folder and beside every checkpoint's config.json (iclight_ds/train/resolve.py)
 RESOLVED_FILE = "resolved.json"
+# model.lora_targets by default: the UNet layers kohya's sd-scripts and the diffusers examples put LoRA on. In every
+# transformer block the attention projections (to_q, to_k, to_v, to_out.0 of self- and cross-attention), the
+# transformer's input and output projections (proj_in, proj_out: 1x1 convolutions in SD1.5) and its feed-forward
+# layers (ff.net.0.proj, ff.net.2); in every resnet block both 3x3 convolutions (conv1, conv2), the 1x1 shortcut
+# (conv_shortcut) and the time-embedding projection (time_emb_proj), as kohya's LoCon / "conv_dim" does.
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                        "conv1", "conv2", "conv_shortcut", "time_emb_proj")
 
 
 @dataclass
@@ -79,6 +86,17 @@ class ModelConfig:
     size's config; or a file written by `python -m iclight_ds.tiny_vae`.
     With `base` set the base's own VAE is used and this must stay auto."""
 
+    lora_rank: int = 0
+    """LoRA rank on the UNet (peft): 0 trains every UNet weight (a full fine-tune); r > 0 freezes the UNet and trains
+    rank-r updates of the `lora_targets` layers instead. The widened conv_in, the consistency MLP and the environment
+    encoder always train in full."""
+    lora_alpha: Optional[float] = None
+    """LoRA alpha: each update is scaled by lora_alpha / lora_rank; None: equal to lora_rank (scale 1)."""
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    """The UNet layers that get LoRA: a layer is chosen when its name is an entry or ends with '.' + an entry
+    (peft's rule). Default: the attention projections, proj_in/proj_out and feed-forward layers of every transformer
+    block, and conv1, conv2, conv_shortcut and time_emb_proj of every resnet block (config.DEFAULT_LORA_TARGETS)."""
+
     @property
     def in_channels(self) -> int:
         return 8 if self.variant == "fc" else 12
@@ -87,6 +105,11 @@ class ModelConfig:
     def env_input(self) -> bool:
         """Whether the model reads an environment map (FC with light_input=env): the encoder, and `env` per sample."""
         return self.variant == "fc" and self.light_input == "env"
+
+    @property
+    def lora_scale_alpha(self) -> float:
+        """lora_alpha as it applies: lora_rank where it is None."""
+        return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
 
 
 @dataclass
@@ -180,6 +203,11 @@ class TrainConfig:
     """Keep an exponential moving average of the trainable weights (diffusers' EMAModel, fp32; on the host when the
     DeepSpeed config offloads): at its n-th update the decay is min(ema_decay, (1 + n) / (10 + n)). 0: off (the tiny
     default run); 0.9999 is usual for real runs. Saved in every checkpoint; export defaults to it. Not with ZeRO-3."""
+    nvme_path: Optional[str] = None
+    """A folder on a fast local SSD for ZeRO-Infinity's NVMe offload: it replaces the nvme_path of the DeepSpeed
+    config's offload sections that swap to NVMe (ds_configs/1gpu-nvme.json, 1gpu-6gb-nvme.json); None keeps the
+    config's own. It must exist, be writable and have the room the planner counts; the run swaps into a folder of its
+    own under it (one per train.output_dir), removed when the run ends."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """The DeepSpeed config's precision as shipped (auto), or that config with only its precision switched (fp16 for
     GPUs before Ampere, fp32): the derived JSON is what the run records in ds_config.json."""
@@ -451,6 +479,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.model.variant == "fbc" and cfg.model.light_input != "env":
         problems.append(f"model.light_input={cfg.model.light_input}: applies to FC only (FBC sees the light in its "
                         "background); leave it at env")
+    problems += _lora_problems(cfg.model)
     if cfg.objective.snr_gamma < 0:
         problems.append("objective.snr_gamma: must be >= 0 (0 disables Min-SNR weighting)")
     if cfg.objective.split_cells < 1:
@@ -583,6 +612,22 @@ def help_text() -> str:
             lines.append(f"  --{section.name}.{f.name} {_type_name(hints[f.name])}  (default: {default!r})")
             lines.append(f"      {docs.get(f.name, '')}")
     return "\n".join(lines)
+
+
+def _lora_problems(model_cfg: ModelConfig) -> list[str]:
+    if model_cfg.lora_rank < 0:
+        return [f"model.lora_rank={model_cfg.lora_rank}: must be >= 0 (0: full fine-tune)"]
+    if model_cfg.lora_rank == 0:
+        return []
+    problems = []
+    if model_cfg.lora_alpha is not None and model_cfg.lora_alpha <= 0:
+        problems.append(f"model.lora_alpha={model_cfg.lora_alpha}: must be > 0 (or null: equal to model.lora_rank)")
+    if not model_cfg.lora_targets:
+        problems.append("model.lora_targets is empty: LoRA needs at least one target layer")
+    if "conv_in" in model_cfg.lora_targets:
+        problems.append("model.lora_targets: conv_in always trains in full (its extra input channels start at zero); "
+                        "leave it out")
+    return problems
 
 
 def _preview_image_problems(cfg: RunConfig) -> list[str]:

@@ -110,7 +110,8 @@ def relight_file(args: argparse.Namespace) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="base SD1.5: diffusers folder, single-file checkpoint or run folder")
-    p.add_argument("--weights", required=True, help="IC-Light weights: offset file, unet export or diffusers folder")
+    p.add_argument("--weights", required=True, help="IC-Light weights: offset file, unet export, diffusers folder, or a "
+                   "LoRA export (with its .conv_in.safetensors beside it)")
     p.add_argument("--weights-kind", choices=("auto", "offset", "full"), default="auto",
                    help="auto: from the file's metadata; files without ours (official releases) are offsets")
     p.add_argument("--modules", default=None, help="iclight_modules.safetensors (default: the one named in the "

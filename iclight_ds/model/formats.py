@@ -47,6 +47,8 @@ FORMAT_TAGS = {
     "diffusers": "iclight-ds/diffusers-folder",
     "checkpoint": "iclight-ds/ldm-checkpoint",
     "modules": "iclight-ds/training-modules",
+    "lora": "iclight-ds/lora",  # kohya-layout LoRA layers (model/lora.py)
+    "conv-in": "iclight-ds/conv-in-offset",  # the conv_in offset that goes with a LoRA file
 }
 
 

@@ -35,6 +35,7 @@ from ..model.base import BaseModel, load_base, load_iclight_offset
 from ..model.formats import BASE_RECORD
 from ..model.frozen import build_frozen
 from ..model.iclight import build_initial_model
+from ..model.lora import add_lora
 from ..model.tokenizer import build_char_tokenizer
 from . import engine as eng
 from .checks import check_module_devices
@@ -168,6 +169,11 @@ def build_models(cfg: RunConfig, run: ResolvedRun, base: BaseModel | None, token
         with eng.model_init_context(run.ds):
             model = build_initial_model(cfg.model, seed=cfg.train.seed, dtype=dtype,
                                         modify=eng.whole_params(run.ds))
+    if cfg.model.lora_rank:  # after the seeded build: the LoRA down matrices draw from the same seeded stream
+        layers = add_lora(model.unet, rank=cfg.model.lora_rank, alpha=cfg.model.lora_scale_alpha,
+                          targets=cfg.model.lora_targets, gather=eng.gathered_params(run.ds))
+        log.info("LoRA rank %d (alpha %g) on %d UNet layers; conv_in, the merger and the environment encoder train "
+                 "in full", cfg.model.lora_rank, cfg.model.lora_scale_alpha, len(layers))
     if run.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
     run.attention = configure_attention(model.unet, cfg.model.attention, device.type)
@@ -175,10 +181,11 @@ def build_models(cfg: RunConfig, run: ResolvedRun, base: BaseModel | None, token
         use_channels_last(model.unet)
     if cfg.model.compile:  # last: the graph is captured with the attention kernel and memory format set above
         compile_unet(model.unet, cfg.model.compile_backend)
+    trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters() if p.requires_grad)
     log.info("attention: %s; gradient checkpointing: %s; channels-last: %s; torch.compile: %s; trainable parameters: "
-             "%.2fM", run.attention, "on" if run.gradient_checkpointing else "off",
-             "on" if cfg.model.channels_last else "off",
-             cfg.model.compile_backend if cfg.model.compile else "off", count_parameters(model) / 1e6)
+             "%.2fM of %.2fM", run.attention, "on" if run.gradient_checkpointing else "off",
+             "on" if cfg.model.channels_last else "off", cfg.model.compile_backend if cfg.model.compile else "off",
+             trainable / 1e6, count_parameters(model) / 1e6)
     vae = text_encoder = None  # a latent cache holds their outputs: not built at all
     if not cfg.data.cache and base is not None:
         vae = freeze(base.vae, run.torch_frozen_dtype, device)

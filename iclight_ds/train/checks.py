@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -67,6 +69,38 @@ def check_offload_ram(*, needed_gib: float, ranks_here: int, ram_gib: float, ds_
             f"RAM ({ranks_here} rank(s) here: {needed_gib * ranks_here:.1f} GiB) but this machine has {ram_gib:.1f} "
             "GiB; use fewer ranks per machine, a config without offload, or see `python -m iclight_ds.plan`"
         )
+
+
+def check_nvme_folder(path: str | None, *, key: str, needed_gib: float, ranks_here: int, aio_problem: str | None,
+                      ds_path) -> None:
+    """NVMe offload: the folder `key` names must exist, be a writable folder, and have room for what the ranks on this
+    machine swap (`needed_gib` each, the planner's count); DeepSpeed's async_io op must build here. Refused by name
+    before step 1, not halfway through the first optimizer step."""
+    if path is None:
+        raise DeviceCheckError(f"{ds_path} offloads to NVMe but sets no nvme_path: set train.nvme_path to a folder on "
+                               "a fast local SSD")
+    folder = Path(path)
+    if not folder.exists():
+        raise DeviceCheckError(f"{key}={path}: no such folder (NVMe offload swaps the optimizer states there); create "
+                               "it on a fast local SSD, or point train.nvme_path elsewhere")
+    if not folder.is_dir():
+        raise DeviceCheckError(f"{key}={path}: not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DeviceCheckError(f"{key}={path}: not writable by this user")
+    try:  # the permission bits do not tell for root, a read-only mount or a full inode table
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".iclight-ds-write-test-"):
+            pass
+    except OSError as e:
+        raise DeviceCheckError(f"{key}={path}: not writable (creating a file there failed: {e.strerror or e})") from e
+    free_gib = shutil.disk_usage(folder).free / 2**30
+    need = needed_gib * ranks_here
+    if need > free_gib:
+        raise DeviceCheckError(f"{key}={path}: NVMe offload needs {need:.1f} GiB there ({needed_gib:.1f} GiB per rank x "
+                               f"{ranks_here} rank(s), `python -m iclight_ds.plan`), the disk has {free_gib:.1f} GiB "
+                               "free")
+    if aio_problem is not None:
+        raise DeviceCheckError(f"{ds_path}: NVMe offload needs DeepSpeed's async_io op, which cannot be built here: "
+                               f"{aio_problem}")
 
 
 def check_module_devices(modules: dict[str, nn.Module], device: torch.device) -> None:

@@ -9,11 +9,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
+import re
+import shutil
+import tempfile
 from datetime import timedelta
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -77,7 +82,64 @@ def read_ds_config(path: str | Path) -> dict:
             raise EngineConfigError(f"{path}: missing required key '{key}'")
     if cfg.get("bf16", {}).get("enabled") and cfg.get("fp16", {}).get("enabled"):
         raise EngineConfigError(f"{path}: bf16.enabled and fp16.enabled are both true; choose one")
+    _check_offload_stage(cfg, path)
     return cfg
+
+
+def _check_offload_stage(cfg: dict, path: Path) -> None:
+    """Offload settings DeepSpeed would not honour, refused by name: parameter offload exists at ZeRO-3 only, and only
+    ZeRO-3 swaps optimizer states to NVMe (stage 1-2 treat offload_optimizer.device 'nvme' as 'cpu': the states would
+    fill the RAM the config was chosen to spare)."""
+    stage = zero_stage(cfg)
+    if stage == 3:
+        return
+    zero = cfg.get("zero_optimization", {})
+    if offload_device(zero, "offload_param") != "none":
+        raise EngineConfigError(f"{path}: zero_optimization.offload_param needs ZeRO stage 3 (this config has stage "
+                                f"{stage}); DeepSpeed offloads parameters at stage 3 only")
+    if offload_device(zero, "offload_optimizer") == "nvme":
+        raise EngineConfigError(f"{path}: zero_optimization.offload_optimizer.device 'nvme' needs ZeRO stage 3 (this "
+                                f"config has stage {stage}): at stages 1-2 DeepSpeed keeps the optimizer states in "
+                                "host RAM whatever the device says. Use stage 3 (ds_configs/1gpu-nvme.json) or "
+                                "device 'cpu'")
+
+
+def offload_device(zero: dict, section: str) -> str:
+    """'none', 'cpu' or 'nvme': where `section` (offload_optimizer / offload_param) of zero_optimization puts it."""
+    return str((zero.get(section) or {}).get("device") or "none")
+
+
+NVME_SECTIONS = ("offload_optimizer", "offload_param")
+
+
+def nvme_paths(ds_cfg: dict) -> dict[str, str | None]:
+    """{section: its nvme_path} for the zero_optimization sections that offload to NVMe (empty: no NVMe offload)."""
+    zero = ds_cfg.get("zero_optimization", {})
+    return {k: zero[k].get("nvme_path") for k in NVME_SECTIONS if offload_device(zero, k) == "nvme"}
+
+
+def with_nvme_path(ds_cfg: dict, path: str | None) -> dict:
+    """The DeepSpeed config with `path` as the nvme_path of every section that offloads to NVMe (train.nvme_path);
+    None returns it as it is."""
+    if path is None or not nvme_paths(ds_cfg):
+        return ds_cfg
+    out = json.loads(json.dumps(ds_cfg))
+    for section in nvme_paths(ds_cfg):
+        out["zero_optimization"][section]["nvme_path"] = str(path)
+    return out
+
+
+def aio_problem() -> str | None:
+    """Why DeepSpeed's async_io op (NVMe offload's reads and writes) cannot be built here, or None when it can."""
+    try:
+        from deepspeed.ops.op_builder import AsyncIOBuilder
+
+        if AsyncIOBuilder().is_compatible(verbose=False):
+            return None
+    except Exception as e:  # an op builder that fails to import says why
+        return f"{type(e).__name__}: {e}"
+    return ("it needs the libaio development files (Debian/Ubuntu: apt-get install libaio-dev; Fedora: dnf install "
+            "libaio-devel) and a C++ compiler; DeepSpeed builds the op at first use")
 
 
 def batch_geometry(ds_cfg: dict, world_size: int) -> BatchGeometry:
@@ -124,8 +186,7 @@ def zero_stage(ds_cfg: dict) -> int:
 
 
 def offloads_optimizer(ds_cfg: dict) -> bool:
-    dev = ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-    return dev not in (None, "none")
+    return offload_device(ds_cfg.get("zero_optimization", {}), "offload_optimizer") != "none"
 
 
 def resolve_optimizer(name: str, ds_cfg: dict, *, on_gpu: bool) -> str:
@@ -285,6 +346,16 @@ def whole_params(ds_cfg: dict):
     return lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
+def gathered_params(ds_cfg: dict):
+    """A `gather(params)` context for reading whole parameters: under ZeRO-3 it gathers them (read-only), else
+    nothing."""
+    if zero_stage(ds_cfg) != 3:
+        return lambda params: contextlib.nullcontext()
+    import deepspeed
+
+    return lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
 # Elements per optimizer parameter group. ZeRO gives the client optimizer one flat fp32 partition per group, and
 # bitsandbytes' CPU 8-bit step needs ~20 transient bytes per element of the tensor it updates: one group for the
 # whole SD1.5 UNet would spike ~17 GB in the step (measured: OOM-killed on a 24 GB machine); 20M-element groups
@@ -349,8 +420,28 @@ def initialize(model: torch.nn.Module, optimizer, lr_scheduler, ds_cfg: dict, *,
 
 
 def save_checkpoint(engine, save_dir: str | Path, tag: str, client_state: dict) -> None:
-    """Every rank must call this (each saves its own partition)."""
+    """Every rank must call this (each saves its own partition). With the optimizer swapped to NVMe, DeepSpeed copies
+    the swap files into the checkpoint (offloaded_tensors/) and leaves their sub-groups empty in its optimizer files;
+    rank 0 then records which parameters each swap file holds (NVME_GROUPS), which is what the export needs."""
     engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
+    groups = _nvme_groups(engine)
+    if groups is not None and torch.distributed.get_rank() == 0:
+        (Path(save_dir) / tag / NVME_GROUPS).write_text(json.dumps(groups, indent=1) + "\n")
+
+
+NVME_GROUPS = "nvme_groups.json"  # in a checkpoint of an NVMe-offloaded run: [{file, params}] per optimizer sub-group
+
+
+def _nvme_groups(engine) -> list[dict] | None:
+    """[{"file": swap file of the sub-group's fp32 master weights, "params": their names}] per ZeRO-3 sub-group, or
+    None when the optimizer is not swapped to NVMe (DeepSpeed names a sub-group's file after the ds_ids of its first
+    and last parameters)."""
+    opt = engine.optimizer
+    if not getattr(opt, "swap_optimizer", False):
+        return None
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    return [{"file": f"{opt.fp32_partitioned_groups_flat[i].ds_id}.tensor.swp", "params": [names[id(p)] for p in group]}
+            for i, group in enumerate(opt.fp16_groups)]
 
 
 def load_checkpoint(engine, load_dir: str | Path, tag: str) -> dict:
@@ -358,7 +449,49 @@ def load_checkpoint(engine, load_dir: str | Path, tag: str) -> dict:
     path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
     if path is None:
         raise FileNotFoundError(f"checkpoint {Path(load_dir) / tag} could not be loaded")
+    _restore_swapped_optimizer_states(engine, Path(load_dir) / tag)
     return client_state or {}
+
+
+def _restore_swapped_optimizer_states(engine, folder: Path) -> None:
+    """NVMe offload: DeepSpeed (0.19) copies a checkpoint's swap files back at load under their saved names, which are
+    the ds_ids of that process's parameters (another process, or another engine in the same one, numbers them
+    differently), and it never tells its swapper that the saved Adam moments are there nor restores the optimizer's
+    step count: the first step after a resume would restart Adam from zero moments at step 1 (the resumed run then
+    left the uninterrupted one, tests/integration/test_nvme_offload.py). So each swapped sub-group's master weights
+    and moments are copied to this engine's swap names (NVME_GROUPS says which file holds which sub-group), its step
+    is restored, and its moments are registered with the swapper as its own swap-out leaves them: placeholders whose
+    data is in the swap files, read in at the sub-group's next step. Still, the first optimizer step after the resume
+    leaves the master weights as they were (its moments move; measured on the tiny model, not traced into DeepSpeed):
+    the resumed run is one update behind an uninterrupted one, which the log says."""
+    opt = engine.optimizer
+    if not getattr(opt, "swap_optimizer", False):
+        return
+    log.warning("resuming an NVMe-offloaded run: the weights, Adam moments and step count continue from %s, but with "
+                "DeepSpeed's NVMe swapping the first optimizer step after a resume does not change the weights (one "
+                "update is lost; docs/performance.md)", folder)
+    rank = torch.distributed.get_rank()
+    saved = torch.load(next(folder.glob(f"*zero_pp_rank_{rank}_*optim_states.pt")), map_location="cpu",
+                       weights_only=False)["optimizer_state_dict"]["optimizer_state_dict"]["state"]
+    groups = json.loads((folder / NVME_GROUPS).read_text())
+    now = _nvme_groups(engine)
+    if [g["params"] for g in groups] != [g["params"] for g in now]:
+        raise EngineConfigError(f"{folder}: its NVMe-swapped optimizer sub-groups hold other parameters than this "
+                                "run's (another model or sub_group_size)")
+    source = next(folder.glob(f"offloaded_tensors/rank*{rank}"))
+    swapper = opt.optimizer_swapper
+    for i, flat in enumerate(opt.fp32_partitioned_groups_flat):
+        if i not in saved or not opt._swappable_optimizer_subgroup(i):
+            continue
+        old_id, new_id = groups[i]["file"][: -len(".tensor.swp")], flat.ds_id
+        for name in [""] + [f"{k}-" for k, v in saved[i].items() if torch.is_tensor(v)]:
+            shutil.copyfile(source / f"{name}{old_id}.tensor.swp", Path(swapper.swap_folder) / f"{name}{new_id}.tensor.swp")
+        numel = int(opt.fp16_partitioned_groups_flat_numel[i])
+        state = opt.optimizer.state[flat]
+        for name, value in saved[i].items():
+            state[name] = torch.empty(numel, dtype=flat.dtype) if torch.is_tensor(value) else value
+        swap_info = swapper._get_param_swap_info(flat)  # registers the moments, named as their swap files
+        swap_info.release_memory()
 
 
 def gathered_state_dict(engine) -> dict[str, torch.Tensor]:
@@ -381,7 +514,41 @@ def fp32_state_dict_from_checkpoint(checkpoint_dir: str | Path, tag: str) -> dic
         return stage0_fp32_state_dict(folder / STAGE0_STATES)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    if (folder / "offloaded_tensors").is_dir():
+        with tempfile.TemporaryDirectory() as tmp:
+            _unswapped_copy(folder, Path(tmp) / tag)
+            return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag)
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+
+
+def _unswapped_copy(folder: Path, out: Path) -> None:
+    """A copy of an NVMe-offloaded ZeRO-3 checkpoint that zero_to_fp32 reads: each rank's optimizer file with its
+    swapped sub-groups filled from offloaded_tensors/rank<R>/ (the first elements of each swap file are the
+    sub-group's fp32 master partition; the rest is alignment), the model-state files linked."""
+    record = folder / NVME_GROUPS
+    if not record.is_file():
+        raise FileNotFoundError(f"{folder}: an NVMe-offloaded checkpoint without {NVME_GROUPS} (which parameters "
+                                "each swap file holds): written by another tool? DeepSpeed's zero_to_fp32 cannot "
+                                "read NVMe-offloaded optimizer states either")
+    groups = json.loads(record.read_text())
+    out.mkdir(parents=True)
+    numels = {}
+    for f in sorted(folder.glob("*model_states.pt")):
+        (out / f.name).symlink_to(f.resolve())
+        for shapes in torch.load(f, map_location="cpu", weights_only=False)["param_shapes"]:
+            numels.update({name: shape.numel() for name, shape in shapes.items()})
+    for f in sorted(folder.glob("*optim_states.pt")):
+        rank = int(re.search(r"zero_pp_rank_(\d+)_", f.name)[1])
+        state = torch.load(f, map_location="cpu", weights_only=False)
+        world = state["optimizer_state_dict"]["partition_count"]
+        world = world[0] if isinstance(world, (list, tuple)) else int(world)
+        flat = state["optimizer_state_dict"]["fp32_flat_groups"]
+        swap_dir = next(folder.glob(f"offloaded_tensors/rank*{rank}"))
+        for i, group in enumerate(groups):
+            if flat[i].numel() == 0:
+                count = sum(math.ceil(numels[name] / world) for name in group["params"])
+                flat[i] = torch.from_numpy(np.fromfile(swap_dir / group["file"], dtype=np.float32, count=count))
+        torch.save(state, out / f.name)
 
 
 STAGE0_STATES = "mp_rank_00_model_states.pt"  # stage 0: every rank holds the whole model; rank 0 saves it here

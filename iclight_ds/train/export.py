@@ -12,6 +12,11 @@ Formats (the UNet; the merger / env-encoder always go to a separate small `*modu
   checkpoint      one original-layout single file for tools that load one checkpoint: the trained UNet (widened
                   conv_in) + the base's VAE and text encoder (model.diffusion_model.*, first_stage_model.*,
                   cond_stage_model.transformer.*)
+  lora            a LoRA run only (model.lora_rank > 0): the LoRA layers in the kohya / ComfyUI key layout
+                  (lora_unet_<layer>.lora_down.weight / .lora_up.weight / .alpha; --lora-layout ldm or diffusers
+                  layer names) + `*.conv_in.safetensors`, the trained conv_in as an offset in bare LDM keys
+                  (input_blocks.0.0.weight / .bias), which a LoRA cannot express
+A LoRA run's other formats hold the merged UNet (each LoRA layer's weight plus its update).
 The offsets need the base UNet: --base, else the run's `model.base`, else the run's random base rebuilt from its seed;
 a checkpoint takes its VAE and text encoder from that base. An FC model that sees the light through an environment
 encoder is exported to iclight-offset, ldm or checkpoint with a warning: those tools never run the encoder.
@@ -21,6 +26,7 @@ See docs/weights-and-export.md for each tool's format, folder and loader.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import sys
@@ -31,22 +37,28 @@ from diffusers import UNet2DConditionModel
 
 from ..dtypes import DTYPES
 from ..model import formats as fmt
-from ..model.base import base_for_run
+from ..model.base import base_for_run, load_iclight_offset
 from ..model.formats import BASE_RECORD, EXPORT_INFO, MODULES_FILE, UNET_FILE
 from ..model.iclight import has_env_encoder
+from ..model.lora import LAYOUTS, LoraError, is_lora_state, merge_lora, to_kohya
 from . import checkpoint as ckpt
 from . import engine as eng
 from .ema import EMA_FILE, read_ema_file
 
-FORMATS = ("unet", "iclight-offset", "ldm", "diffusers", "checkpoint")
+FORMATS = ("unet", "iclight-offset", "ldm", "diffusers", "checkpoint")  # of any run (a LoRA run's merged)
+LORA_FORMAT = "lora"  # of a LoRA run only
 # Read by third-party tools (the official demo, ComfyUI, Forge, single-file loaders), which run the UNet on text and
 # the condition latents only: an FC environment encoder exported to them is never run.
-TOOL_FORMATS = ("iclight-offset", "ldm", "checkpoint")
+TOOL_FORMATS = ("iclight-offset", "ldm", "checkpoint", LORA_FORMAT)
 # The ldm format's key prefix: none, the layout of the published *_unet_ldm files (formats.UNET_LDM_PREFIXES says
 # who reads what). --ldm-prefix writes 'diffusion_model.' or 'model.diffusion_model.' for other tools.
 DEFAULT_LDM_PREFIX = ""
 
 log = logging.getLogger(__name__)
+
+
+class ExportError(ValueError):
+    """An export this checkpoint cannot give (e.g. a LoRA file from a full fine-tune); the message says why."""
 
 
 def split_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -102,9 +114,22 @@ def output_paths(fmt_name: str, out: Path, variant: str) -> tuple[Path, Path]:
         if fmt_name == "unet":  # the trainer's layout
             return out / UNET_FILE, out / MODULES_FILE
         name = {"iclight-offset": f"iclight_{variant}_offset", "ldm": f"iclight_{variant}_unet_ldm",
-                "checkpoint": f"iclight_{variant}_checkpoint"}[fmt_name]
+                "checkpoint": f"iclight_{variant}_checkpoint", LORA_FORMAT: f"iclight_{variant}_lora"}[fmt_name]
         out = out / f"{name}.safetensors"
-    return out, out.with_name(out.name[: -len(".safetensors")] + ".modules.safetensors")
+    return out, beside(out, "modules")
+
+
+def beside(path: Path, what: str) -> Path:
+    """`x.safetensors` -> `x.<what>.safetensors`: a file that goes with an export (its modules, a LoRA's conv_in)."""
+    return path.with_name(path.name[: -len(".safetensors")] + f".{what}.safetensors")
+
+
+def lora_settings(config: dict) -> tuple[int, float]:
+    """(model.lora_rank, the alpha it applies with) from a run's resolved config (0 for a full fine-tune)."""
+    model = config.get("model") or {}
+    rank = int(model.get("lora_rank") or 0)
+    alpha = model.get("lora_alpha")
+    return rank, float(alpha if alpha is not None else rank)
 
 
 def export_formatted(
@@ -118,13 +143,25 @@ def export_formatted(
     step: int,
     base=None,
     ldm_prefix: str = DEFAULT_LDM_PREFIX,
+    lora_layout: str = "ldm",
+    start=None,
 ) -> list[Path]:
-    """Write one export format from the trained UNet (diffusers keys) and the small modules.
+    """Write one export format from the trained UNet (diffusers keys; a LoRA run's with peft's LoRA layers) and the
+    small modules.
 
-    base: a base_model.BaseModel: its 4-channel UNet for iclight-offset, ldm and diffusers; for checkpoint also its
-    VAE and text encoder.
+    base: a base_model.BaseModel: its 4-channel UNet for iclight-offset, ldm, diffusers and lora; for checkpoint also
+    its VAE and text encoder. start: for lora, the UNet state dict the run started from (the base, plus the
+    model.iclight_weights offsets where the run had them; default: the base): the conv_in file is the trained conv_in
+    minus its own (zero-padded).
     """
     _check_format(fmt_name, base)
+    lora = is_lora_state(unet)
+    if fmt_name == LORA_FORMAT and not lora:
+        raise ExportError(f"--format {LORA_FORMAT}: this run is a full fine-tune (model.lora_rank=0): it has no LoRA "
+                         "layers to write; export its offsets (--format ldm or iclight-offset) instead")
+    rank, alpha = lora_settings(config)
+    if lora and fmt_name != LORA_FORMAT:
+        unet = merge_lora(unet, alpha=alpha)
     torch_dtype = DTYPES[dtype]
     variant = (config.get("model") or {}).get("variant", "")
     in_channels = unet["conv_in.weight"].shape[1]
@@ -137,7 +174,12 @@ def export_formatted(
     )
     if small:
         meta["modules_file"] = modules_path.name
-    written = _write_unet(unet, fmt_name, unet_path, dtype=torch_dtype, meta=meta, base=base, ldm_prefix=ldm_prefix)
+    if fmt_name == LORA_FORMAT:
+        written = _write_lora(unet, unet_path, dtype=torch_dtype, meta=meta, base=base, start=start,
+                              layout=lora_layout, rank=rank, alpha=alpha, ldm_prefix=ldm_prefix)
+    else:
+        written = _write_unet(unet, fmt_name, unet_path, dtype=torch_dtype, meta=meta, base=base,
+                              ldm_prefix=ldm_prefix)
     if small:
         written.append(fmt.save_safetensors(small, modules_path, dtype=torch_dtype,
                                             metadata=dict(meta, format=fmt.FORMAT_TAGS["modules"])))
@@ -145,8 +187,8 @@ def export_formatted(
 
 
 def _check_format(fmt_name: str, base) -> None:
-    if fmt_name not in FORMATS:
-        raise ValueError(f"unknown format {fmt_name!r}; one of {FORMATS}")
+    if fmt_name not in FORMATS + (LORA_FORMAT,):
+        raise ValueError(f"unknown format {fmt_name!r}; one of {FORMATS + (LORA_FORMAT,)}")
     if fmt_name != "unet" and base is None:
         raise ValueError(f"format {fmt_name} needs the base model (base=...)")
     if fmt_name == "checkpoint" and (base.vae is None or base.text_encoder is None):
@@ -185,6 +227,27 @@ def _write_unet(unet: dict[str, torch.Tensor], fmt_name: str, path: Path, *, dty
     return [path, path / EXPORT_INFO]
 
 
+def _write_lora(unet: dict[str, torch.Tensor], path: Path, *, dtype: torch.dtype, meta: dict, base, start,
+                layout: str, rank: int, alpha: float, ldm_prefix: str) -> list[Path]:
+    """The kohya-layout LoRA file and, beside it, the conv_in offset (trained - the zero-padded conv_in the run
+    started from) in bare LDM keys, the layout kijai's ComfyUI IC-Light node patches key by key."""
+    config = base.unet.config
+    start = fmt.padded_base(start if start is not None else base.unet.state_dict(), unet)
+    conv_in = {k: unet[k].float() - start[k].float() for k in ("conv_in.weight", "conv_in.bias")}
+    conv_in_path = beside(path, "conv_in")
+    lora_meta = dict(meta, format=fmt.FORMAT_TAGS[LORA_FORMAT], lora_layout=layout, lora_rank=str(rank),
+                     lora_alpha=str(alpha), conv_in_file=conv_in_path.name,
+                     # what kohya's scripts write, which the web UIs show and some loaders read
+                     ss_network_module="networks.lora", ss_network_dim=str(rank), ss_network_alpha=str(alpha),
+                     ss_base_model_version="sd_v1")
+    written = [fmt.save_safetensors(to_kohya(unet, config, alpha=alpha, layout=layout), path, dtype=dtype,
+                                    metadata=lora_meta)]
+    conv_meta = dict(meta, format=fmt.FORMAT_TAGS["conv-in"], ldm_prefix=ldm_prefix, lora_file=path.name)
+    written.append(fmt.save_safetensors(fmt.unet_to_ldm(conv_in, config, prefix=ldm_prefix), conv_in_path,
+                                        dtype=dtype, metadata=conv_meta))
+    return written
+
+
 def _save_diffusers_folder(unet: dict[str, torch.Tensor], out: Path, *, dtype: torch.dtype, base_config) -> Path:
     """save_pretrained (safetensors) of a UNet with the base's config widened to the trained channel count."""
 
@@ -214,6 +277,7 @@ def export_run_checkpoint(
     weights: str = "auto",
     verify: bool = True,
     unverified_ok: bool = False,
+    lora_layout: str = "ldm",
 ) -> list[Path]:
     """Consolidate checkpoint `tag` (default: latest) under `checkpoint_root` and export it as `fmt_name`; `weights`:
     ema, raw, or auto (the EMA where the checkpoint holds one). The checkpoint is checked against its manifest first
@@ -226,6 +290,10 @@ def export_run_checkpoint(
         ckpt.verify(checkpoint_root / tag, unverified_ok=unverified_ok)
     config_path = checkpoint_root / tag / "config.json"
     config = json.loads(config_path.read_text())
+    if fmt_name == LORA_FORMAT and not lora_settings(config)[0]:
+        raise ExportError(f"--format {LORA_FORMAT}: {checkpoint_root / tag} is a full fine-tune (model.lora_rank=0 in "
+                         "its config.json): it has no LoRA layers to write; export its offsets (--format ldm or "
+                         "iclight-offset) instead")
     state = checkpoint_state(checkpoint_root / tag, weights)
     step = int(tag.rsplit("_", 1)[-1]) if tag.startswith("step_") else -1
     unet, small = split_state_dict(state)
@@ -234,8 +302,18 @@ def export_run_checkpoint(
         base_model = base_for_run(config_path, override=base, unet_only=fmt_name != "checkpoint")
         log.info("base for export: %s (%s)", base_model.source, base_model.unet_hash[:19])
         _check_base_record(checkpoint_root.parent / BASE_RECORD, base_model, overridden=base is not None)
+    start = _starting_unet(config, base_model) if fmt_name == LORA_FORMAT else None
     return export_formatted(unet, small, fmt_name=fmt_name, out=Path(out), dtype=dtype, config=config, step=step,
-                            base=base_model, ldm_prefix=ldm_prefix)
+                            base=base_model, ldm_prefix=ldm_prefix, lora_layout=lora_layout, start=start)
+
+
+def _starting_unet(config: dict, base_model) -> dict[str, torch.Tensor]:
+    """The UNet a run started from: its base, plus the IC-Light offsets of model.iclight_weights where it had them."""
+    offsets = (config.get("model") or {}).get("iclight_weights")
+    if not offsets:
+        return base_model.unet.state_dict()
+    unet = copy.deepcopy(base_model.unet)
+    return load_iclight_offset(unet, offsets).state_dict()
 
 
 def _check_base_record(record: Path, base_model, *, overridden: bool) -> None:
@@ -255,7 +333,11 @@ def _check_base_record(record: Path, base_model, *, overridden: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, type=Path, help="run folder (holding checkpoints/)")
-    p.add_argument("--format", dest="fmt", choices=FORMATS, default="unet", help="what to write (default: unet)")
+    p.add_argument("--format", dest="fmt", choices=FORMATS + (LORA_FORMAT,), default="unet",
+                   help="what to write (default: unet; lora: a LoRA run's layers in the kohya layout)")
+    p.add_argument("--lora-layout", choices=LAYOUTS, default="ldm",
+                   help="--format lora: layer names in the keys, LDM (input_blocks_1_1_..., default: ComfyUI, Forge) "
+                        "or diffusers (down_blocks_0_attentions_0_..., kohya's SD1.5 scripts, diffusers' loader)")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
     p.add_argument("--out", type=Path, default=None,
                    help="a .safetensors file, or a folder (default: the run folder; diffusers: <run>/unet_diffusers)")
@@ -282,8 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         paths = export_run_checkpoint(args.run / "checkpoints", args.tag, out, fmt_name=args.fmt, dtype=args.dtype,
                                       base=args.base, ldm_prefix=args.ldm_prefix, weights=args.weights,
-                                      unverified_ok=args.unverified)
-    except ckpt.CheckpointError as e:  # a checkpoint that fails its manifest: the message names the files
+                                      unverified_ok=args.unverified, lora_layout=args.lora_layout)
+    except (ckpt.CheckpointError, ExportError, LoraError) as e:  # a checkpoint that fails its manifest; a format it
+        # cannot be exported in
         print(f"error: {e}", file=sys.stderr)
         return 2
     for path in paths:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +27,15 @@ from ..model.arch import wants_checkpointing
 from ..model.base import base_unet_size
 from . import checkpoint as ckpt
 from . import engine as eng
-from .checks import check_compile, check_offload_ram, check_optimizer, check_precision
+from .checks import check_compile, check_nvme_folder, check_offload_ram, check_optimizer, check_precision
 from .plan import (
     GiB,
     activations_per_sample,
     choose_config,
     model_state_bytes,
+    nvme_bytes,
     optimizer_for,
+    parameter_counts,
     unet_parameters,
 )
 
@@ -42,7 +46,7 @@ log = logging.getLogger("iclight_ds")
 RESUME_FIXED_KEYS = ("model.size", "model.base", "model.variant", "model.light_input", "model.vae",
                      "model.iclight_weights", "model.env_tokens", "model.env_shape", "model.merger_hidden",
                      "model.merger_layers", "data.resolution", "data.buckets", "data.synth_samples", "data.synth_seed",
-                     "train.precision")
+                     "train.precision", "model.lora_rank", "model.lora_alpha", "model.lora_targets")
 
 
 @dataclass
@@ -63,6 +67,7 @@ class ResolvedRun:
     plan_size: str  # the UNet size the planner counted: the base's own, else model.size
     gradient_checkpointing: bool
     attention: str = "auto"  # the kernel actually used (xformers / sdpa), set when the UNet is built
+    nvme_swap: str | None = None  # NVMe offload: the folder this run swaps into (under train.nvme_path)
     preset: str | None = None  # the GPU default run's preset file, when the run took it
 
     @property
@@ -149,6 +154,7 @@ class _Resolver:
         else:
             self.ds_path = self._recorded_ds_config() or self._planned_ds_config()
         self.ds_cfg = eng.with_precision(eng.read_ds_config(self.ds_path), cfg.train.precision)
+        nvme_swap = self._nvme_swap()
         geometry = eng.batch_geometry(self.ds_cfg, self.acc.world_size)
         dtype = dtype_name(eng.training_dtype(self.ds_cfg))
         params = unet_parameters(self.plan_size, cfg.model.in_channels)
@@ -160,13 +166,30 @@ class _Resolver:
             zero_stage=eng.zero_stage(self.ds_cfg), optimizer=self._optimizer(geometry.micro_batch),
             plan_size=self.plan_size, gradient_checkpointing=wants_checkpointing(cfg.model.gradient_checkpointing,
                                                                                  params),
-            preset=preset)
+            preset=preset, nvme_swap=nvme_swap)
+
+    def _nvme_swap(self) -> str | None:
+        """NVMe offload: the run's own swap folder under train.nvme_path (else under the config's nvme_path), one per
+        run folder, so that two runs on one SSD never share swap files; it goes into the config's nvme_path."""
+        paths = eng.nvme_paths(self.ds_cfg)
+        if not paths:
+            return None
+        root = self.cfg.train.nvme_path or next(iter(paths.values()))
+        if root is None:
+            return None  # check_run names the missing path
+        tag = hashlib.sha1(str(Path(self.cfg.train.output_dir).resolve()).encode()).hexdigest()[:12]
+        swap = str(Path(root) / f"iclight-ds-swap-{tag}")
+        self.ds_cfg = eng.with_nvme_path(self.ds_cfg, swap)
+        return swap
 
     def _planned_ds_config(self) -> Path:
         cfg = self.cfg
+        nvme = cfg.train.nvme_path
+        nvme_gib = shutil.disk_usage(nvme).free / GiB if nvme and Path(nvme).is_dir() else None
         choice = choose_config(cfg.data.resolution, cfg.model.variant, trains_consistency(cfg),
                                self.plan_size, cfg.train.optimizer, ranks=self.ranks_here,
-                               checkpointing=cfg.model.gradient_checkpointing)
+                               checkpointing=cfg.model.gradient_checkpointing, lora_rank=cfg.model.lora_rank,
+                               nvme_gib=nvme_gib)
         log.info("train.ds_config=auto: the planner chose %s", choice)
         return Path(choice)
 
@@ -198,15 +221,15 @@ class _Resolver:
                     f"holds {saved} states; resume with train.optimizer={saved} (or auto)")
             log.info("train.optimizer: %s, as recorded in the checkpoint being resumed", saved)
             return saved
-        params = unet_parameters(self.plan_size, cfg.model.in_channels)
+        params, frozen = trained_parameters(cfg, self.plan_size)
         activations = 0.0  # on a GPU they live in device memory, not in the RAM this decides on
         if cfg.train.optimizer == "auto" and not self.on_gpu:
             activations = micro_batch * activations_per_sample(
-                self.plan_size, cfg.model.in_channels, cfg.data.resolution, params,
+                self.plan_size, cfg.model.in_channels, cfg.data.resolution, params + frozen,
                 checkpointing=cfg.model.gradient_checkpointing, consistency=trains_consistency(cfg))
         name = optimizer_for(cfg.train.optimizer, params, self.ds_cfg, world=self.acc.world_size,
                              ranks_here=self.ranks_here, ram_gib=psutil.virtual_memory().total / GiB,
-                             on_gpu=self.on_gpu, activations=activations)
+                             on_gpu=self.on_gpu, activations=activations, frozen=frozen)
         wanted = eng.resolve_optimizer(cfg.train.optimizer, self.ds_cfg, on_gpu=self.on_gpu)
         if name != wanted:
             log.warning("train.optimizer=auto: %s's fp32 moments would not fit this machine's RAM with %s; using %s "
@@ -234,6 +257,8 @@ def check_resume_config(cfg: RunConfig, saved: dict, path: Path) -> None:
     """Refuse to resume a checkpoint into another model or another synthetic set (e.g. a GPU default run resumed
     with the plain defaults, or back), naming the keys that differ and the --config that resumes it as it was."""
     now = json.loads(json.dumps(to_dict(cfg)))
+    check_resume_lora(now["model"].get("lora_rank", 0), saved.get("model", {}).get("lora_rank", 0), cfg.train.resume,
+                      path)
     differ = []
     for key in RESUME_FIXED_KEYS:
         section, name = key.split(".")
@@ -245,6 +270,21 @@ def check_resume_config(cfg: RunConfig, saved: dict, path: Path) -> None:
         raise ConfigError(f"--resume {cfg.train.resume}: {path} was trained with another setup: "
                           + "; ".join(differ) + f". Resume it with its own config: --config {path} (plus the "
                           "overrides you want, e.g. --train.resume latest --train.steps N)")
+
+
+def check_resume_lora(rank_now: int, rank_saved: int, resume: str, path: Path) -> None:
+    """A LoRA checkpoint resumed as a full fine-tune, or the reverse, is refused by name (a checkpoint written before
+    LoRA existed is a full fine-tune)."""
+    if bool(rank_now) == bool(rank_saved):
+        return
+    if rank_saved:
+        raise ConfigError(f"--resume {resume}: {path} is a LoRA checkpoint (model.lora_rank={rank_saved}) resumed as a "
+                          "full fine-tune (model.lora_rank=0): its optimizer holds the LoRA layers' states only. "
+                          f"Resume it with --model.lora_rank {rank_saved}, or train the full fine-tune as a new run "
+                          "(another train.output_dir)")
+    raise ConfigError(f"--resume {resume}: {path} is a full fine-tune checkpoint (model.lora_rank=0) resumed as a LoRA "
+                      f"(model.lora_rank={rank_now}): it has no LoRA layers to continue. Resume it with "
+                      "--model.lora_rank 0, or train the LoRA as a new run (another train.output_dir)")
 
 
 def planning_size(cfg: RunConfig) -> str:
@@ -271,14 +311,33 @@ def check_run(run: ResolvedRun, cfg: RunConfig, acc: eng.Accelerator) -> None:
     check_optimizer(run.optimizer, accelerator=acc.name, stage=run.zero_stage,
                     offload_optimizer=eng.offloads_optimizer(run.ds), ds_path=run.ds_config)
     zero = run.ds.get("zero_optimization", {})
-    if any(zero.get(k, {}).get("device", "none") not in (None, "none") for k in ("offload_optimizer", "offload_param")):
-        params = unet_parameters(run.plan_size, cfg.model.in_channels)
-        _, host = model_state_bytes(params, run.ds, acc.world_size, run.optimizer, pinned=acc.name == "cuda")
+    params, frozen = trained_parameters(cfg, run.plan_size)
+    if any(eng.offload_device(zero, k) != "none" for k in ("offload_optimizer", "offload_param")):
+        _, host = model_state_bytes(params, run.ds, acc.world_size, run.optimizer, pinned=acc.name == "cuda",
+                                    frozen=frozen)
         check_offload_ram(needed_gib=host / GiB, ranks_here=ranks_here(acc.world_size),
                           ram_gib=psutil.virtual_memory().total / GiB, ds_path=run.ds_config)
+    if eng.nvme_paths(run.ds):
+        _check_nvme(run, cfg, acc, nvme_bytes(params, run.ds, acc.world_size, run.optimizer, frozen=frozen))
     if acc.name == "cpu" and run.zero_stage == 3 and eng.pin_malloc_mmap_threshold():
         log.info("glibc malloc: mmap threshold pinned at %d KiB for ZeRO-3 on CPU (see engine.py)",
                  eng.MALLOC_MMAP_THRESHOLD // 1024)
+
+
+def _check_nvme(run: ResolvedRun, cfg: RunConfig, acc: eng.Accelerator, needed: float) -> None:
+    """The NVMe folder (train.nvme_path, else the config's nvme_path) and DeepSpeed's async_io op, before step 1."""
+    root = cfg.train.nvme_path
+    key = "train.nvme_path"
+    if root is None:
+        section, root = next(iter(eng.nvme_paths(eng.read_ds_config(run.ds_config)).items()))
+        key = f"{run.ds_config}: zero_optimization.{section}.nvme_path"
+    check_nvme_folder(root, key=key, needed_gib=needed / GiB, ranks_here=ranks_here(acc.world_size),
+                      aio_problem=eng.aio_problem(), ds_path=run.ds_config)
+
+
+def trained_parameters(cfg: RunConfig, size: str) -> tuple[int, int]:
+    """(trainable, frozen) UNet parameters of the run, as the planner counts them (LoRA: its layers + conv_in)."""
+    return parameter_counts(size, cfg.model.in_channels, cfg.model.lora_rank, tuple(cfg.model.lora_targets))
 
 
 def warn_if_unusual(cfg: RunConfig, run: ResolvedRun) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -155,7 +156,7 @@ class Trainer:
         timesteps = torch.randint(0, NUM_TIMESTEPS, (shape[0],), generator=self.generator)
         terms = iclight_losses(self.engine, cond, noise.to(self.acc.device), timesteps.to(self.acc.device),
                                alphas_cumprod=self.alphas_cumprod, lambda_vanilla=cfg.objective.lambda_vanilla,
-                               lambda_consistency=cfg.objective.lambda_consistency if consistency else 0.0,
+                               lambda_consistency=cfg.objective.lambda_consistency if trains_consistency(cfg) else 0.0,
                                snr_gamma=cfg.objective.snr_gamma)
         if not self._all_finite(terms["loss"], batch):
             return {}
@@ -262,7 +263,14 @@ class Trainer:
                                               weights="ema" if self.ema is not None else "raw", verify=False):
                     log.info("exported %s", path)
             eng.barrier()
+        self._remove_nvme_swap()
         writer.close()
+
+    def _remove_nvme_swap(self) -> None:
+        """NVMe offload: the run's swap files (the optimizer states, GBs) go once the last checkpoint holds them."""
+        eng.barrier()
+        if self.run.nvme_swap and self.acc.local_rank == 0:
+            shutil.rmtree(self.run.nvme_swap, ignore_errors=True)
 
     def _show(self, writer: MetricsWriter, *, final: bool) -> None:
         """Previews and evaluation at their cadence; at the end, for the final weights if the cadence missed them."""
