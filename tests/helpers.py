@@ -150,3 +150,9 @@ def write_relight_inputs(root: Path) -> dict[str, Path]:
     np.save(root / "env.npy", np.random.default_rng(0).uniform(0, 4, (16, 32, 3)).astype(np.float32))
     return {"fg": root / "fg.png", "fg_rgb": root / "fg_rgb.png", "mask": root / "mask.png", "bg": root / "bg.png",
             "env": root / "env.npy"}
+
+
+def offload_devices(ds_cfg: dict) -> set[str]:
+    """Where a DeepSpeed config offloads (optimizer states, parameters): a subset of {'cpu', 'nvme'}."""
+    zero = ds_cfg.get("zero_optimization", {})
+    return {zero.get(k, {}).get("device") for k in ("offload_optimizer", "offload_param")} & {"cpu", "nvme"}

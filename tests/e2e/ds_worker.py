@@ -20,6 +20,7 @@ sys.path[:0] = [str(TESTS.parent), str(TESTS)]  # the checkout (iclight_ds) and 
 
 from safetensors.torch import load_file  # noqa: E402
 
+import helpers  # noqa: E402
 from helpers import run_config  # noqa: E402
 from iclight_ds.train import engine as eng  # noqa: E402
 from iclight_ds.train.trainer import Trainer  # noqa: E402
@@ -79,6 +80,10 @@ def run_one(ds_config: str, args, rank: int) -> dict:
         "logging.preview_steps": 2,  # the final preview runs under every ZeRO stage on both ranks
         "logging.preview_samples": 2,
     }
+    if "nvme" in helpers.offload_devices(eng.read_ds_config(eng.resolve_ds_config_path(ds_config))):
+        swap = Path(args.out) / "nvme" / Path(ds_config).stem  # ZeRO-Infinity's swap folder, one per config
+        swap.mkdir(parents=True, exist_ok=True)
+        overrides["train.nvme_path"] = str(swap)
     trainer = ProbedTrainer(run_config(out, args.data, overrides))
     before = eng.gathered_state_dict(trainer.engine)
     trainer.train()

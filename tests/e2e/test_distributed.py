@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import QUIET_ARGS, REPO, find_free_port, losses, run_logged
+from helpers import QUIET_ARGS, REPO, find_free_port, losses, offload_devices, run_logged
 from iclight_ds.train import engine as eng
 
 # ZeRO-3 configs first: the worker's first engine is then built under zero.Init in a fresh process, the case
@@ -18,6 +18,14 @@ from iclight_ds.train import engine as eng
 SHIPPED = sorted((p.stem for p in (REPO / "ds_configs").glob("*.json")),
                  key=lambda n: (json.loads((REPO / "ds_configs" / f"{n}.json").read_text())
                                 .get("zero_optimization", {}).get("stage") != 3, n))
+# the NVMe-offload configs need DeepSpeed's async_io op (libaio); .ci/run installs libaio-dev where apt works
+NVME = {n for n in SHIPPED if offload_devices(eng.read_ds_config(REPO / "ds_configs" / f"{n}.json")) & {"nvme"}}
+AIO_PROBLEM = eng.aio_problem() if NVME else None
+
+
+def _runs_here(name: str) -> None:
+    if name in NVME and AIO_PROBLEM is not None:
+        pytest.skip(f"{name}.json offloads to NVMe, and DeepSpeed's async_io op cannot be built here: {AIO_PROBLEM}")
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +39,8 @@ def worker_results(synth_data, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("ds")
     configs = []
     for name in SHIPPED:
+        if name in NVME and AIO_PROBLEM is not None:
+            continue  # each of its tests skips with the reason
         ds = json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
         if ds["train_micro_batch_size_per_gpu"] * 2 > 32:  # default-gpu's 512: a copy that fits 32 scenes on 2 ranks
             print(f"{name}.json runs with micro-batch 4 instead of {ds['train_micro_batch_size_per_gpu']} here")
@@ -50,6 +60,7 @@ def worker_results(synth_data, tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_config_trains_on_two_ranks(worker_results, name):
+    _runs_here(name)
     r = worker_results[name]
     assert r["finite"], r["trace"]
     # train.optimizer=auto: DeepSpeed's CPU Adam where the optimizer is offloaded to the host, torch's AdamW for the
@@ -78,6 +89,7 @@ def test_shipped_config_trains_on_two_ranks(worker_results, name):
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_accumulation_boundary_and_one_backward(worker_results, name):
+    _runs_here(name)
     r = worker_results[name]
     accum, trace = r["accumulation"], r["trace"]
     assert len(trace) == 2 * accum
