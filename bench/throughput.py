@@ -49,6 +49,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.cache_speed import cpu_name  # noqa: E402
+
 GiB = 2**30
 
 # Published dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets, matched as whole words
@@ -96,15 +98,6 @@ BASE_SWITCHES = {"train.optimizer": "adamw8bit", "model.attention": "sdpa", "mod
 
 # ------------------------------------------------------------------------------------------------ the device
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def device_info() -> dict:
