@@ -420,9 +420,10 @@ def trades(e: Estimate, *, gpus: int = 1, size: str = "full", in_channels: int =
     """What a config gives up against everything on the GPU, in words."""
     parts = []
     if e.lora_rank:
-        trained, frozen = parameter_counts(size, in_channels, e.lora_rank)
-        parts.append(f"LoRA rank {e.lora_rank}: trains {trained / 1e6:.0f}M of the UNet's {(trained + frozen) / 1e6:.0f}M "
-                     "weights (rank-limited updates of the attention and resnet layers, conv_in in full)")
+        trained, _ = parameter_counts(size, in_channels, e.lora_rank)
+        parts.append(f"LoRA rank {e.lora_rank}: trains {trained / 1e6:.0f}M parameters (rank-{e.lora_rank} updates of "
+                     f"the attention and resnet layers, conv_in in full) instead of the UNet's "
+                     f"{unet_parameters(size, in_channels) / 1e6:.0f}M")
     if "param:nvme" in e.offload:
         parts.append("weights and optimizer states on the SSD: every layer is read from it in forward and backward")
     elif "optimizer:nvme" in e.offload:
