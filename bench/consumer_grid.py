@@ -120,14 +120,16 @@ def bench_config(name: str, device: str, tmp: Path) -> Path:
 
 
 def planner_numbers(name: str, lora_rank: int, resolution: int, size: str, bench_ds: Path) -> dict:
-    """The planner's estimate of the bench run on a CPU (everything in RAM, the micro-batch of 1 the bench runs)."""
+    """The planner's estimate of the bench run on a CPU (everything in RAM, the micro-batch of 1 the bench runs), as
+    the trainer plans a run from raw data: with the frozen VAE and text encoder, which the bench builds to encode its
+    input and then drops (their freed memory mostly stays in the process: glibc's heap keeps it, except under ZeRO-3
+    on a CPU, where the trainer pins the mmap threshold)."""
     from iclight_ds.train import engine as eng
     from iclight_ds.train import plan
 
     work = plan.Workload(resolution=resolution, size=size, lora_rank=lora_rank)
     est = plan._estimate(bench_ds, work, gpu_mem_gib=None, gpus=1, ram_gib=1e6, nvme_gib=1e6)
-    frozen_encoders = 0.4 if size == "full" else 0.0  # HOST_BASE_CPU counts them; the bench drops them
-    return {"planner_cpu_gib": est.host_gib - frozen_encoders, "planner_disk_gib": est.disk_gib,
+    return {"planner_cpu_gib": est.host_gib, "planner_disk_gib": est.disk_gib,
             "planner_optimizer": est.optimizer, "zero_stage": eng.zero_stage(eng.read_ds_config(bench_ds))}
 
 
@@ -179,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", choices=["full", "tiny"], default="full")
     p.add_argument("--case-timeout", type=int, default=3600)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--update", action="store_true", help="keep the runs already in --out that this call does not run")
     p.add_argument("--case-out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--case", nargs=2, default=None, help=argparse.SUPPRESS)
     p.add_argument("--gpu-gib", type=float, default=None, help=argparse.SUPPRESS)
@@ -208,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
               "resolution": resolution, "size": args.size, "provenance": provenance([str(Path(__file__)
                                                                                         .relative_to(REPO))] + argv)}
     measured, planned = {}, {}
+    if args.update and out.is_file():  # the earlier runs, each with the provenance it was measured with
+        for key, run in json.loads(out.read_text()).get("runs", {}).items():
+            name, rank = key.rsplit(":", 1)
+            planned[(name, int(rank))] = {k: run[k] for k in ("planner_cpu_gib", "planner_disk_gib",
+                                                              "planner_optimizer", "zero_stage") if k in run}
+            measured[(name, int(rank))] = {k: v for k, v in run.items() if k not in planned[(name, int(rank))]}
     for name, rank in runs:
         ds = bench_config(name, device, tmp)
         planned[(name, rank)] = planner_numbers(name, rank, resolution, args.size, ds)
@@ -215,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"running {name} (LoRA rank {rank}) ...", flush=True)
         case_args = ["--case", str(ds), str(rank), "--resolution", str(resolution), "--size", args.size,
                      "--nvme-path", nvme] + (["--gpu-gib", str(min(gpu_cells))] if gpu_cells else [])
-        measured[(name, rank)] = run_case(case_args, args.case_timeout)
+        measured[(name, rank)] = {**run_case(case_args, args.case_timeout), "provenance": header["provenance"]}
         print(json.dumps(measured[(name, rank)])[:300], flush=True)
         rows = rows_for(cells, measured, planned, device)
         by_run = {f"{n}:{r}": {**planned[(n, r)], **measured[(n, r)]} for n, r in measured}
