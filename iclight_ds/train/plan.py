@@ -533,10 +533,10 @@ def main(argv: list[str] | None = None) -> int:
     lora = f", LoRA rank {args.lora_rank}" if args.lora_rank else ""
     print(f"machine: {where}, {ram:.0f} GiB RAM; {args.size} UNet {args.variant}{lora}, {args.resolution} px, "
           f"consistency {args.consistency}, {args.optimizer}")
-    print(f"{'config':<16}{'stage':>6} {'offload':<24}{'micro':>6} {'optimizer':<10}{'GPU GiB/rank':>13}"
+    print(f"{'config':<16}{'stage':>6} {'offload':<27}{'micro':>6} {'optimizer':<10}{'GPU GiB/rank':>13}"
           f"{'host GiB/rank':>15}{'SSD GiB/rank':>14}  verdict")
     for e in estimates:
-        print(f"{e.config:<16}{e.stage:>6} {e.offload:<24}{e.micro_batch:>6} {e.optimizer:<10}{e.device_gib:>13.2f}"
+        print(f"{e.config:<16}{e.stage:>6} {e.offload:<27}{e.micro_batch:>6} {e.optimizer:<10}{e.device_gib:>13.2f}"
               f"{e.host_gib:>15.2f}{e.disk_gib:>14.1f}  {e.why}")
     print(f"choice: {choice or 'nothing fits'}")
     return 0 if choice else 1
