@@ -142,8 +142,8 @@ def provenance(argv: list[str]) -> dict:
     from cache_speed import cpu_name
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "iclight_ds", "bench", "ds_configs"], cwd=REPO,
-                                capture_output=True, text=True).stdout.strip())
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "iclight_ds", "bench/*.py", "ds_configs"],
+                                cwd=REPO, capture_output=True, text=True).stdout.strip())  # not bench/results
     return {"git_commit": commit + ("+local changes" if dirty else ""), "command": " ".join(["python"] + argv),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "cpu": cpu_name(), "cores": os.cpu_count(),
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
