@@ -32,7 +32,9 @@ RESOLVED_FILE = "resolved.json"
 # transformer block the attention projections (to_q, to_k, to_v, to_out.0 of self- and cross-attention), the
 # transformer's input and output projections (proj_in, proj_out: 1x1 convolutions in SD1.5) and its feed-forward
 # layers (ff.net.0.proj, ff.net.2); in every resnet block both 3x3 convolutions (conv1, conv2), the 1x1 shortcut
-# (conv_shortcut) and the time-embedding projection (time_emb_proj), as kohya's LoCon / "conv_dim" does.
+# (conv_shortcut) and the time-embedding projection (time_emb_proj), the resnet layers kohya's conv_dim adds. The
+# down/upsamplers' convolutions, which conv_dim also adds, are left out: diffusers' SD1.5 loader misnames the
+# upsampler that follows a resnet-only up block in LDM-named files.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                         "conv1", "conv2", "conv_shortcut", "time_emb_proj")
 

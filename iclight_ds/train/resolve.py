@@ -226,7 +226,8 @@ class _Resolver:
         if cfg.train.optimizer == "auto" and not self.on_gpu:
             activations = micro_batch * activations_per_sample(
                 self.plan_size, cfg.model.in_channels, cfg.data.resolution, params + frozen,
-                checkpointing=cfg.model.gradient_checkpointing, consistency=trains_consistency(cfg))
+                checkpointing=cfg.model.gradient_checkpointing, consistency=trains_consistency(cfg),
+                lora_rank=cfg.model.lora_rank)
         name = optimizer_for(cfg.train.optimizer, params, self.ds_cfg, world=self.acc.world_size,
                              ranks_here=self.ranks_here, ram_gib=psutil.virtual_memory().total / GiB,
                              on_gpu=self.on_gpu, activations=activations, frozen=frozen)
