@@ -57,6 +57,16 @@ def test_rows_of_a_tiny_cpu_run(tmp_path):
     assert result["summary"]["best"]["case"] == "base"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="SuperOffload builds on CUDA; the test needs a case that cannot")
+def test_a_case_that_cannot_build_is_recorded(tmp_path):
+    out = tmp_path / "superoffload.json"
+    tp.main(TINY + ["--cases", "zero3-superoffload", "--micro-batches", "1,2", "--out", str(out)])
+    rows = _rows(out)
+    for mb in (1, 2):  # DeepSpeed's SuperOffload asserts a CUDA accelerator
+        assert rows["zero3-superoffload", mb]["error"].startswith("failed to build: AssertionError: SuperOffload")
+        assert rows["zero3-superoffload", mb]["samples_per_s"] is None
+
+
 def test_flops_of_the_full_unet_match_the_published_count():
     # ~2.03 TFLOP per 512 px UNet row forward + backward (../shared/DOMAIN.md), counted on a CPU, where torch's CPU
     # flash-attention kernel has no FLOP formula: attention counted 0 there. On the meta device SDPA runs as its math
