@@ -8,8 +8,8 @@
 #      FIRST_CASES / LATER_CASES (bench/throughput.py case lists, below), DRY_RUN (0; 1: the same sequence with the
 #      tiny model at 64 px, micro-batches 1 and 2, compile through aot_eager, on whatever device this is: it proves
 #      the script end to end on a CPU and never writes into bench/results/). An empty case list or BUSY_S=0 skips
-#      that part, and the table is appended to (a measured row is kept over one not run), so a second session can
-#      run what the first left, e.g. FIRST_CASES= BUSY_S=0 LATER_CASES=compile bash bench/gpu_all.sh
+#      that part, and the table is appended to (a measured row is kept over one not run), so a later run can
+#      measure what an earlier one left, e.g. FIRST_CASES= BUSY_S=0 LATER_CASES=compile bash bench/gpu_all.sh
 #
 # 1. In parallel, before anything is timed: DeepSpeed's CPU Adam op is built (the offload cases step with it), and
 #    the default run's synthetic scenes are rendered into its run folder by the trainer's own function, with the
