@@ -28,9 +28,9 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"; cd "$repo"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 py="${PYTHON:-$(command -v python || command -v python3)}"
 T0=$(date +%s)
-DRY_RUN=${DRY_RUN:-0}
-FIRST_CASES=${FIRST_CASES:-base,channels-last,fused-adamw,offload,zero3-offload}
-LATER_CASES=${LATER_CASES:-checkpointing,compile,xformers,stage0,offload-buckets-200m,offload-no-overlap,zero3-superoffload,zero3-offload-subgroup-1e8,offload-unpinned,zero3-offload-subgroup-1e9}
+DRY_RUN=${DRY_RUN:-0}  # the case lists below default only when unset: an empty one skips its part
+FIRST_CASES=${FIRST_CASES-base,channels-last,fused-adamw,offload,zero3-offload}
+LATER_CASES=${LATER_CASES-checkpointing,compile,xformers,stage0,offload-buckets-200m,offload-no-overlap,zero3-superoffload,zero3-offload-subgroup-1e8,offload-unpinned,zero3-offload-subgroup-1e9}
 if [[ "$DRY_RUN" == 1 ]]; then
   OUT=${1:-/tmp/iclight-gpu-all-dry}; BUDGET_S=${BUDGET_S:-1500}; BUSY_S=${BUSY_S:-90}
   bench=(--size tiny --resolution 64 --micro-batches 1,2 --steps 1 --warmup 1 --min-time-s 0
