@@ -5,11 +5,12 @@
 #   bash bench/gpu_all.sh [RESULTS_DIR]      (default bench/results/; a dry run's default /tmp/iclight-gpu-all-dry)
 #
 # env: BUDGET_S (480: the whole run, preparation included), BUSY_S (90: the default run's time under the sampler),
-#      FIRST_CASES / LATER_CASES (bench/throughput.py case lists, below), DRY_RUN (0; 1: the same sequence with the
-#      tiny model at 64 px, micro-batches 1 and 2, compile through aot_eager, on whatever device this is: it proves
-#      the script end to end on a CPU and never writes into bench/results/). An empty case list or BUSY_S=0 skips
+#      FIRST_CASES / LATER_CASES (bench/throughput.py case lists, below), LOGS (the logs' folder; default a new one
+#      under /tmp), DRY_RUN (0; 1: the same sequence with the tiny model at 64 px, micro-batches 1 and 2, compile
+#      through aot_eager, on whatever device this is: it proves the script end to end on a CPU and never writes into
+#      bench/results/). An empty case list or BUSY_S=0 skips
 #      that part, and the table is appended to (a measured row is kept over one not run), so a later run can
-#      finish what an earlier one left, e.g. FIRST_CASES= BUSY_S=0 LATER_CASES=compile bash bench/gpu_all.sh
+#      measure what an earlier one left, e.g. FIRST_CASES= BUSY_S=0 LATER_CASES=compile bash bench/gpu_all.sh
 #
 # 1. In parallel, before anything is timed: DeepSpeed's CPU Adam op is built (the offload cases step with it), and
 #    the default run's synthetic scenes are rendered into its run folder by the trainer's own function, with the
@@ -27,9 +28,9 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"; cd "$repo"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 py="${PYTHON:-$(command -v python || command -v python3)}"
 T0=$(date +%s)
-DRY_RUN=${DRY_RUN:-0}
-FIRST_CASES=${FIRST_CASES:-base,channels-last,fused-adamw,offload,zero3-offload}
-LATER_CASES=${LATER_CASES:-checkpointing,compile,xformers,stage0,offload-buckets-200m,offload-no-overlap,zero3-superoffload,zero3-offload-subgroup-1e8,offload-unpinned,zero3-offload-subgroup-1e9}
+DRY_RUN=${DRY_RUN:-0}  # the case lists below default only when unset: an empty one skips its part
+FIRST_CASES=${FIRST_CASES-base,channels-last,fused-adamw,offload,zero3-offload}
+LATER_CASES=${LATER_CASES-checkpointing,compile,xformers,stage0,offload-buckets-200m,offload-no-overlap,zero3-superoffload,zero3-offload-subgroup-1e8,offload-unpinned,zero3-offload-subgroup-1e9}
 if [[ "$DRY_RUN" == 1 ]]; then
   OUT=${1:-/tmp/iclight-gpu-all-dry}; BUDGET_S=${BUDGET_S:-1500}; BUSY_S=${BUSY_S:-90}
   bench=(--size tiny --resolution 64 --micro-batches 1,2 --steps 1 --warmup 1 --min-time-s 0
@@ -43,10 +44,10 @@ else
   "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
     echo "bench/gpu_all.sh: no CUDA GPU here; DRY_RUN=1 runs the same sequence with tiny settings" >&2; exit 2; }
 fi
-mkdir -p "$OUT"; logs=$(mktemp -d /tmp/gpu-all-logs.XXXX)
+logs=${LOGS:-$(mktemp -d /tmp/gpu-all-logs.XXXX)}; mkdir -p "$OUT" "$logs"
 left() { local s=$(( BUDGET_S - ($(date +%s) - T0) - ${1:-0} )); echo $(( s < 1 ? 1 : s )); }
 dev=$("$py" -c "import sys; sys.path.insert(0, 'bench'); import throughput as t; print(t.device_slug(t.device_info()))")
-run="$logs/default-run"
+run="$(mktemp -d /tmp/gpu-all-run.XXXX)/default-run"  # its scenes and checkpoints stay out of the results
 echo "gpu_all: device $dev, budget ${BUDGET_S} s, results in $OUT, logs in $logs"
 
 # 1. preparation, in parallel; neither is timed by any case

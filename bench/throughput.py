@@ -316,7 +316,6 @@ def _not_run(columns: dict, micro_batch: int, why: str) -> dict:
 
 def run_case(name: str, case: Case, micro_batches: list[int], args, emit) -> None:
     """Build the case's trainer once and sweep its micro-batches; `emit(row)` after each (and before, as a marker)."""
-    import torch
     from torch.utils.data import default_collate
 
     from iclight_ds.train.trainer import Trainer
@@ -338,11 +337,21 @@ def run_case(name: str, case: Case, micro_batches: list[int], args, emit) -> Non
             emit({"event": "start", "micro_batch": mb})
             try:
                 emit({**columns, **_time_micro_batch(trainer, sample, mb, args)})
-            except torch.cuda.OutOfMemoryError as e:
-                emit(_not_run(columns, mb, f"out of memory: {str(e).splitlines()[0][:200]}"))
+            except Exception as e:  # the sweep ends here: the engine may hold half a step's gradients
+                what = "out of memory" if _is_oom(e) else f"failed: {type(e).__name__}"
+                emit(_not_run(columns, mb, f"{what}: {(str(e).splitlines() or [''])[0][:300]}"))
                 for later in micro_batches[i + 1:]:
-                    emit(_not_run(columns, later, f"not run: out of memory at micro-batch {mb}"))
+                    emit(_not_run(columns, later, f"not run: {what} at micro-batch {mb}"))
                 return
+
+
+def _is_oom(error: Exception) -> bool:
+    """torch's allocator's OutOfMemoryError, or a library's allocation failure (cuBLAS, cuDNN) raised as a
+    RuntimeError."""
+    import torch
+
+    text = str(error)
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower() or "ALLOC_FAILED" in text
 
 
 # ------------------------------------------------------------------------------------------------ the driver
@@ -498,6 +507,7 @@ def print_table(results: Results) -> None:
     print(f"\n{info['device_name']} ({info['device']}, {info['device_count']} device(s)); peak "
           f"{info['peak']['dense_bf16_tflops']} TFLOP/s dense bf16 ({info['peak']['name']})")
     print(f"{'case':<28}{'mb':>4}{'samples/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'busy':>6}{'GiB':>7}{'step s':>9}  note")
+
     def fmt(value, spec: str) -> str:
         return format(value, spec) if value is not None else "-"
 

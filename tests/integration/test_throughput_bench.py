@@ -1,5 +1,6 @@
-"""bench/throughput.py on the CPU with the tiny model (its rows, FLOPs, the out-of-memory and time-budget paths),
-bench/gpu_busy.py against a stand-in nvidia-smi, and the offload-tuning DeepSpeed variants in bench/ds_variants/."""
+"""bench/throughput.py on the CPU with the tiny model (its rows, FLOPs, the out-of-memory, build-failure, dead-case
+and time-budget paths), bench/gpu_busy.py against a stand-in nvidia-smi, and the offload-tuning DeepSpeed variants
+in bench/ds_variants/."""
 
 import json
 import os
@@ -26,12 +27,24 @@ def _rows(path: Path) -> dict[tuple[str, int], dict]:
     return {(r["case"], r["micro_batch"]): r for r in json.loads(path.read_text())["rows"]}
 
 
-def test_rows_of_a_tiny_cpu_run(tmp_path):
+def test_rows_of_a_tiny_cpu_run(tmp_path, monkeypatch):
+    timed = tp._time_micro_batch
+
+    def out_of_memory_at_4(trainer, sample, micro_batch, args):
+        if micro_batch == 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return timed(trainer, sample, micro_batch, args)
+
+    monkeypatch.setattr(tp, "_time_micro_batch", out_of_memory_at_4)
     out = tmp_path / "throughput.json"
-    assert tp.main(TINY + ["--cases", "base,xformers", "--micro-batches", "1,2", "--out", str(out)]) == 0
+    assert tp.main(TINY + ["--cases", "base,xformers", "--micro-batches", "1,2,4,8", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     rows = _rows(out)
-    assert sorted(rows) == [("base", 1), ("base", 2), ("xformers", 1), ("xformers", 2)]
+    assert sorted(rows) == [("base", mb) for mb in (1, 2, 4, 8)] + [("xformers", mb) for mb in (1, 2, 4, 8)]
+    # an out-of-memory error ends the sweep: recorded, and the larger micro-batches are not run
+    assert rows["base", 4]["error"].startswith("out of memory: CUDA out of memory")
+    assert rows["base", 8]["error"] == "not run: out of memory at micro-batch 4"
+    assert rows["base", 4]["samples_per_s"] is None and rows["base", 8]["tflops"] is None
     for mb in (1, 2):
         row = rows["base", mb]
         assert row["device"] == "cpu" and row["micro_batch"] == mb and row["unet_rows"] == 3 * mb
@@ -46,7 +59,7 @@ def test_rows_of_a_tiny_cpu_run(tmp_path):
     # FLOPs are linear in the micro-batch
     assert rows["base", 2]["flops_per_step"] == 2 * rows["base", 1]["flops_per_step"]
     # no xformers on a CPU: recorded, not measured
-    assert all(rows["xformers", mb]["error"].startswith("unavailable: ") for mb in (1, 2))
+    assert all(rows["xformers", mb]["error"].startswith("unavailable: ") for mb in (1, 2, 4, 8))
     assert rows["xformers", 1]["samples_per_s"] is None and rows["xformers", 1]["tflops"] is None
     # what the file says about where it comes from
     assert result["device"] == "cpu" and result["device_count"] == 1 and result["device_name"]
@@ -57,6 +70,16 @@ def test_rows_of_a_tiny_cpu_run(tmp_path):
     assert result["summary"]["best"]["case"] == "base"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="SuperOffload builds on CUDA; the test needs a case that cannot")
+def test_a_case_that_cannot_build_is_recorded(tmp_path):
+    out = tmp_path / "superoffload.json"
+    tp.main(TINY + ["--cases", "zero3-superoffload", "--micro-batches", "1,2", "--out", str(out)])
+    rows = _rows(out)
+    for mb in (1, 2):  # DeepSpeed's SuperOffload asserts a CUDA accelerator
+        assert rows["zero3-superoffload", mb]["error"].startswith("failed to build: AssertionError: SuperOffload")
+        assert rows["zero3-superoffload", mb]["samples_per_s"] is None
+
+
 def test_flops_of_the_full_unet_match_the_published_count():
     # ~2.03 TFLOP per 512 px UNet row forward + backward (../shared/DOMAIN.md), counted on a CPU, where torch's CPU
     # flash-attention kernel has no FLOP formula: attention counted 0 there. On the meta device SDPA runs as its math
@@ -65,24 +88,6 @@ def test_flops_of_the_full_unet_match_the_published_count():
     flops = tp.count_flops("full", 512, 1, checkpointing=False)
     assert flops == pytest.approx(3 * (2.03e12 + 3 * 126e9), rel=0.02)
     assert tp.count_flops("tiny", 32, 1, checkpointing=True) > tp.count_flops("tiny", 32, 1, checkpointing=False)
-
-
-def test_out_of_memory_ends_the_sweep(tmp_path, monkeypatch):
-    timed = tp._time_micro_batch
-
-    def fake(trainer, sample, micro_batch, args):
-        if micro_batch >= 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return timed(trainer, sample, micro_batch, args)
-
-    monkeypatch.setattr(tp, "_time_micro_batch", fake)
-    out = tmp_path / "oom.json"
-    tp.main(TINY + ["--cases", "base", "--micro-batches", "1,2,4", "--out", str(out)])
-    rows = _rows(out)
-    assert rows["base", 1]["samples_per_s"] > 0
-    assert rows["base", 2]["error"].startswith("out of memory: CUDA out of memory")
-    assert rows["base", 4]["error"] == "not run: out of memory at micro-batch 2"
-    assert rows["base", 4]["samples_per_s"] is None
 
 
 def test_cases_past_the_budget_are_recorded_not_run(tmp_path):
