@@ -262,6 +262,7 @@ def init_distributed(timeout_s: float = 600.0) -> Accelerator:
         os.environ.update(MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"), MASTER_PORT=str(_free_port()))
     acc = get_accelerator()
     deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), timeout=timedelta(seconds=timeout_s))
+    _unlink_shm_buffer()
     if own_rendezvous:
         os.environ.pop("MASTER_PORT")
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -278,6 +279,18 @@ def init_distributed(timeout_s: float = 600.0) -> Accelerator:
         bf16=bool(acc.is_bf16_supported()),
         fp16=bool(acc.is_fp16_supported()),
     )
+
+
+def _unlink_shm_buffer() -> None:
+    """DeepSpeed's CPU all-reduce maps one /dev/shm file per local rank and never removes it (about 66 MB each, held
+    in RAM until reboot). Once every rank has mapped every file (the barrier), each rank unlinks its own: the mappings
+    stay valid, and nothing is left behind, not even after kill -9."""
+    if not torch.distributed.is_initialized() or os.environ.get("LOCAL_SIZE") != str(torch.distributed.get_world_size()):
+        return  # DeepSpeed maps these files only when every rank is on this machine (the same test as its own)
+    path = Path("/dev/shm") / "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), torch.distributed.get_rank())
+    torch.distributed.barrier()
+    path.unlink(missing_ok=True)
 
 
 def _free_port() -> int:

@@ -49,13 +49,21 @@ def worker_results(synth_data, tmp_path_factory) -> dict:
             (out / "small" / f"{name}.json").write_text(json.dumps(ds))
             name = str(out / "small" / f"{name}.json")
         configs.append(name)
+    port = find_free_port()
     cmd = [
-        "deepspeed", "--num_gpus", "2", "--master_port", str(find_free_port()), "--no_local_rank",
+        "deepspeed", "--num_gpus", "2", "--master_port", str(port), "--no_local_rank",
         str(Path(__file__).with_name("ds_worker.py")),
         "--configs", ",".join(configs), "--data", str(synth_data), "--out", str(out), "--steps", "2",
     ]
     run_logged(cmd, out / "log.txt", timeout=500)
-    return json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    results["shm_left"] = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    return results
+
+
+def test_no_shared_memory_left_behind(worker_results):
+    """DeepSpeed's CPU all-reduce files in /dev/shm (RAM, about 66 MB a rank) are removed by the ranks themselves."""
+    assert worker_results["shm_left"] == []
 
 
 @pytest.mark.parametrize("name", SHIPPED)
