@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from torchmetrics.functional.image import structural_similarity_index_measure
 
 
 def masked_psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -14,22 +14,13 @@ def masked_psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | N
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
-def masked_ssim(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, window: int = 7) -> torch.Tensor:
-    """(B,) SSIM (Wang et al. 2004, Gaussian window sigma 1.5, on each channel) averaged over the masked pixels."""
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    x = torch.arange(window, dtype=pred.dtype) - (window - 1) / 2
-    g = torch.exp(-(x ** 2) / (2 * 1.5 ** 2))
-    kernel = (g[:, None] * g[None, :] / g.sum() ** 2).expand(pred.shape[1], 1, window, window)
-
-    def blur(img: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.pad(img, [window // 2] * 4, mode="reflect"), kernel, groups=img.shape[1])
-
-    mu_p, mu_t = blur(pred), blur(target)
-    var_p = blur(pred * pred) - mu_p ** 2
-    var_t = blur(target * target) - mu_t ** 2
-    cov = blur(pred * target) - mu_p * mu_t
-    ssim_map = ((2 * mu_p * mu_t + c1) * (2 * cov + c2)) / ((mu_p ** 2 + mu_t ** 2 + c1) * (var_p + var_t + c2))
-    m = mask.expand_as(ssim_map)
+def masked_ssim(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) SSIM as Wang et al. 2004 define it and papers report it (11x11 Gaussian window, sigma 1.5, K1 0.01,
+    K2 0.03, peak 1; torchmetrics' implementation, on each channel), averaged over the masked pixels."""
+    _, ssim_map = structural_similarity_index_measure(
+        pred.float(), target.float(), gaussian_kernel=True, kernel_size=11, sigma=1.5, data_range=1.0,
+        reduction="none", return_full_image=True)
+    m = mask.float().expand_as(ssim_map)
     return (ssim_map * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from iclight_ds.data.imageio import linear_to_srgb, srgb_to_linear
@@ -32,6 +33,33 @@ def test_ssim_is_one_for_equal_images_and_lower_for_noise():
     assert torch.allclose(metrics.masked_ssim(img, img, mask), torch.ones(2), atol=1e-5)
     noisy = (img + 0.2 * torch.randn_like(img)).clamp(0, 1)
     assert (metrics.masked_ssim(noisy, img, mask) < 0.9).all()
+
+
+def test_ssim_luminance_term_in_closed_form():
+    """Flat images (no variance): SSIM is the luminance term alone, (2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1) with
+    C1 = (0.01 * peak)^2, everywhere, so the mask changes nothing."""
+    x, y = torch.full((1, 3, 32, 32), 0.5), torch.full((1, 3, 32, 32), 0.6)
+    c1 = 0.01 ** 2
+    expected = (2 * 0.5 * 0.6 + c1) / (0.5 ** 2 + 0.6 ** 2 + c1)
+    _, mask = _images(b=1)
+    assert metrics.masked_ssim(x, y, mask).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_ssim_window_is_wang_et_al_11x11():
+    """The window reaches exactly 5 pixels (11x11): a point change lowers the SSIM of the pixels 5 away from it (a
+    7x7 window would not see it there) and leaves those 6 away at exactly 1."""
+    img = torch.full((1, 1, 32, 32), 0.5)
+    img[..., 8::4, :] = 0.7  # texture, so the structure term is defined
+    changed = img.clone()
+    changed[..., 16, 16] = 0.0
+    ring = torch.zeros(1, 1, 32, 32)
+    ring[..., 11:22, 11:22] = 1
+    ring[..., 12:21, 12:21] = 0  # the pixels 5 away (Chebyshev) from the change
+    assert metrics.masked_ssim(changed, img, ring).item() < 0.999
+    far = ring.clone()
+    far[..., 10:23, 10:23] = 1
+    far[..., 11:22, 11:22] = 0  # 6 away: outside even the 11x11 window
+    assert metrics.masked_ssim(changed, img, far).item() == pytest.approx(1.0, abs=1e-6)
 
 
 def test_chroma_drift_ignores_brightness_but_not_colour():
