@@ -50,7 +50,7 @@ def case(resolution: int, ds_path: str, lora_rank: int, nvme_path: str | None, s
     from iclight_ds.config import load_config
     from iclight_ds.train import engine as eng
     from iclight_ds.train.trainer import Trainer
-    from memory import device_peak_gib, losses, make_inputs, peak_rss_gib, reset_device_peak, sync
+    from memory import device_peak_gib, losses, make_inputs, peak_rss_gib, timed_steps
 
     class Bench(Trainer):
         def _next_batch(self):
@@ -76,14 +76,7 @@ def case(resolution: int, ds_path: str, lora_rank: int, nvme_path: str | None, s
     trainer.cond, trainer.noise, trainer.t = make_inputs(resolution, (trainer.vae, trainer.text_encoder), device)
     trainer.vae = trainer.text_encoder = None  # as in a run from a latent cache
     init_rss = psutil.Process().memory_info().rss / GiB
-    reset_device_peak(device)
-    times = []
-    for _ in range(STEPS):
-        sync(device)
-        t0 = time.perf_counter()
-        trainer.train_step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
+    times = timed_steps(trainer, device, STEPS)
     result = {"host_peak_gib": peak_rss_gib(), "init_rss_gib": init_rss, "device_peak_gib": device_peak_gib(device),
               "optimizer": trainer.run.optimizer, "attention": trainer.run.attention, "step_s": min(times[1:]),
               "step_times_s": times}

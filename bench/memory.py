@@ -89,6 +89,19 @@ def device_peak_gib(device) -> float | None:
 STEPS = 4  # one warm-up step, then timed ones
 
 
+def timed_steps(trainer, device, steps: int) -> list[float]:
+    """Seconds of each of `steps` trainer steps, the device synchronised around each (the first one warms up)."""
+    reset_device_peak(device)
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        trainer.train_step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
@@ -238,8 +251,6 @@ def case_plain(resolution: int, precise: bool, pin_malloc: bool) -> dict:
 
 def case_trainer(resolution: int, ds_config: str, attention: str, optimizer: str) -> dict:
     """Our Trainer (engine from the DeepSpeed JSON), one rank's numbers; fed the same inputs as plain."""
-    import torch
-
     from iclight_ds.train import engine as eng
     from iclight_ds.config import load_config
     from iclight_ds.train.trainer import Trainer
@@ -276,14 +287,7 @@ def case_trainer(resolution: int, ds_config: str, attention: str, optimizer: str
     # the input is conditioned once; then the frozen encoders go, as in a run from a latent cache (data.cache),
     # which never builds them
     trainer.vae = trainer.text_encoder = None
-    reset_device_peak(device)
-    times = []
-    for _ in range(STEPS):
-        sync(device)
-        t0 = time.perf_counter()
-        trainer.train_step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
+    times = timed_steps(trainer, device, STEPS)
     zero = trainer.engine.optimizer
     module_params = [getattr(p, "ds_tensor", p) for p in trainer.engine.module.parameters()]
     fp32 = [v for k, v in vars(zero).items() if "fp32" in k.lower()]
