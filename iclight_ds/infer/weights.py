@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 def load_trained_unet(base, weights: str | Path, *, kind: str = "auto", modules: str | Path | None = None):
     """(widened UNet, env encoder or None, metadata) from `weights` on top of `base` (a BaseModel).
 
-    weights: an offset file (official IC-Light, our iclight-offset or ldm), a full `unet` export, a diffusers
-    folder, or a LoRA export (kohya-layout keys, with its conv_in file beside it). kind: 'offset' adds it to the base;
+    weights: an offset file (official IC-Light, our iclight-offset or ldm), a full `unet` export, a single-file
+    `checkpoint` export (its UNet only), a diffusers folder, or a LoRA export (kohya-layout keys, with its conv_in file beside it). kind: 'offset' adds it to the base;
     'full' loads it as is; 'auto' decides from the file's metadata (files without ours, such as the official releases,
     are offsets).
     """
@@ -50,7 +50,8 @@ def load_trained_unet(base, weights: str | Path, *, kind: str = "auto", modules:
         except (BaseModelError, fmt.FormatError) as e:
             raise RelightError(str(e)) from e
         if kind == "auto":
-            kind = "full" if meta.get("format") == fmt.FORMAT_TAGS["unet"] else "offset"
+            full = (fmt.FORMAT_TAGS["unet"], fmt.FORMAT_TAGS["checkpoint"])
+            kind = "full" if meta.get("format") in full else "offset"
         unet = base.unet
         dtype = unet.dtype
         if kind == "offset":

@@ -448,7 +448,10 @@ def read_unet_weights(path: str | Path, unet_config) -> tuple[dict[str, torch.Te
     state = read_single_file(path)
     if "conv_in.weight" in state:
         return state, meta
-    if fmt.detect_unet_ldm_prefix(state) is not None:
+    prefix = fmt.detect_unet_ldm_prefix(state)
+    if prefix == "model.diffusion_model.":  # a whole single-file checkpoint: its VAE and text encoder are not read
+        state = {k: v for k, v in state.items() if k.startswith(prefix)}
+    if prefix is not None:
         return fmt.unet_from_ldm(state, unet_config), meta
     raise BaseModelError(f"{path}: neither diffusers UNet keys (conv_in.weight, ...) nor LDM UNet keys "
                          f"(input_blocks.*) (found: {_describe_keys(state)})")

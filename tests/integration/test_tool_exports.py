@@ -136,3 +136,19 @@ def test_checkpoint_needs_the_base_vae_and_text_encoder(tmp_path):
     with pytest.raises(ValueError, match="VAE and text encoder"):
         export_formatted(trained, small, fmt_name="checkpoint", out=tmp_path, config=_config("fbc"), step=1,
                          base=unet_only)
+
+
+@pytest.mark.parametrize("variant", ["fc", "fbc"])
+def test_checkpoint_relights_through_our_own_loader(tmp_path, variant):
+    """iclight-relight --weights takes the single file too: its UNet keys are the trained UNet, loaded as is (not
+    added to the base as an offset), and its VAE and text encoder keys are left to the base."""
+    from iclight_ds.infer.weights import load_trained_unet
+
+    base, (trained, small) = _trained(variant)
+    path = export_formatted(trained, small, fmt_name="checkpoint", out=tmp_path, config=_config(variant), step=3,
+                            base=base)[0]
+    unet, _, meta = load_trained_unet(copy.deepcopy(base), path)
+    assert meta["format"] == fmt.FORMAT_TAGS["checkpoint"]
+    loaded = unet.state_dict()
+    assert set(loaded) == set(trained)
+    assert [k for k in trained if not torch.equal(loaded[k], trained[k].to(loaded[k].dtype))] == []
