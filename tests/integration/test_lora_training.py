@@ -1,5 +1,5 @@
-"""LoRA runs of the tiny model in-process on the CPU (model.lora_rank > 0): what changes, exact resume at ZeRO stage 0
-and 2, ZeRO-3, the merged and the LoRA exports of a checkpoint, and the refusals (a LoRA checkpoint resumed as a full
+"""LoRA runs of the tiny model in-process on the CPU (model.lora_rank > 0): what changes, exact resume at ZeRO stages
+0, 2 and 3, an EMA, the merged and the LoRA exports of a checkpoint, and the refusals (a LoRA checkpoint resumed as a full
 fine-tune and the reverse, a LoRA export of a full fine-tune)."""
 
 import json
@@ -141,7 +141,7 @@ def test_a_full_fine_tune_resumed_as_lora_and_exported_as_lora_is_refused(data, 
     assert export_main(["--run", str(full), "--format", "lora", "--out", str(tmp_path / "y")]) == 2
 
 
-@pytest.mark.parametrize("ds_config", ["cpu-1rank", "cpu"], ids=["stage0", "zero2"])
+@pytest.mark.parametrize("ds_config", ["cpu-1rank", "cpu", "cpu-zero3"], ids=["stage0", "zero2", "zero3"])
 def test_lora_resumes_exactly(data, tmp_path, ds_config):
     over = {**LORA, "train.ds_config": ds_config}
     straight, split = tmp_path / "straight", tmp_path / "split"
@@ -167,4 +167,20 @@ def test_lora_trains_under_zero3(data, tmp_path):
     assert max(float(state[k].detach().abs().max()) for k in state if ".lora_B." in k) > 0
     want = _merged_independently(state, alpha=8.0)
     exported = load_file(str(out / "unet.safetensors"))
+    assert max(float((exported[k].double() - v).abs().max()) for k, v in want.items()) < 1e-6
+
+
+def test_lora_with_ema_averages_the_trained_layers_and_exports_them_merged(data, tmp_path):
+    """train.ema_decay with LoRA: the EMA holds the LoRA layers, conv_in and the small modules (the frozen base layers
+    are not averaged: they do not move), differs from the raw weights, and the export merges the averaged layers."""
+    out = tmp_path / "ema"
+    Trainer(_cfg(out, data, **LORA, **{"train.steps": 3, "train.ema_decay": 0.5, "train.precision": "fp32",
+                                       "train.lr": 1e-2, "train.warmup_steps": 0})).train()
+    folder = out / "checkpoints" / "step_00000003"
+    raw, ema = checkpoint_state(folder, "raw"), checkpoint_state(folder, "ema")
+    lora_b = [k for k in raw if ".lora_B." in k]
+    assert lora_b and any(not torch.equal(raw[k], ema[k]) for k in lora_b)
+    assert all(torch.equal(raw[k], ema[k]) for k in raw if ".base_layer." in k)
+    want = _merged_independently(ema, alpha=8.0)
+    exported = load_file(str(out / "unet.safetensors"))  # weights auto: the EMA where the run kept one
     assert max(float((exported[k].double() - v).abs().max()) for k, v in want.items()) < 1e-6
