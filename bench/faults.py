@@ -74,6 +74,24 @@ def _is_rank(proc: psutil.Process) -> bool:
         return False
 
 
+def _wait_group_gone(pgid: int, budget_s: float = 300.0) -> None:
+    """Until no process of the launch's process group is left: the next launch must not start (and its interruption
+    point must not be judged) while the previous ranks still finish a step or a save."""
+    deadline = time.monotonic() + budget_s
+    while time.monotonic() < deadline:
+        alive = []
+        for p in psutil.process_iter():
+            try:
+                if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except (OSError, psutil.Error):
+                continue
+        if not alive:
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"the processes of launch group {pgid} did not exit within {budget_s:.0f} s")
+
+
 def _saving(out: Path) -> bool:
     root = out / "checkpoints"
     return root.is_dir() and any(p.name.startswith(".tmp-") for p in root.iterdir())
@@ -105,12 +123,15 @@ def _interrupt(proc: subprocess.Popen, out: Path, kind: str, rng: random.Random)
             break
         time.sleep(0.005 if kind == "kill9-save" else 0.05)
     if proc.poll() is not None:
+        print(f"     launch ended (exit {proc.returncode}) before the {kind} point: logged step {_logged_step(out)}, "
+              f"waited for {first + ahead}", flush=True)
         return ""
     if kind == "sigterm":
         os.killpg(proc.pid, signal.SIGTERM)
         return "SIGTERM to the launcher's process group"
     ranks = _ranks(proc)
     if not ranks:
+        print(f"     no training rank under the launcher at the {kind} point", flush=True)
         return ""
     victim = rng.choice(ranks)
     victim.kill()
@@ -153,6 +174,7 @@ def campaign(args: argparse.Namespace, work: Path, argv: list[str]) -> dict:
             kind = KINDS[len(report["interruptions"]) % len(KINDS)]
             done = _interrupt(proc, run, kind, rng)
         code = proc.wait()
+        _wait_group_gone(proc.pid)  # the launcher exits first; its ranks may still be saving after a SIGTERM
         if done:
             latest_file = run / "checkpoints" / "latest"
             latest = latest_file.read_text().strip() if latest_file.is_file() else None
