@@ -4,12 +4,19 @@
     python bench/report.py --check    # exit 1 and print the difference where a table differs from its results
 
 A generated table sits between `<!-- report: NAME -->` and `<!-- /report -->` in the markdown; NAME is one of
-TABLES below, each a function of the result files it names. Everything outside the markers is left alone.
+TABLES below, each a function of the result files it reads. Everything outside the markers is left alone.
+
+--check also reads the prose: in every paragraph, list item or table that names a file in bench/results/ (a table
+also by the paragraph that introduces it, ending in a colon), each number with a unit (dB, GiB, MiB, KiB, s, ms,
+samples/s, steps/s, x, %; both ends of a range) must be a number of that file at its printed precision: a value as
+stored, or bytes as GiB / MiB / KiB, seconds as ms, a fraction as %, a score's gain over copy-the-input.
+NOT_MEASURED lists, per file, the few numbers with a unit there that are not measurements, each with its reason.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import difflib
 import json
 import math
@@ -65,10 +72,10 @@ MEMORY_CASES = {  # case -> its row's label
 GPU_CASES = {
     "naive": "naive: plain PyTorch, fp32, AdamW, no checkpointing",
     "zero2-1rank": "`zero2.json`, AdamW8bit on the GPU, checkpointing",
-    "offload-opt": "`1gpu-8gb.json`, ZeRO-2 + optimizer offload, {optimizer} on the host",
-    "offload-all": "`1gpu-6gb.json`, ZeRO-3 + parameter and optimizer offload, {optimizer} on the host",
-}
-OPTIMIZER_NAMES = {"adamw8bit": "AdamW8bit", "cpu_adam": "DeepSpeed's CPU Adam", "adamw": "torch's AdamW", None: "AdamW8bit"}
+    "offload-opt": "`1gpu-8gb.json`, ZeRO-2 + optimizer offload, AdamW8bit on the host",
+    "offload-all": "`1gpu-6gb.json`, ZeRO-3 + parameter and optimizer offload, AdamW8bit on the host",
+}  # memory-cuda.json names no optimizer: its states' bytes are 8-bit AdamW's
+OPTIMIZER_NAMES = {"adamw8bit": "AdamW8bit", "cpu_adam": "DeepSpeed's CPU Adam", "adamw": "torch's AdamW"}
 
 
 def _case(file: str, name: str) -> dict:
@@ -81,7 +88,7 @@ def _memory_rows(file: str, labels: dict[str, str], gpu: bool) -> list[list[str]
         if name not in result(file)["cases"]:
             continue
         c = _case(file, name)
-        rows.append([label.format(optimizer=OPTIMIZER_NAMES[c.get("optimizer")]),
+        rows.append([label.format(optimizer=OPTIMIZER_NAMES.get(c.get("optimizer"), "?")),
                      *(f"{c[k] / GiB:.2f}" for k in ("param_bytes", "grad_bytes", "optimizer_bytes")),
                      *([f"{c['device_peak_gib']:.2f}"] if gpu else []), f"{c['peak_rss_gib']:.2f}", sig(c["step_s"])])
     return rows
@@ -193,7 +200,8 @@ def consumer_grid_cpu() -> list[str]:
             continue
         under = r["planner_cpu_gib"] / r["host_peak_gib"] - 1
         rows.append([label, f"{r['host_peak_gib']:.2f}", f"{r['init_rss_gib']:.2f}",
-                     f"{r['planner_cpu_gib']:.2f} ({100 * under:+.0f}%)", sig(r["step_s"]), f"{r['planner_disk_gib']:.1f}"])
+                     f"{r['planner_cpu_gib']:.2f} ({100 * under:+.0f}%)", sig(r["step_s"]),
+                     f"{r['planner_disk_gib']:.1f}"])
     return table(["run", "peak RSS GiB", "after init GiB", "planner, same run on a CPU", "step s",
                   "SSD GiB (planner)"], rows)
 
@@ -224,7 +232,8 @@ def cache_speed() -> list[str]:
          f"{1000 * s['train_step_from_cache_s_median']:.0f} ms"],
         ["the same step encoding on the fly (PNG decode + tiny VAE + text encoder)",
          f"{1000 * s['train_step_on_the_fly_s_median']:.0f} ms"]])
-    labels = {"tiny_fc_64px_bf16": "tiny models, FC, 64 px", "tiny_fbc_64px_bf16_k4": "tiny models, FBC with K = 4, 64 px",
+    labels = {"tiny_fc_64px_bf16": "tiny models, FC, 64 px",
+              "tiny_fbc_64px_bf16_k4": "tiny models, FBC with K = 4, 64 px",
               "full_sd15_fc_256px_bf16": "full-size SD1.5 VAE + CLIP text encoder (random weights), FC, 256 px, bf16",
               "full_sd15_fc_256px_fp32": "the same in fp32"}
     rows = [[label, sig(c[key]["samples_per_s"], 2 if c[key]["samples_per_s"] < 1 else 3)]
@@ -266,6 +275,118 @@ TABLES = {"memory-cpu": memory_cpu, "memory-cpu-ratios": memory_cpu_ratios, "mem
           "cache-speed": cache_speed, "prepare-speed": prepare_speed, "faults": faults}
 
 
+# ------------------------------------------------------------------------------------------------ cited numbers
+
+CITED = re.compile(r"[\w.-]+\.json")
+UNIT = r"(?:\s?(?:dB|GiB|MiB|KiB|ms|s|samples/s|steps/s)(?![\w/])|[x%](?!\w))"
+MEASURED = re.compile(r"(?<![\w.])[+-]?(?:(\d+(?:\.\d+)?)-)?(\d+(?:\.\d+)?)" + UNIT)  # a number or range, a unit
+# a VAE's downsampling factor (the 4x VAE, a table's VAE column), not a measured ratio
+NAMES = re.compile(r"\b\dx(?: and \dx)?(?= (?:tiny )?VAEs?\b| runs?\b| pair\b| model\b| one\b)|(?<=\| )\dx(?= (?:wide )?\|)")
+# per file, numbers with a unit in a paragraph that names a result file but that are not in it, each with its reason
+NOT_MEASURED = {
+    "docs/data.md": {size: "a cache entry's size counted from its tensors' shapes (the measured sizes follow it)"
+                     for size in ("116 KiB", "64 KiB", "16 KiB", "6 KiB", "480 KiB")},
+    "docs/performance.md": {
+        "128 KiB": "the mmap threshold the trainer sets", "32 MiB": "glibc's largest dynamic mmap threshold",
+        "15%": "the test's tolerance (tests/unit/test_consumer_grid.py)",
+        "0.66 GiB": "a difference of two numbers of the LoRA run (host_peak_gib - planner_cpu_gib)",
+        "1.2 GiB": "a difference of two numbers of the LoRA run (host_peak_gib - init_rss_gib)",
+        "14-23 GiB": "the planner's host estimates for the RAM-offload configs (its table above)",
+        "24 GiB": "the development machine's RAM",
+    },
+    "docs/quality.md": {
+        "27.7 dB": "the shipped 8x VAE's own score, from its file's metadata (the VAE table above)",
+        "32x": "512k samples over the CPU default's 16k (2000 steps x 8): arithmetic on the settings",
+    },
+    "docs/testing.md": {"10%": "a test's tolerance", "15%": "a test's tolerance"},
+}
+
+
+def _numbers(x, out: list[float]) -> list[float]:
+    """Every number in a result (bools aside), and what the docs print from it: bytes as GiB, MiB and KiB, seconds
+    as ms, fractions as %, and a score's gain over copy-the-input (`psnr - baseline_psnr`)."""
+    if isinstance(x, dict):
+        if isinstance(x.get("psnr"), float) and isinstance(x.get("baseline_psnr"), float):
+            out.append(x["psnr"] - x["baseline_psnr"])
+        for v in x.values():
+            _numbers(v, out)
+    elif isinstance(x, list):
+        for v in x:
+            _numbers(v, out)
+    elif isinstance(x, (int, float)) and not isinstance(x, bool):
+        out += [x, x / GiB, x / 2**20, x / 1024, 1000 * x, 100 * x]
+    return out
+
+
+@cache
+def numbers_in(name: str) -> list[float]:
+    return sorted(abs(v) for v in _numbers(result(name), []))
+
+
+def holds(name: str, printed: str) -> bool:
+    """Whether result file `name` holds a number that rounds to `printed` at its printed precision."""
+    value, decimals = abs(float(printed)), len(printed.partition(".")[2])
+    values = numbers_in(name)
+    i = bisect.bisect_left(values, value - 0.5 * 10**-decimals - 1e-9)
+    return i < len(values) and values[i] <= value + 0.5 * 10**-decimals + 1e-9
+
+
+def _rel(path: Path) -> str:
+    return path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
+
+
+def paragraphs(text: str) -> list[tuple[int, str, str]]:
+    """(first line number, text, what it inherits) of each paragraph, list item and table of a markdown text,
+    generated tables and fenced code left out; a table inherits the text of the paragraph that introduces it (the
+    one just above it, ending in a colon), where its result files are named."""
+    text = BLOCK.sub(lambda m: m.group(1) + "\n" * m.group(3).count("\n") + m.group(4), text)
+    blocks: list[list] = []  # [first line, lines, is a table]
+    fenced, start = False, True
+    for n, line in enumerate(text.split("\n"), 1):
+        if line.startswith("```"):
+            fenced, start = not fenced, True
+            continue
+        if line.startswith(("<!--", "#")):  # a heading or a generated table: introduces nothing below it
+            blocks.append([n, [], None])
+        if fenced or not line.strip() or line.startswith(("<!--", "#")):
+            start = True
+            continue
+        table = line.startswith("|")
+        if start or re.match(r"\s*(- |\d+\. )", line) or table != blocks[-1][2]:
+            blocks.append([n, [], table])
+        blocks[-1][1].append(line)
+        start = False
+    out = []
+    for i, (first, lines, table) in enumerate(blocks):
+        if table is None:
+            continue
+        above = " ".join(blocks[i - 1][1]) if i and table and not blocks[i - 1][2] else ""
+        out.append((first, " ".join(lines), above if above.rstrip().endswith(":") else ""))
+    return out
+
+
+def uncited_numbers(paths=None, skip: dict[str, tuple[int, int]] | None = None) -> list[str]:
+    """Every number with a unit (dB, GiB, s, x, % ...) in a markdown paragraph, list item or table that names a
+    file in bench/results/ (a table: or whose introducing paragraph does), which none of the files named holds;
+    generated tables aside. `skip`: per file, a range of lines (1-based, inclusive) left out. Each entry:
+    `path:line: number (files)`, the line where the paragraph starts."""
+    missing = []
+    for path in paths or DOCS:
+        rel = _rel(path)
+        lo, hi = (skip or {}).get(rel, (0, -1))
+        allowed = NOT_MEASURED.get(rel, {})
+        for first, text, above in paragraphs(path.read_text()):
+            files = sorted({f for f in CITED.findall(text + " " + above) if (RESULTS / f).is_file()})
+            if not files or lo <= first <= hi:
+                continue
+            for m in MEASURED.finditer(NAMES.sub("", text)):
+                token = m.group(0).strip()
+                if token in allowed or all(any(holds(f, v) for f in files) for v in m.groups() if v):
+                    continue
+                missing.append(f"{rel}:{first}: {token} ({', '.join(files)})")
+    return missing
+
+
 def render(text: str, where: str = "") -> str:
     """`text` with every generated block rewritten; an unknown NAME is an error naming it."""
     def block(m: re.Match) -> str:
@@ -275,10 +396,10 @@ def render(text: str, where: str = "") -> str:
     return BLOCK.sub(block, text)
 
 
-def differences(paths=DOCS) -> dict[Path, str]:
+def differences(paths=None) -> dict[Path, str]:
     """Each file whose generated tables differ from what the results give, with a unified diff."""
     out = {}
-    for path in paths:
+    for path in paths or DOCS:
         text = path.read_text()
         new = render(text, str(path))
         if new != text:
@@ -289,16 +410,20 @@ def differences(paths=DOCS) -> dict[Path, str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--check", action="store_true", help="change nothing; exit 1 where a table differs")
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 where a table differs from its "
+                   "results or a paragraph that names a result file states a number that file does not hold")
     args = p.parse_args(argv)
     diffs = differences()
     if args.check:
+        missing = uncited_numbers()
         for diff in diffs.values():
             print(diff, end="")
-        return 1 if diffs else 0
+        for m in missing:
+            print(f"not in the result it names: {m}")
+        return 1 if diffs or missing else 0
     for path in diffs:
         path.write_text(render(path.read_text(), str(path)))
-        print(f"rewrote {path.relative_to(REPO)}")
+        print(f"rewrote {_rel(path)}")
     return 0
 
 
