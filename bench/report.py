@@ -278,15 +278,16 @@ TABLES = {"memory-cpu": memory_cpu, "memory-cpu-ratios": memory_cpu_ratios, "mem
 # ------------------------------------------------------------------------------------------------ cited numbers
 
 CITED = re.compile(r"[\w.-]+\.json")
-UNIT = r"(?:\s?(?:dB|GiB|MiB|KiB|ms|s|samples/s|steps/s)(?![\w/])|[x%](?!\w))"
+UNIT = r"(?:\s?(dB|GiB|MiB|KiB|ms|s|samples/s|steps/s)(?![\w/])|([x%])(?!\w))"
 MEASURED = re.compile(r"(?<![\w.])[+-]?(?:(\d+(?:\.\d+)?)-)?(\d+(?:\.\d+)?)" + UNIT)  # a number or range, a unit
 # a VAE's downsampling factor (the 4x VAE, a table's VAE column), not a measured ratio
 NAMES = re.compile(r"\b\dx(?: and \dx)?(?= (?:tiny )?VAEs?\b| runs?\b| pair\b| model\b| one\b)|(?<=\| )\dx(?= (?:wide )?\|)")
 # per file, numbers with a unit in a paragraph that names a result file but that are not in it, each with its reason
 NOT_MEASURED = {
     "docs/data.md": {size: "a cache entry's size counted from its tensors' shapes (the measured sizes follow it)"
-                     for size in ("116 KiB", "64 KiB", "16 KiB", "6 KiB", "480 KiB")},
+                     for size in ("200 KiB", "116 KiB", "64 KiB", "16 KiB", "6 KiB", "480 KiB")},
     "docs/performance.md": {
+        "10 s": "12 ns per parameter times the UNet's 866M parameters: arithmetic on a measurement",
         "128 KiB": "the mmap threshold the trainer sets", "32 MiB": "glibc's largest dynamic mmap threshold",
         "15%": "the test's tolerance (tests/unit/test_consumer_grid.py)",
         "0.66 GiB": "a difference of two numbers of the LoRA run (host_peak_gib - planner_cpu_gib)",
@@ -297,14 +298,20 @@ NOT_MEASURED = {
     "docs/quality.md": {
         "27.7 dB": "the shipped 8x VAE's own score, from its file's metadata (the VAE table above)",
         "32x": "512k samples over the CPU default's 16k (2000 steps x 8): arithmetic on the settings",
+        "22.8 dB": "the target: copy's 16.78 dB plus 6 dB",
+        "2.5x": "the lowest-loss LR (min_loss_lr, 7.6e-3) over the default LR 3e-3",
     },
     "docs/testing.md": {"10%": "a test's tolerance", "15%": "a test's tolerance"},
 }
 
 
+SCALES = {"GiB": (1, 1 / GiB), "MiB": (1, 1 / 2**20), "KiB": (1, 1 / 1024), "ms": (1, 1000), "%": (1, 100)}
+# what the docs print from a stored number, per unit: bytes as GiB / MiB / KiB, seconds as ms, a fraction as %;
+# every other unit (dB, s, x, samples/s) as stored
+
+
 def _numbers(x, out: list[float]) -> list[float]:
-    """Every number in a result (bools aside), and what the docs print from it: bytes as GiB, MiB and KiB, seconds
-    as ms, fractions as %, and a score's gain over copy-the-input (`psnr - baseline_psnr`)."""
+    """Every number in a result (bools aside) and each score's gain over copy-the-input (`psnr - baseline_psnr`)."""
     if isinstance(x, dict):
         if isinstance(x.get("psnr"), float) and isinstance(x.get("baseline_psnr"), float):
             out.append(x["psnr"] - x["baseline_psnr"])
@@ -314,19 +321,20 @@ def _numbers(x, out: list[float]) -> list[float]:
         for v in x:
             _numbers(v, out)
     elif isinstance(x, (int, float)) and not isinstance(x, bool):
-        out += [x, x / GiB, x / 2**20, x / 1024, 1000 * x, 100 * x]
+        out.append(x)
     return out
 
 
 @cache
-def numbers_in(name: str) -> list[float]:
-    return sorted(abs(v) for v in _numbers(result(name), []))
+def numbers_in(name: str, unit: str) -> list[float]:
+    return sorted(abs(v) * scale for v in _numbers(result(name), []) for scale in SCALES.get(unit, (1,)))
 
 
-def holds(name: str, printed: str) -> bool:
-    """Whether result file `name` holds a number that rounds to `printed` at its printed precision."""
+def holds(name: str, printed: str, unit: str = "") -> bool:
+    """Whether result file `name` holds a number that rounds to `printed` (a number with `unit`) at its printed
+    precision."""
     value, decimals = abs(float(printed)), len(printed.partition(".")[2])
-    values = numbers_in(name)
+    values = numbers_in(name, unit)
     i = bisect.bisect_left(values, value - 0.5 * 10**-decimals - 1e-9)
     return i < len(values) and values[i] <= value + 0.5 * 10**-decimals + 1e-9
 
@@ -381,7 +389,8 @@ def uncited_numbers(paths=None, skip: dict[str, tuple[int, int]] | None = None) 
                 continue
             for m in MEASURED.finditer(NAMES.sub("", text)):
                 token = m.group(0).strip()
-                if token in allowed or all(any(holds(f, v) for f in files) for v in m.groups() if v):
+                low, high, unit = m.group(1), m.group(2), m.group(3) or m.group(4)
+                if token in allowed or all(any(holds(f, v, unit) for f in files) for v in (low, high) if v):
                     continue
                 missing.append(f"{rel}:{first}: {token} ({', '.join(files)})")
     return missing

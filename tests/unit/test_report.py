@@ -52,6 +52,7 @@ def test_check_exits_1_on_a_stale_table_or_a_wrong_number(tmp_path, monkeypatch,
     ("`memory-cpu.json`: 5.10 GiB per rank.", ["5.10 GiB"]),  # 5.094: printed 5.09
     ("`memory-cpu.json`: 5.09 GiB per rank,\nthe naive step 14.8 GiB and 99.9x.", ["99.9x"]),  # a paragraph's lines
     ("`cache-speed-cpu.json`: a read takes 0.44 ms, a sample 142 KiB.", []),  # seconds as ms, bytes as KiB
+    ("`cache-speed-cpu.json`: a read takes 0.44 s, a sample 142 GiB.", ["0.44 s", "142 GiB"]),  # only per unit
     ("`cache-speed-cpu.json`: 7.777-142 KiB; 3-5.555 s.", ["7.777-142 KiB", "3-5.555 s"]),  # both ends of a range
     ("Scored (`default-run-h200.json`): +6.38 dB over copy.", []),  # psnr - baseline_psnr
     ("Scored (`default-run-h200.json`): +6.40 dB over copy.", ["+6.40 dB"]),
