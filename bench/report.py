@@ -6,7 +6,7 @@
 A generated table sits between `<!-- report: NAME -->` and `<!-- /report -->` in the markdown; NAME is one of
 TABLES below, each a function of the result files it reads. Everything outside the markers is left alone.
 
---check also reads the prose: in every paragraph, list item or table that names a file in bench/results/ (a table
+--check also finds every bench/results/ file the docs name that does not exist, and reads the prose: in every paragraph, list item or table that names a file in bench/results/ (a table
 also by the paragraph that introduces it, ending in a colon), each number with a unit (dB, GiB, MiB, KiB, s, ms,
 samples/s, steps/s, x, %; both ends of a range) must be a number of that file at its printed precision: a value as
 stored, or bytes as GiB / MiB / KiB, seconds as ms, a fraction as %, a score's gain over copy-the-input.
@@ -339,6 +339,16 @@ def holds(name: str, printed: str, unit: str = "") -> bool:
     return i < len(values) and values[i] <= value + 0.5 * 10**-decimals + 1e-9
 
 
+NAMED = re.compile(r"bench/results/([\w.-]+\.(?:json|png))")
+
+
+def missing_files(paths=None) -> list[str]:
+    """Each `bench/results/NAME` the docs name that does not exist, as `path:line: NAME`."""
+    return [f"{_rel(path)}:{n}: {name}" for path in paths or DOCS
+            for n, line in enumerate(path.read_text().split("\n"), 1) for name in NAMED.findall(line)
+            if not (RESULTS / name).is_file()]
+
+
 def _rel(path: Path) -> str:
     return path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
 
@@ -373,19 +383,17 @@ def paragraphs(text: str) -> list[tuple[int, str, str]]:
     return out
 
 
-def uncited_numbers(paths=None, skip: dict[str, tuple[int, int]] | None = None) -> list[str]:
+def uncited_numbers(paths=None) -> list[str]:
     """Every number with a unit (dB, GiB, s, x, % ...) in a markdown paragraph, list item or table that names a
     file in bench/results/ (a table: or whose introducing paragraph does), which none of the files named holds;
-    generated tables aside. `skip`: per file, a range of lines (1-based, inclusive) left out. Each entry:
-    `path:line: number (files)`, the line where the paragraph starts."""
+    generated tables aside. Each entry: `path:line: number (files)`, the line where the paragraph starts."""
     missing = []
     for path in paths or DOCS:
         rel = _rel(path)
-        lo, hi = (skip or {}).get(rel, (0, -1))
         allowed = NOT_MEASURED.get(rel, {})
         for first, text, above in paragraphs(path.read_text()):
             files = sorted({f for f in CITED.findall(text + " " + above) if (RESULTS / f).is_file()})
-            if not files or lo <= first <= hi:
+            if not files:
                 continue
             for m in MEASURED.finditer(NAMES.sub("", text)):
                 token = m.group(0).strip()
@@ -424,12 +432,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     diffs = differences()
     if args.check:
-        missing = uncited_numbers()
+        missing, absent = uncited_numbers(), missing_files()
         for diff in diffs.values():
             print(diff, end="")
         for m in missing:
             print(f"not in the result it names: {m}")
-        return 1 if diffs or missing else 0
+        for m in absent:
+            print(f"no such result file: {m}")
+        return 1 if diffs or missing or absent else 0
     for path in diffs:
         path.write_text(render(path.read_text(), str(path)))
         print(f"rewrote {_rel(path)}")

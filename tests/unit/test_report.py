@@ -23,6 +23,13 @@ def test_every_number_a_paragraph_cites_is_in_its_result_file():
     assert report.uncited_numbers() == []
 
 
+def test_every_result_file_the_docs_name_exists(tmp_path):
+    assert report.missing_files() == []
+    doc = tmp_path / "doc.md"
+    doc.write_text("See `bench/results/memory-cpu.json` and\n![x](../bench/results/nope-cpu.png)\n")
+    assert report.missing_files([doc]) == [f"{doc}:2: nope-cpu.png"]
+
+
 def test_a_stale_table_is_rewritten_and_an_unknown_one_refused():
     stale = "before\n<!-- report: host-optimizer -->\n| optimizer | old |\n<!-- /report -->\nafter\n"
     new = report.render(stale)
