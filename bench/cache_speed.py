@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -33,15 +32,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from torch.utils.data import default_collate  # noqa: E402
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from bench.provenance import cpu_name, provenance  # noqa: E402
 
 
 def trainer_for(out: Path, **over: str):
@@ -97,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     from iclight_ds.data.cache import CachedDataset
     from iclight_ds.data.synth import generate
 
-    result: dict = {"device": f"cpu: {cpu_name()}", "torch_threads": torch.get_num_threads(),
+    result: dict = {"provenance": provenance("bench/cache_speed.py", sys.argv[1:] if argv is None else argv),
+                    "device": f"cpu: {cpu_name()}", "torch_threads": torch.get_num_threads(),
                     "cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg()[0],
                     "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from bench.cache_speed import cpu_name  # noqa: E402
+from bench.provenance import cpu_name, provenance  # noqa: E402
 
 ARMS = {"lambda_c=0.1": "0.1", "lambda_c=0": "0"}
 METRICS = (("psnr", "PSNR fg (dB)", "higher"), ("ssim", "SSIM fg", "higher"),
@@ -127,6 +127,7 @@ def main() -> None:
     with_c, without = arms["lambda_c=0.1"]["eval"], arms["lambda_c=0"]["eval"]
     ratio = with_c["additivity_error"] / without["additivity_error"]
     result = {
+        "provenance": provenance("bench/consistency_ablation.py", sys.argv[1:]),
         "device": f"CPU: {cpu_name()} ({os.cpu_count()} cores)" if not torch.cuda.is_available()
         else torch.cuda.get_device_name(),
         "steps": config["train"]["steps"], "lr": config["train"]["lr"], "seed": args.seed,

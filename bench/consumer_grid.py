@@ -26,16 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path[:0] = [str(REPO), str(BENCH)]
+
+from bench.provenance import provenance  # noqa: E402
 
 GiB = 2**30
 STEPS = 3  # one warm-up step, then timed ones
@@ -126,23 +126,6 @@ def planner_numbers(name: str, lora_rank: int, resolution: int, size: str, bench
             "planner_optimizer": est.optimizer, "zero_stage": eng.zero_stage(eng.read_ds_config(bench_ds))}
 
 
-def provenance(argv: list[str]) -> dict:
-    import deepspeed
-    import diffusers
-    import peft
-    import torch
-
-    from cache_speed import cpu_name
-
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "iclight_ds", "bench/*.py", "ds_configs"],
-                                cwd=REPO, capture_output=True, text=True).stdout.strip())  # not bench/results
-    return {"git_commit": commit + ("+local changes" if dirty else ""), "command": " ".join(["python"] + argv),
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "cpu": cpu_name(), "cores": os.cpu_count(),
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "deepspeed": deepspeed.__version__, "diffusers": diffusers.__version__,
-                         "peft": peft.__version__}}
-
 
 def rows_for(cells, measured: dict, planned: dict, device: str) -> list[dict]:
     from iclight_ds.train.plan import HEADROOM
@@ -201,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = wanted
     out = args.out or REPO / "bench" / "results" / f"consumer-grid-{device}.json"
     header = {"device": device, "device_name": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
-              "resolution": resolution, "size": args.size, "provenance": provenance([str(Path(__file__)
-                                                                                        .relative_to(REPO))] + argv)}
+              "resolution": resolution, "size": args.size, "provenance": provenance("bench/consumer_grid.py", argv)}
     measured, planned = {}, {}
     if args.update and out.is_file():  # the earlier runs, each with the provenance it was measured with
         for key, run in json.loads(out.read_text()).get("runs", {}).items():

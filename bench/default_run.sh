@@ -47,13 +47,14 @@ fi
 [[ -f "$R/held/manifest.jsonl" ]] || "$py" -m iclight_ds.data.synth --out "$R/held" --n 32 --seed 20000 > /dev/null
 CUDA_VISIBLE_DEVICES= "$py" -m iclight_ds.eval --run "$run" --data "$R/held" --samples 32 --steps 20 --seed 0 \
   --out "$R/eval32.json" --grid "$R/eval32.png" > "$R/eval.log" 2>&1 || { tail -20 "$R/eval.log"; exit 1; }
-"$py" - "$R" "$RESULT" <<'PY'
+command="R=$R LIMIT_S=$LIMIT_S RESUME=$RESUME LAUNCHER=$LAUNCHER bash bench/default_run.sh $*"  # for the provenance
+"$py" - "$R" "$RESULT" "$command" <<'PY'
 import json, os, sys
 from pathlib import Path
 
 import torch
 
-from bench.cache_speed import cpu_name
+from bench.provenance import cpu_name, provenance
 from iclight_ds.train.engine import batch_geometry, read_ds_config
 
 R, result = Path(sys.argv[1]), Path(sys.argv[2])
@@ -69,6 +70,7 @@ calls = [line.split() for line in (R / "wall.txt").read_text().splitlines()]
 cores = len(os.sched_getaffinity(0))
 device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else f"cpu ({cpu_name()}, {cores} cores)"
 out = {
+    "provenance": provenance("bench/default_run.sh", sys.argv[2:3], command=sys.argv[3]),
     "device": device,
     "torch": torch.__version__,
     "cores": cores,

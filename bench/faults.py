@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.cache_speed import cpu_name  # noqa: E402
+from bench.provenance import provenance  # noqa: E402
 
 KINDS = ("kill9-step", "kill9-save", "sigterm")
 
@@ -144,17 +144,7 @@ def _write(path: Path, report: dict) -> None:
 
 
 def _provenance(argv: list[str]) -> dict:
-    import deepspeed
-    import diffusers
-    import torch
-    import transformers
-
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    return {"script": "bench/faults.py", "command": " ".join([sys.executable, "bench/faults.py", *argv]),
-            "git_commit": commit, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "device": f"{cpu_name()}, {os.cpu_count()} cores, 2 CPU ranks (gloo)",
-            "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                         "diffusers": diffusers.__version__, "transformers": transformers.__version__}}
+    return {"provenance": provenance("bench/faults.py", argv), "ranks": "2 CPU ranks (gloo)"}
 
 
 def campaign(args: argparse.Namespace, work: Path, argv: list[str]) -> dict:

@@ -26,6 +26,10 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.provenance import provenance  # noqa: E402
+
 QUERY = ["--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
 
 
@@ -132,16 +136,14 @@ def measure_command(cmd: list[str], *, limit_s: float, metrics: Path | None, gpu
 
 
 def where(gpu: str) -> dict:
-    """The commit and the device measured on (nvidia-smi's name of GPU `gpu`; None without nvidia-smi)."""
+    """The device measured on: nvidia-smi's name of GPU `gpu` and the count (None without nvidia-smi)."""
     def run(cmd: list[str]) -> str | None:
         try:
             return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=10).stdout.strip() or None
         except (OSError, subprocess.SubprocessError):
             return None
 
-    repo = Path(__file__).resolve().parent.parent
-    return {"git_commit": run(["git", "-C", str(repo), "rev-parse", "HEAD"]),
-            "device_name": run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", gpu])
+    return {"device_name": run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", gpu])
             or "no nvidia-smi here: not a GPU measurement",
             "device_count": len((run(["nvidia-smi", "-L"]) or "").splitlines()) or None}
 
@@ -158,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu", default=None, help="nvidia-smi index (default: torch's device 0)")
     p.add_argument("--label", default=None, help="what the command measures, written into the JSON")
     args = p.parse_args(argv[:split])
-    result = {"label": args.label, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **where(args.gpu or nvidia_smi_index(0)),
+    result = {"provenance": provenance("bench/gpu_busy.py", argv), "label": args.label,
+              **where(args.gpu or nvidia_smi_index(0)),
               **measure_command(argv[split + 1:], limit_s=args.limit_s, metrics=args.metrics,
                                 gpu=args.gpu or nvidia_smi_index(0))}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.provenance import provenance  # noqa: E402
+
 OPTIMIZERS = ("adamw8bit", "cpu_adam", "torch_fused", "torch_foreach")
 GROUP = 20_000_000  # iclight_ds.train.engine.MAX_GROUP_ELEMENTS
 
@@ -97,8 +101,9 @@ def main() -> None:
               + (f"{r['speedup_vs_adamw8bit']:>13.1f}x" if base else ""))
     out = args.out or REPO / "bench" / "results" / f"host-optimizer-{platform.machine()}-{os.cpu_count()}cores.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"host": host, "cores": os.cpu_count(), "threads": args.threads, "params": n,
-                               "results": results}, indent=1))
+    prov = provenance("bench/host_optimizer.py", sys.argv[1:])
+    out.write_text(json.dumps({"provenance": prov, "host": host, "cores": os.cpu_count(), "threads": args.threads,
+                               "params": n, "results": results}, indent=1))
     print(f"wrote {out}")
 
 

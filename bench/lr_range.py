@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from bench.cache_speed import cpu_name  # noqa: E402
+from bench.provenance import cpu_name, provenance  # noqa: E402
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> dict:
     steepest = min(slopes, key=lambda x: x[0])
     diverged = next((r for r in finite if r["step"] > best["step"] and r["smoothed"] > 1.5 * best["smoothed"]), None)
     return {
+        "provenance": provenance("bench/lr_range.py", sys.argv[1:]),
         "device": f"CPU: {cpu_name()} ({torch.get_num_threads()} threads)",
         "setup": "default run: tiny FC, synthetic 64 px, ds_configs/cpu.json (micro-batch 8, bf16, ZeRO-2), "
                  f"{args.optimizer}, lambda_c 0.1",

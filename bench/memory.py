@@ -52,6 +52,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.provenance import provenance  # noqa: E402
+
 GiB = 2**30
 
 
@@ -491,7 +493,8 @@ def main() -> None:
     res = ["--resolution", str(resolution)]
     out = args.out or REPO / "bench" / "results" / f"memory-{device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    header = {"device": device, "device_name": desc, "cores": os.cpu_count(), "resolution": resolution}
+    header = {"provenance": provenance("bench/memory.py", sys.argv[1:]),
+              "device": device, "device_name": desc, "cores": os.cpu_count(), "resolution": resolution}
     cases: dict[str, list[dict]] = {}
     two_ranks = ["deepspeed", "--num_gpus", "2", "--master_port", "29650", "--no_local_rank"]
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.provenance import cpu_name, provenance  # noqa: E402
 from iclight_ds.data import prepare as prep  # noqa: E402
 from iclight_ds.data.imageio import open_decoded, to_rgba  # noqa: E402
 
@@ -88,7 +88,8 @@ def main() -> None:
                                                    for _ in range(args.repeats))
     n = args.photos
     result = {
-        "device": f"2-core x86-64 CPU ({platform.processor() or platform.machine()}), one process",
+        "provenance": provenance("bench/prepare_speed.py", sys.argv[1:]),
+        "device": f"{os.cpu_count()}-core CPU ({cpu_name()}), one process",
         "photos": n, "photo_size": list(args.size), "resolution": args.resolution, "repeats": args.repeats,
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after (2 cores)
         "rows": {name: {"seconds": round(t, 3), "photos_per_s": round(n / t, 1), "ratio_to_decode": round(t / decode, 2)}

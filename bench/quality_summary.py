@@ -16,6 +16,10 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.provenance import provenance  # noqa: E402
+
 EVAL_KEYS = ("psnr", "baseline_psnr", "ssim", "vae_psnr", "additivity_error", "chroma_drift")
 
 
@@ -82,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = {d.name: run_summary(d, rc) for d in sorted(args.work.iterdir()) if (d / "metrics.jsonl").is_file()}
     if not runs:
         sys.exit(f"{args.work}: no runs (no */metrics.jsonl)")
-    result = {"device": device, "train_seconds_limit": args.train_seconds, "vaes": vaes, "runs": runs}
+    result = {"provenance": provenance("bench/quality_summary.py", sys.argv[1:] if argv is None else argv),
+              "device": device, "train_seconds_limit": args.train_seconds, "vaes": vaes, "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
 

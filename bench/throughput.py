@@ -32,7 +32,6 @@ import dataclasses
 import importlib.util
 import json
 import os
-import platform
 import re
 import resource
 import statistics
@@ -49,7 +48,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.cache_speed import cpu_name  # noqa: E402
+from bench.provenance import cpu_name, provenance  # noqa: E402
 
 GiB = 2**30
 
@@ -124,31 +123,15 @@ def device_slug(info: dict) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "cuda"
 
 
-def provenance(argv: list[str]) -> dict:
-    """Where the numbers come from: commit, command, date, the library versions."""
-    import deepspeed
-    import diffusers
-    import torch
-    import transformers
-
-    def git(*args: str) -> str | None:
+def run_provenance(argv: list[str]) -> dict:
+    """bench/provenance.py's fields, with the attention and compiler kernels' versions: whether they load here."""
+    prov = provenance("bench/throughput.py", argv)
+    for name in ("xformers", "triton"):
         try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                "deepspeed": deepspeed.__version__, "diffusers": diffusers.__version__,
-                "transformers": transformers.__version__}
-    for name in ("bitsandbytes", "xformers", "triton"):
-        try:
-            versions[name] = __import__(name).__version__
+            prov["versions"][name] = __import__(name).__version__
         except Exception as e:  # not installed, or built for another torch
-            versions[name] = f"unavailable ({type(e).__name__}: {str(e)[:120]})"
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(status) if status is not None else None,
-            "command": " ".join([sys.executable, *argv]), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "versions": versions}
+            prov["versions"][name] = f"unavailable ({type(e).__name__}: {str(e)[:120]})"
+    return prov
 
 
 # ------------------------------------------------------------------------------------------------ FLOPs
@@ -560,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     info = device_info()
     out = args.out or REPO / "bench" / "results" / f"throughput-{device_slug(info)}.json"
     results = Results(out, {**info, "size": args.size, "resolution": args.resolution},
-                      provenance(sys.argv if argv is None else [__file__, *argv]), args.append)
+                      run_provenance(sys.argv[1:] if argv is None else argv), args.append)
     results.write()
     run_cases(names, args, results, info)
     print_table(results)

@@ -144,7 +144,7 @@ def test_busy_of_a_command_counts_its_training_window(tmp_path, monkeypatch):
     assert result["stopped_by_limit"] and result["wall_s"] < 10
     assert result["gpu_busy_training"] > 0.8 and result["gpu_busy_whole_run"] < result["gpu_busy_training"]
     assert 0.4 < result["training_started_after_s"] < 1.8 and result["logged_samples_per_s"] == [123.0]
-    assert result["device_name"] == "NVIDIA Stand-in" and result["git_commit"]
+    assert result["device_name"] == "NVIDIA Stand-in" and result["provenance"]["git_commit"]
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "bench" / "ds_variants").glob("*.json")), ids=lambda p: p.stem)
