@@ -6,11 +6,12 @@ import json
 import os
 import stat
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -123,7 +124,7 @@ def test_busy_sampler_reads_utilization(tmp_path, monkeypatch):
     _fake_nvidia_smi(tmp_path, ["40", "[N/A]", "80", "60"])
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     with gpu_busy.BusySampler("0") as sampler:
-        time.sleep(1.0)
+        wait_until(lambda: len(sampler.samples) == 3, what="the stand-in's three samples", timeout=60)
     assert sampler.available and [v for _, v in sampler.samples] == [0.4, 0.8, 0.6]
     assert sampler.busy() == pytest.approx(0.6)
     assert sampler.busy(since=sampler.samples[1][0]) == pytest.approx(0.7)
