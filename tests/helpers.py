@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,22 @@ def run_logged(cmd: list[str], log: Path, timeout: int = 400, **extra_env: str) 
     if proc.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-40:])
         raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{tail}")
+
+
+def wait_until(done, *, what: str, timeout: float = 600, procs: tuple = (), every: float = 0.2):
+    """Poll `done()` until it returns something truthy and return that; an AssertionError naming `what` when a process
+    in `procs` exits first or `timeout` seconds pass. Budgets are generous: a loaded 2-core machine runs a tiny
+    trainer many times slower than an idle one, and a met condition returns at once."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = done()
+        if result:
+            return result
+        exited = [p.returncode for p in procs if p.poll() is not None]
+        if exited:
+            raise AssertionError(f"waiting for {what}: a process exited first with {exited[0]}")
+        time.sleep(every)
+    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 def python_module(module: str, *args: str) -> list[str]:

@@ -22,6 +22,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 import helpers  # noqa: E402
 from helpers import run_config  # noqa: E402
+from iclight_ds.train import checkpoint as ckpt  # noqa: E402
 from iclight_ds.train import engine as eng  # noqa: E402
 from iclight_ds.train.trainer import Trainer  # noqa: E402
 
@@ -45,7 +46,8 @@ class ProbedTrainer(Trainer):
         before = self.backward_calls
         terms = super().forward_backward(batch)
         probe = self.engine.module.unet.conv_out.weight
-        checksum = None if hasattr(probe, "ds_id") else float(probe.float().sum())  # ZeRO-3: partitioned
+        with eng.gathered_params(self.run.ds)([probe]):  # ZeRO-3: the whole tensor for the read, on every rank
+            checksum = float(probe.float().sum())
         self.trace.append(
             {
                 "global_steps": int(self.engine.global_steps),
@@ -93,7 +95,10 @@ def run_one(ds_config: str, args, rank: int) -> dict:
               "optimizer": [trainer.run.optimizer, type(inner).__name__],
               "checkpointing": trainer.run.gradient_checkpointing}
     if rank == 0:
-        unchanged = [k for k in before if torch.equal(before[k], after[k])]
+        # the fp32 masters of the final checkpoint against the weights the optimizer started from (DeepSpeed builds
+        # its masters from the bf16 module): a bf16 parameter can round back to its old value, a master cannot
+        masters = eng.fp32_state_dict_from_checkpoint(out / "checkpoints", ckpt.tag_for(args.steps))
+        unchanged = [k for k in before if torch.equal(masters[k], before[k].float())]
         last = max(k for k in before if k.startswith("merger.mlp.") and k.endswith(".weight"))
         # surgery and zero-initialisation hold at step 0 under every stage (ZeRO-3 builds partitioned)
         result["init_zero"] = {

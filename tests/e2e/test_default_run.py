@@ -5,30 +5,49 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import FAKE_WANDB_KEY, QUIET_ARGS, metrics, run_logged
+from helpers import FAKE_WANDB_KEY, QUIET_ARGS, find_free_port, metrics, run_logged
+
+
+# The trained run against the still one, seeds 0 and 1 on a 2-core x86-64 CPU: the last 8 steps' mean loss 0.12x and
+# 0.13x, the held-out PSNR +0.8 and +1.1 dB. The bounds leave room for other machines and defaults that learn slower.
+LOSS_RATIO, PSNR_GAIN_DB = 0.5, 0.4
+# train.lr must be > 0; at this one Adam moves a weight by a few 1e-12 a step at most: the weights stay where they
+# started (the zero-initialised channels within 1e-9 of zero), a model that does not learn
+STILL_LR = "1e-12"
+
+
+def _default_run(out: Path, log: Path, port: int, *args: str, **env: str) -> list[dict]:
+    """The README's main command, shortened to 80 steps on 128 scenes; the run's metrics records."""
+    run_logged(["bash", "launch/train.sh", "--output-dir", str(out), "--train.steps", "80", "--logging.every", "1",
+                "--data.synth_samples", "128", "--master-port", str(port), *args], log, **env)
+    return metrics(out)
 
 
 @pytest.mark.slow
 def test_default_run_learns_and_exports(tmp_path, free_port):
-    """The README's main command (shortened): synthetic data, tiny models, loss falls, checkpoint + export."""
-    out = tmp_path / "default"
-    run_logged(["bash", "launch/train.sh", "--output-dir", str(out), "--train.steps", "80", "--logging.every", "1",
-                "--data.synth_samples", "128", "--master-port", str(free_port)], tmp_path / "log.txt",
-               WANDB_MODE="offline")
-    records = metrics(out)
+    """The README's main command (shortened): synthetic data, tiny models, checkpoint + export. It learns: against the
+    same run with weights that stay put (STILL_LR; the same seed, batches, noise and timesteps), its loss over the
+    last 8 steps and its held-out PSNR are clearly better."""
+    out, still = tmp_path / "default", tmp_path / "still"
+    records = _default_run(out, tmp_path / "log.txt", free_port, WANDB_MODE="offline")
+    reference = _default_run(still, tmp_path / "still.txt", find_free_port(), "--train.lr", STILL_LR, *QUIET_ARGS)
     steps = [m for m in records if "loss" in m]
     assert [m["step"] for m in steps] == list(range(1, 81))
-    evals = [m for m in records if "eval/psnr" in m]  # the training-time evaluation ran once, at the end
-    assert [m["step"] for m in evals] == [80] and evals[0]["eval/samples"] == 8
-    assert math.isfinite(evals[0]["eval/psnr"]) and 0 <= evals[0]["eval/additivity_error"] < 10
-    first = sum(m["loss"] for m in steps[:8]) / 8
-    last = sum(m["loss"] for m in steps[-8:]) / 8
-    assert last < 0.6 * first, (first, last)
+    fixed = {m["step"]: m["loss"] for m in reference if "loss" in m}
+    assert steps[0]["loss"] == fixed[1]  # step 1 runs the same initial weights on the same draws: a paired comparison
+    late = sum(m["loss"] for m in steps[-8:]) / 8
+    late_fixed = sum(fixed[m["step"]] for m in steps[-8:]) / 8
+    assert late < LOSS_RATIO * late_fixed, (late, late_fixed)
+    evals, fixed_evals = ([m for m in r if "eval/psnr" in m] for r in (records, reference))
+    assert [m["step"] for m in evals] == [80] == [m["step"] for m in fixed_evals]  # once, at the end
+    assert evals[0]["eval/samples"] == 8
+    assert evals[0]["eval/psnr"] > fixed_evals[0]["eval/psnr"] + PSNR_GAIN_DB, (evals, fixed_evals)
     assert all(m["samples_per_s"] > 0 and m["lr"] > 0 for m in steps)
     assert (out / "checkpoints" / "latest").read_text() == "step_00000080"
     if not torch.cuda.is_available():  # auto on one CPU rank: ZeRO stage 0, exported from its own checkpoint layout

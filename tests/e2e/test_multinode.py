@@ -88,15 +88,15 @@ def _python_ranks(launcher: subprocess.Popen) -> list[psutil.Process]:
     return [p for p in psutil.Process(launcher.pid).children(recursive=True) if is_rank(p)]
 
 
-def _wait_for_checkpoint(out: Path, procs, logs, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not (out / "checkpoints" / "latest").is_file():
-        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-            for p in procs:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
-            raise AssertionError("no checkpoint appeared:\n" + "\n".join(log.read_text()[-3000:] for log in logs))
-        time.sleep(0.2)
+def _wait_for_checkpoint(out: Path, procs, logs) -> None:
+    """Until the run's first checkpoint is published (its `latest` file); on failure every launcher is killed."""
+    try:
+        helpers.wait_until((out / "checkpoints" / "latest").is_file, what=f"a checkpoint in {out}", procs=procs)
+    except AssertionError as e:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        raise AssertionError(f"{e}:\n" + "\n".join(log.read_text()[-3000:] for log in logs)) from None
 
 
 # A run long enough to be interrupted; a constant LR, so that resuming it to fewer steps trains as a run of that

@@ -6,11 +6,12 @@ import json
 import os
 import stat
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -110,12 +111,14 @@ def test_a_dead_case_keeps_its_finished_rows(tmp_path):
     assert rows["base", 4]["error"] == "not run: killed by signal 9 (out of host memory?) at micro-batch 2"
 
 
-def _fake_nvidia_smi(folder: Path, values: list[str]) -> None:
-    """A stand-in nvidia-smi: with --loop-ms it prints `values` as utilization samples; otherwise a card's name."""
+def _fake_nvidia_smi(folder: Path, values: list[str], *, idle_until: Path | None = None) -> None:
+    """A stand-in nvidia-smi: with --loop-ms it prints `values` as utilization samples (after 10% samples until the
+    file `idle_until` exists, when given); otherwise a card's name."""
     script = folder / "nvidia-smi"
+    idle = f"while [ ! -e {idle_until} ]; do echo 10; sleep 0.05; done\n" if idle_until else ""
     lines = "".join(f"echo {v}; sleep 0.05\n" for v in values)
     script.write_text(f'#!/bin/bash\n[[ "$*" == *--loop-ms* ]] || {{ echo "NVIDIA Stand-in"; exit 0; }}\n'
-                      f"{lines}exec sleep 30\n")  # exec: terminate() ends the sampler at once
+                      f"{idle}{lines}exec sleep 30\n")  # exec: terminate() ends the sampler at once
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
 
 
@@ -123,7 +126,7 @@ def test_busy_sampler_reads_utilization(tmp_path, monkeypatch):
     _fake_nvidia_smi(tmp_path, ["40", "[N/A]", "80", "60"])
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     with gpu_busy.BusySampler("0") as sampler:
-        time.sleep(1.0)
+        wait_until(lambda: len(sampler.samples) == 3, what="the stand-in's three samples", timeout=60)
     assert sampler.available and [v for _, v in sampler.samples] == [0.4, 0.8, 0.6]
     assert sampler.busy() == pytest.approx(0.6)
     assert sampler.busy(since=sampler.samples[1][0]) == pytest.approx(0.7)
@@ -134,16 +137,16 @@ def test_busy_sampler_reads_utilization(tmp_path, monkeypatch):
 
 
 def test_busy_of_a_command_counts_its_training_window(tmp_path, monkeypatch):
-    _fake_nvidia_smi(tmp_path, ["10"] * 6 + ["90"] * 30)
-    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     metrics = tmp_path / "metrics.jsonl"
+    _fake_nvidia_smi(tmp_path, ["90"] * 30, idle_until=metrics)  # busy from the first logged loss on, whenever
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     train = f'sleep 0.6; echo \'{{"step": 10, "loss": 1.0, "samples_per_s": 123.0}}\' > {metrics}; sleep 30'
     out = tmp_path / "busy.json"
-    gpu_busy.main(["--out", str(out), "--limit-s", "2", "--metrics", str(metrics), "--", "bash", "-c", train])
+    gpu_busy.main(["--out", str(out), "--limit-s", "4", "--metrics", str(metrics), "--", "bash", "-c", train])
     result = json.loads(out.read_text())
-    assert result["stopped_by_limit"] and result["wall_s"] < 10
+    assert result["stopped_by_limit"] and result["wall_s"] < 60
     assert result["gpu_busy_training"] > 0.8 and result["gpu_busy_whole_run"] < result["gpu_busy_training"]
-    assert 0.4 < result["training_started_after_s"] < 1.8 and result["logged_samples_per_s"] == [123.0]
+    assert 0.4 < result["training_started_after_s"] < 4 and result["logged_samples_per_s"] == [123.0]
     assert result["device_name"] == "NVIDIA Stand-in" and result["provenance"]["git_commit"]
 
 

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from helpers import patch_everywhere
 from iclight_ds.config import TrainConfig, load_config
 from iclight_ds.dtypes import DTYPES
 from iclight_ds.model.iclight import build_initial_model
@@ -148,3 +149,48 @@ def test_precision_by_name_derives_the_config_and_records_it(data, tmp_path):
 
     with pytest.raises(DeviceCheckError, match="fp16"):  # fp16 is refused on a CPU, by name
         Trainer(_cfg(tmp_path / "fp16", data, **{"train.steps": 1, "train.precision": "fp16"}))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_logged_lr_follows_the_schedule(data, tmp_path, schedule):
+    """train.schedule through the Trainer: a linear warm-up to train.lr over 2 steps, then the peak at every later step
+    (constant), or a decay below it (cosine). The logged lr is the one the next step uses."""
+    peak, steps = 1e-3, 5
+    out = tmp_path / "run"
+    Trainer(_cfg(out, data, **{"train.steps": steps, "train.lr": peak, "train.warmup_steps": 2,
+                               "train.schedule": schedule})).train()
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lrs) == steps and lrs[0] == pytest.approx(peak / 2)
+    if schedule == "constant":
+        assert lrs[1:] == [peak] * (steps - 1)
+    else:
+        assert lrs[1] == pytest.approx(peak) and peak > lrs[2] > lrs[3] > lrs[4] > 0
+
+
+def test_noise_offset_shifts_each_channel_of_the_drawn_noise(data, tmp_path, monkeypatch):
+    """objective.noise_offset through the Trainer: at the same seed the noise the objective gets is the plain draw
+    plus one constant per sample and latent channel (of the offset's scale), and the loss differs from offset 0."""
+    from iclight_ds.train import objectives
+
+    drawn: list[torch.Tensor] = []  # the noise of every micro-batch, as the objective receives it
+    real = objectives.iclight_losses
+
+    def spy(engine, cond, noise, timesteps, **kw):
+        drawn.append(noise.clone())
+        return real(engine, cond, noise, timesteps, **kw)
+
+    patch_everywhere(monkeypatch, objectives, "iclight_losses", spy)
+    first_noise, logged = {}, {}
+    for offset in (0.0, 0.5):
+        out = tmp_path / f"offset-{offset}"
+        Trainer(_cfg(out, data, **{"train.steps": 1, "objective.noise_offset": offset})).train()
+        first_noise[offset] = drawn[0]
+        drawn.clear()
+        logged[offset] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    plain, shifted = first_noise[0.0], first_noise[0.5]  # (B, 4, h, w)
+    shift = shifted - plain
+    per_channel = shift[..., :1, :1]  # (B, 4, 1, 1)
+    torch.testing.assert_close(shift, per_channel.expand_as(shift), rtol=0, atol=1e-6)  # constant over the image
+    assert 0.05 < per_channel.abs().mean() < 1.5  # 0.5 * |N(0, 1)| on average is 0.4
+    assert len(set(per_channel.flatten().tolist())) == per_channel.numel()  # one draw per sample and channel
+    assert logged[0.5] != logged[0.0]

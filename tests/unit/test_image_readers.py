@@ -2,7 +2,9 @@
 
 import json
 
+import cv2
 import numpy as np
+import OpenEXR as exr
 import pytest
 from PIL import Image
 
@@ -18,7 +20,6 @@ def _env(h=8, w=16) -> np.ndarray:
 
 
 def test_hdr_is_read_as_linear_rgb(tmp_path):
-    cv2 = pytest.importorskip("cv2")
     env = _env()
     path = tmp_path / "studio.hdr"
     assert cv2.imwrite(str(path), env[..., ::-1].copy())  # OpenCV writes BGR
@@ -29,7 +30,6 @@ def test_hdr_is_read_as_linear_rgb(tmp_path):
 
 
 def test_exr_is_read_exactly(tmp_path):
-    exr = pytest.importorskip("OpenEXR")
     env = _env()
     path = tmp_path / "sky.exr"
     with exr.File({"compression": exr.ZIP_COMPRESSION, "type": exr.scanlineimage}, {"RGB": env}) as f:
@@ -56,7 +56,6 @@ def test_an_unsupported_or_broken_env_map_is_named(tmp_path):
 
 
 def test_a_dataset_with_hdr_env_maps_validates_and_loads(tmp_path):
-    cv2 = pytest.importorskip("cv2")
     from iclight_ds.model.tokenizer import build_char_tokenizer
 
     for name in ("target", "fg", "mask"):

@@ -34,34 +34,45 @@ def test_model_state_bytes_follow_stage_and_offload():
     assert plan.model_state_bytes(P, zero2, world=1, optimizer="auto")[0] == device_adam
 
 
-def test_host_estimate_of_offload_matches_the_gpu_measurement():
-    """1gpu-8gb.json on an H200 (bench/results/memory-cuda.json): 14.28 GiB of host RAM after init (8-bit states are
-    created at the first step); the count with the pinned allocator's rounding and the process base is within
-    0.5 GiB of it. Before the rounding and the fp32 gradient / bf16 copy-back buffers were counted, it was ~6 GiB
-    short."""
-    import json
-
-    measured = json.loads((REPO / "bench/results/memory-cuda.json").read_text())
-    case = measured["cases"]["offload-opt"][0]  # measured with adamw8bit, before train.optimizer=auto existed
+def _offload_host_at_init_gib(params: int) -> float:
+    """The planner's host RAM for 1gpu-8gb.json on a GPU after init, in GiB: its pinned buffers and the process base,
+    without the optimizer states (created at the first step)."""
     ds = eng.read_ds_config(eng.REPO_DS_CONFIGS / "1gpu-8gb.json")
-    params = plan.unet_parameters("full", 8)
     _, host = plan.model_state_bytes(params, ds, world=1, optimizer="adamw8bit", pinned=True)
-    states = plan.OPTIMIZER_STATE_BYTES["adamw8bit"] * params
-    at_init = (host - states + plan.HOST_BASE) / 2**30
+    return (host - plan.OPTIMIZER_STATE_BYTES["adamw8bit"] * params + plan.HOST_BASE) / 2**30
+
+
+def test_host_estimate_of_offload_pins_the_h200_run_it_was_fitted_to():
+    """A regression pin, not a check of the model: PINNED_ROUNDUP (1.46) was set so that this count meets this run
+    (1gpu-8gb.json with adamw8bit on an H200, bench/results/memory-cuda.json: 14.28 GiB of host RAM after init), so
+    the test only keeps the count where it was fitted. The checks against runs the constants were not fitted to are
+    the next two tests."""
+    measured = json.loads((REPO / "bench/results/memory-cuda.json").read_text())
+    case = measured["cases"]["offload-opt"][0]  # measured with adamw8bit
+    at_init = _offload_host_at_init_gib(plan.unet_parameters("full", 8))
     assert abs(at_init - case["init_rss_gib"]) < 0.5, (at_init, case["init_rss_gib"])
 
 
-def test_offload_host_ram_with_cpu_adam_matches_the_h200_peak():
-    """1gpu-8gb.json with DeepSpeed's CPU Adam on an H200 (bench/results/memory-cuda-offload.json): 21.07 GiB peak
-    RSS. The planner's host count (pinned buffers, fp32 master and moments, process base) is within 0.6 GiB of it
-    and does not undercount by more than that: an undercount sends a machine into an OOM."""
-    import json
+@pytest.mark.parametrize("result", ["memory-cuda.json", "memory-cuda-offload.json"])
+def test_host_base_matches_an_h200_rank_without_offload(result):
+    """HOST_BASE (2.5 GiB), a rank's host RAM besides its model states, was not fitted to any H200 run: a ZeRO-2 rank
+    with nothing offloaded holds about that much after init (2.45 GiB in both runs)."""
+    case = json.loads((REPO / "bench/results" / result).read_text())["cases"]["zero2-1rank"][0]
+    assert abs(plan.HOST_BASE / 2**30 - case["init_rss_gib"]) < 0.2, case["init_rss_gib"]
 
+
+def test_offload_host_ram_with_cpu_adam_matches_the_h200_peak():
+    """1gpu-8gb.json with DeepSpeed's CPU Adam on an H200 (bench/results/memory-cuda-offload.json, a run neither
+    HOST_BASE nor PINNED_ROUNDUP was fitted to): 14.29 GiB after init and 21.07 GiB peak RSS. The planner's count
+    (pinned buffers, fp32 master and moments, process base) is within 0.5 GiB of the first and 0.6 GiB of the second,
+    and does not undercount the peak by more than that: an undercount sends a machine into an OOM."""
     measured = json.loads((REPO / "bench/results/memory-cuda-offload.json").read_text())
     case = measured["cases"]["offload-opt"][0]
     assert case["optimizer"] == "cpu_adam"
+    params = plan.unet_parameters("full", 8)
+    assert abs(_offload_host_at_init_gib(params) - case["init_rss_gib"]) < 0.5, case["init_rss_gib"]
     ds = eng.read_ds_config(eng.REPO_DS_CONFIGS / "1gpu-8gb.json")
-    _, host = plan.model_state_bytes(plan.unet_parameters("full", 8), ds, world=1, optimizer="cpu_adam", pinned=True)
+    _, host = plan.model_state_bytes(params, ds, world=1, optimizer="cpu_adam", pinned=True)
     counted = (host + plan.HOST_BASE) / 2**30
     assert abs(counted - case["peak_rss_gib"]) < 0.6, (counted, case["peak_rss_gib"])
 

@@ -6,8 +6,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from iclight_ds.data import prepare as prep
@@ -193,8 +195,6 @@ def test_a_resume_with_other_settings_is_refused(folders):
 
 def test_backgrounds_make_an_fbc_set(folders, tmp_path):
     images, _, out = folders
-    import cv2
-
     _cutout(images / "a.png", 0)
     bgs = tmp_path / "bgs"
     bgs.mkdir()
@@ -212,7 +212,6 @@ def test_backgrounds_make_an_fbc_set(folders, tmp_path):
 
 
 def test_matting_model_masks_photos(folders, tmp_path):
-    torch = pytest.importorskip("torch")
     from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
 
     images, _, out = folders
