@@ -49,7 +49,7 @@ from ..model.base import is_run_dir, load_base, unet_hash
 from ..model.frozen import build_frozen, encode_posterior_mode, vae_identity
 from ..model.tokenizer import build_char_tokenizer
 from .dataset import MANIFEST, RelightDataset, read_manifest
-from .split import split_background
+from .split import split_background, split_grid
 from .validate import validate_dataset
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ def split_seed(seed: int, index: int) -> int:
 
 def split_grids(count: int, cells: int, generator: torch.Generator) -> torch.Tensor:
     """(count, 1, cells, 2*cells) bool: the cell grids conditioning.split_masks draws (it upsamples them, nearest)."""
-    return torch.rand(count, 1, cells, 2 * cells, generator=generator) < 0.5
+    return split_grid(count, cells, generator)
 
 
 def _encode_latents(vae, images: torch.Tensor, chunk: int) -> torch.Tensor:
