@@ -157,6 +157,10 @@ class ObjectiveConfig:
     snr_gamma: float = 5.0
     """Min-SNR-gamma loss weighting (Hang et al. 2023; diffusers' --snr_gamma): each sample's loss times
     min(SNR_t, gamma) / SNR_t; 0 disables it (plain noise-prediction MSE)."""
+    consistency: Literal["paper", "x0"] = "paper"
+    """How the consistency term merges the predictions under L1 and L2: paper = phi(eps_1, eps_2) against the noise
+    (the paper's); x0 = phi over the clean latents they imply, (z_t - sqrt(1 - abar_t) eps_i) / sqrt(abar_t), against
+    the target latent (can express an additive image; train/objectives.py). Not ablated."""
     split_cells: int = 4
     """The random complementary split of the illumination is drawn on a split_cells x (2*split_cells) grid."""
 
