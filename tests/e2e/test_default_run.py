@@ -1,5 +1,6 @@
-"""The default run through launch/train.sh: the README's main command learns and exports without leaking the wandb
-key; the training-time evaluation on two ranks with scenes the run generates itself."""
+"""The default run through launch/train.sh: the README's main command (the CPU default's preset: the tiny pretrained
+base fine-tuned) learns and exports without leaking the wandb key; the training-time evaluation on two ranks with
+scenes the run generates itself."""
 
 from __future__ import annotations
 
@@ -15,11 +16,14 @@ from helpers import FAKE_WANDB_KEY, QUIET_ARGS, metrics, run_logged
 
 @pytest.mark.slow
 def test_default_run_learns_and_exports(tmp_path, free_port):
-    """The README's main command (shortened): synthetic data, tiny models, loss falls, checkpoint + export."""
+    """The README's main command (shortened): synthetic data, the tiny base's low loss, checkpoint + export."""
+    from iclight_ds.train.cli import CPU_DEFAULT_PRESET
+
     out = tmp_path / "default"
-    run_logged(["bash", "launch/train.sh", "--output-dir", str(out), "--train.steps", "80", "--logging.every", "1",
-                "--data.synth_samples", "128", "--master-port", str(free_port)], tmp_path / "log.txt",
-               WANDB_MODE="offline")
+    run_logged(["bash", "launch/train.sh", "--config", str(CPU_DEFAULT_PRESET), "--output-dir", str(out),
+                "--train.steps", "80", "--logging.every", "1", "--data.synth_samples", "128", "--master-port",
+                str(free_port)], tmp_path / "log.txt", WANDB_MODE="offline")
+    assert json.loads((out / "base.json").read_text())["base"].endswith("tiny_base.safetensors")
     records = metrics(out)
     steps = [m for m in records if "loss" in m]
     assert [m["step"] for m in steps] == list(range(1, 81))
@@ -28,7 +32,9 @@ def test_default_run_learns_and_exports(tmp_path, free_port):
     assert math.isfinite(evals[0]["eval/psnr"]) and 0 <= evals[0]["eval/additivity_error"] < 10
     first = sum(m["loss"] for m in steps[:8]) / 8
     last = sum(m["loss"] for m in steps[-8:]) / 8
-    assert last < 0.6 * first, (first, last)
+    # from the pretrained base the loss starts low and stays there (in the pretraining script a random tiny UNet
+    # averaged 0.72 over its first 10 steps, 16 scenes at 32 px)
+    assert first < 0.2 and last < 0.2, (first, last)
     assert all(m["samples_per_s"] > 0 and m["lr"] > 0 for m in steps)
     assert (out / "checkpoints" / "latest").read_text() == "step_00000080"
     if not torch.cuda.is_available():  # auto on one CPU rank: ZeRO stage 0, exported from its own checkpoint layout

@@ -46,7 +46,7 @@ def test_shipped_tiny_base_loads_with_its_recipe_and_is_the_default_run_s_unet_b
 
 def test_the_tiny_base_denoises_unseen_renders_far_better_than_its_random_init(synthetic):
     """What pretraining taught it, on scenes of a seed it never saw: the x0 error at t=500 and t=900, against the
-    same UNet freshly initialised (the starting point of a run without a base)."""
+    same UNet freshly initialised (the starting point of a run without a base) and against the mean latent."""
     from diffusers import UNet2DConditionModel
 
     from iclight_ds.model.base import load_base
@@ -62,7 +62,10 @@ def test_the_tiny_base_denoises_unseen_renders_far_better_than_its_random_init(s
     fresh = score(UNet2DConditionModel.from_config(base.unet.config), latents, text, alphas_cumprod())
     for t in (500, 900):
         assert trained[f"x0_mse_t{t}"] < 0.5 * fresh[f"x0_mse_t{t}"], (t, trained, fresh)
-    assert trained["eps_mse_t500"] < 0.5, trained
+    # against predicting the mean latent (x0 error = the latents' variance): far below at t=500, below at t=900,
+    # where only the prompt says what the object is (a 5-step base scores 1.2 and 28 here)
+    variance = latents.var().item()
+    assert trained["x0_mse_t500"] < 0.25 * variance and trained["x0_mse_t900"] < variance, (trained, variance)
 
 
 def test_pretraining_script_runs_and_its_loss_falls(tmp_path):
