@@ -28,6 +28,9 @@ DEFAULT_ENV_SHAPE = (16, 32)
 # A run's resolved record: what every `auto` became (DeepSpeed config, batch geometry, dtype, optimizer, ...), written
 # by the trainer into the run folder and beside every checkpoint's config.json (iclight_ds/train/resolve.py)
 RESOLVED_FILE = "resolved.json"
+# The shipped tiny pretrained base (iclight_ds/model/tinybase.py, trained by `python -m iclight_ds.tools.tiny_base`):
+# what `model.base: tiny` loads
+SHIPPED_TINY_BASE = Path(__file__).resolve().parent / "model" / "assets" / "tiny_base.safetensors"
 # model.lora_targets by default: the UNet layers kohya's sd-scripts and the diffusers examples put LoRA on. In every
 # transformer block the attention projections (to_q, to_k, to_v, to_out.0 of self- and cross-attention), the
 # transformer's input and output projections (proj_in, proj_out: 1x1 convolutions in SD1.5) and its feed-forward
@@ -44,7 +47,8 @@ class ModelConfig:
     size: Literal["tiny", "full"] = "tiny"
     """Architecture built from configs in code: 'tiny' (tests, default run) or 'full' (real SD1.5 shapes)."""
     base: Optional[str] = None
-    """Local SD1.5 weights to start from (diffusers folder or one .safetensors/.ckpt); None: random from `size`."""
+    """Local SD1.5 weights to start from (diffusers folder or one .safetensors/.ckpt); tiny: the shipped tiny
+    pretrained base (SHIPPED_TINY_BASE, the CPU default run's); None: random from `size`."""
     tokenizer: Optional[str] = None
     """Local CLIP tokenizer folder for a single-file base (which carries none)."""
     iclight_weights: Optional[str] = None
@@ -153,6 +157,10 @@ class ObjectiveConfig:
     snr_gamma: float = 5.0
     """Min-SNR-gamma loss weighting (Hang et al. 2023; diffusers' --snr_gamma): each sample's loss times
     min(SNR_t, gamma) / SNR_t; 0 disables it (plain noise-prediction MSE)."""
+    consistency: Literal["paper", "x0"] = "paper"
+    """How the consistency term merges the predictions under L1 and L2: paper = phi(eps_1, eps_2) against the noise
+    (the paper's); x0 = phi over the clean latents they imply, (z_t - sqrt(1 - abar_t) eps_i) / sqrt(abar_t), against
+    the target latent (can express an additive image; train/objectives.py). Not ablated."""
     split_cells: int = 4
     """The random complementary split of the illumination is drawn on a split_cells x (2*split_cells) grid."""
 
@@ -455,6 +463,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             _apply(cfg, key, value)
     for key, value in (overrides or {}).items():
         _apply(cfg, key, value)
+    if cfg.model.base == "tiny":  # the keyword, as a path: what every reader of model.base loads
+        cfg.model.base = str(SHIPPED_TINY_BASE)
     validate(cfg)
     return cfg
 

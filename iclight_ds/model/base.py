@@ -5,7 +5,9 @@
   (b) one single-file checkpoint in the original (LDM) layout: `.safetensors`, or `.ckpt`/`.pt` read with
       `torch.load(weights_only=True)` (nothing is unpickled); the architecture comes from the SD1.5 configs shipped
       in `iclight_ds/model/sd15_configs/` and the weights are converted by diffusers' own single-file converters;
-  (c) an iclight-ds run folder: its `model.base`, or, when that is null, the random base the trainer built,
+  (c) the tiny pretrained base (`model.base: tiny`, model/tinybase.py): a tiny UNet and its text encoder in one
+      safetensors file, with the shipped tiny VAE;
+  (d) an iclight-ds run folder: its `model.base`, or, when that is null, the random base the trainer built,
       rebuilt from the run's seed with the trainer's own builders (`random_base`).
 `load_iclight_offset(unet, path)` adds an IC-Light offset file to a base UNet the way the official demo does.
 
@@ -39,6 +41,7 @@ from . import formats as fmt
 from .arch import SD15_TEXT, SD15_UNET, SD15_VAE, unet_size_of
 from .frozen import build_frozen
 from .iclight import build_initial_model, narrow_conv_in, widen_conv_in
+from .tinybase import is_tiny_base_file, load_tiny_base
 from .tokenizer import build_char_tokenizer
 
 log = logging.getLogger(__name__)
@@ -346,6 +349,8 @@ def base_unet_size(path: str | Path) -> str | None:
     if path.is_dir() and is_run_dir(path):
         cfg = load_config(path / "config.json")
         return base_unet_size(cfg.model.base) if cfg.model.base else cfg.model.size
+    if is_tiny_base_file(path):
+        return "tiny"
     if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
         return "full"
     config = path / "unet" / "config.json"
@@ -397,6 +402,9 @@ def load_base(
                 tokenizer = _load_tokenizer_dir(path / "tokenizer")
             else:
                 tokenizer, real = _fallback_tokenizer(tokenizer_fallback, source)
+    elif is_tiny_base_file(path):
+        unet, vae, text_encoder, tokenizer = load_tiny_base(path, unet_only=unet_only)
+        source, real = f"tiny pretrained base {path}", False
     elif path.suffix in SINGLE_FILE_SUFFIXES:
         source = f"single-file checkpoint {path}"
         state = read_single_file(path)

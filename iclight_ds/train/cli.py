@@ -33,8 +33,10 @@ log = logging.getLogger("iclight_ds")
 # Bad input: the message says what and where, so the trainer exits 2 with it and no traceback
 USER_ERRORS = (BaseModelError, CacheError, CheckpointError, DeviceCheckError, DatasetError, eng.EngineConfigError,
                EvalError, RelightError, TinyVaeError, FileNotFoundError, ConfigError)
-# The default run on a GPU (a bigger recipe for the same tiny model), and the overrides that leave a run the default
-# run: launch/train.sh's own --output-dir and --resume
+# The default runs: on a machine without a CUDA GPU the CPU one (the tiny pretrained base fine-tuned), on a GPU a
+# bigger recipe for the same tiny model from random weights; and the overrides that leave a run the default run:
+# launch/train.sh's own --output-dir and --resume
+CPU_DEFAULT_PRESET = Path(__file__).parent / "presets" / "default-cpu.yaml"
 GPU_DEFAULT_PRESET = Path(__file__).parent / "presets" / "default-gpu.yaml"
 DEFAULT_RUN_KEYS = {"train.output_dir", "train.resume"}
 # its micro-batch of 512 took 10.7 GiB of an H200 (nvidia-smi, CUDA context included); smaller GPUs keep the planner's
@@ -45,13 +47,14 @@ SWITCHES = {"--resume-unverified": "train.resume_unverified"}
 
 
 def default_config_file(config_path: str | None, overrides: dict, gpu_mem_gib: float | None) -> str | None:
-    """The config file a run reads: the one given; else, on a machine whose first CUDA GPU has GPU_DEFAULT_MIN_GIB
-    or more, the GPU default run's preset when nothing but DEFAULT_RUN_KEYS is overridden (any other override starts
-    from the plain defaults)."""
-    if (config_path is not None or gpu_mem_gib is None or gpu_mem_gib < GPU_DEFAULT_MIN_GIB
-            or not set(overrides) <= DEFAULT_RUN_KEYS):
+    """The config file a run reads: the one given; else, when nothing but DEFAULT_RUN_KEYS is overridden, a default
+    run's preset: the CPU one on a machine without a CUDA GPU, the GPU one where the first GPU has
+    GPU_DEFAULT_MIN_GIB or more (a smaller GPU, or any other override, starts from the plain defaults)."""
+    if config_path is not None or not set(overrides) <= DEFAULT_RUN_KEYS:
         return config_path
-    return str(GPU_DEFAULT_PRESET)
+    if gpu_mem_gib is None:
+        return str(CPU_DEFAULT_PRESET)
+    return str(GPU_DEFAULT_PRESET) if gpu_mem_gib >= GPU_DEFAULT_MIN_GIB else None
 
 
 def _gpu_memory_gib() -> float | None:
@@ -98,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         chosen = default_config_file(config_path, overrides, _gpu_memory_gib())
         cfg = load_config(chosen, overrides)
         if chosen != config_path and os.environ.get("RANK", "0") == "0":
-            print(f"iclight_ds.train: a CUDA GPU of {GPU_DEFAULT_MIN_GIB} GiB or more is visible and no config or "
-                  f"override but the run folder / resume was given: the default run uses {chosen}, into "
-                  f"{cfg.train.output_dir}", file=sys.stderr)
+            machine = ("no CUDA GPU is visible" if chosen == str(CPU_DEFAULT_PRESET)
+                       else f"a CUDA GPU of {GPU_DEFAULT_MIN_GIB} GiB or more is visible")
+            print(f"iclight_ds.train: {machine} and no config or override but the run folder / resume was given: "
+                  f"the default run uses {chosen}, into {cfg.train.output_dir}", file=sys.stderr)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -69,6 +69,22 @@ def consistency_loss(merged: torch.Tensor, noise: torch.Tensor, mask: torch.Tens
     return sq.sum() / denom
 
 
+def x0_estimate(noisy: torch.Tensor, eps: torch.Tensor, timesteps: torch.Tensor,
+                alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """x0 = (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t): the clean latent a noise prediction implies, (B, 4, h, w)."""
+    abar = alphas_cumprod.to(noisy.device)[timesteps].float().view(-1, 1, 1, 1)
+    return (noisy.float() - (1 - abar).sqrt() * eps.float()) / abar.sqrt()
+
+
+def x0_consistency_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(B,) weights of the x0-space consistency loss: SNR_t, which makes an x0 error cost what the same error in
+    noise space costs (||x0 - x0'||^2 SNR_t = ||eps - eps'||^2 for a linear merge), capped at gamma with Min-SNR
+    (the x0-space form of `min_snr_weights`)."""
+    abar = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = abar / (1 - abar)
+    return snr.clamp(max=gamma) if gamma > 0 else snr
+
+
 def _concat_conditions(batch: ConditionedBatch, part: int) -> torch.Tensor:
     """Channel-concatenated conditions for illumination `part` (0: L, 1: L1, 2: L2): (B, 4 or 8, h, w)."""
     if batch.background is None:
@@ -86,12 +102,17 @@ def iclight_losses(
     lambda_vanilla: float = 1.0,
     lambda_consistency: float = 0.1,
     snr_gamma: float = 0.0,
+    consistency: str = "paper",
 ) -> dict[str, torch.Tensor]:
     """Vanilla + light-transport consistency (paper Sec. 3), the three UNet evaluations as ONE batched forward.
 
-    `model(noisy, t, concat, text, env)` predicts noise; `model.merge(eps_1, eps_2)` is the latent MLP phi.
+    `model(noisy, t, concat, text, env)` predicts noise; `model.merge(a, b)` is the latent MLP phi.
     Returns {"loss", "loss_vanilla", "loss_consistency"}; only "loss" carries the graph the caller backprops.
     snr_gamma > 0 weights both terms per sample with Min-SNR-gamma (`min_snr_weights`); 0 leaves them unweighted.
+    consistency: "paper" merges the two noise predictions, phi(eps_1, eps_2) against eps; "x0" merges the clean
+    latents they imply (`x0_estimate`), phi(x0_1, x0_2) against the target latent, weighted by
+    `x0_consistency_weights`: an additive image is an additive x0, which a merge of noise predictions that sees
+    neither z_t nor t cannot express (docs/method.md).
     """
     weights = min_snr_weights(timesteps, alphas_cumprod, snr_gamma) if snr_gamma > 0 else None
     noisy = add_noise(batch.latents, noise, timesteps, alphas_cumprod)  # (B, 4, h, w)
@@ -104,7 +125,12 @@ def iclight_losses(
     ).float()  # (parts * B, 4, h, w)
     eps_full = eps_all[: batch.batch_size]
     terms = {"loss_vanilla": vanilla_loss(eps_full, noise, weights)}
-    if parts == 3:
+    if parts == 3 and consistency == "x0":
+        x0_1, x0_2 = (x0_estimate(noisy, eps, timesteps, alphas_cumprod)
+                      for eps in eps_all[batch.batch_size :].chunk(2, dim=0))
+        terms["loss_consistency"] = consistency_loss(model.merge(x0_1, x0_2).float(), batch.latents, batch.mask,
+                                                     x0_consistency_weights(timesteps, alphas_cumprod, snr_gamma))
+    elif parts == 3:
         eps_1, eps_2 = eps_all[batch.batch_size :].chunk(2, dim=0)
         terms["loss_consistency"] = consistency_loss(model.merge(eps_1, eps_2).float(), noise, batch.mask, weights)
     else:

@@ -68,7 +68,7 @@ class ResolvedRun:
     gradient_checkpointing: bool
     attention: str = "auto"  # the kernel actually used (xformers / sdpa), set when the UNet is built
     nvme_swap: str | None = None  # NVMe offload: the folder this run swaps into (under train.nvme_path)
-    preset: str | None = None  # the GPU default run's preset file, when the run took it
+    preset: str | None = None  # the default run's preset file (CPU or GPU), when the run took it
 
     @property
     def geometry(self) -> eng.BatchGeometry:

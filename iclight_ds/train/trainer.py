@@ -157,7 +157,7 @@ class Trainer:
         terms = iclight_losses(self.engine, cond, noise.to(self.acc.device), timesteps.to(self.acc.device),
                                alphas_cumprod=self.alphas_cumprod, lambda_vanilla=cfg.objective.lambda_vanilla,
                                lambda_consistency=cfg.objective.lambda_consistency if trains_consistency(cfg) else 0.0,
-                               snr_gamma=cfg.objective.snr_gamma)
+                               snr_gamma=cfg.objective.snr_gamma, consistency=cfg.objective.consistency)
         if not self._all_finite(terms["loss"], batch):
             return {}
         self.engine.backward(terms["loss"])

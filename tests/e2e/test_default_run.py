@@ -1,5 +1,7 @@
-"""The default run through launch/train.sh: the README's main command learns and exports without leaking the wandb
-key; the training-time evaluation on two ranks with scenes the run generates itself."""
+"""The default run through launch/train.sh: the README's main command with overrides (which leave the CPU preset: the
+plain defaults, random weights) learns and exports without leaking the wandb key; the training-time evaluation on two
+ranks with scenes the run generates itself. The preset's start from the tiny pretrained base:
+tests/integration/test_trainer_tiny_base.py."""
 
 from __future__ import annotations
 

@@ -161,3 +161,46 @@ def test_split_is_complementary_and_linear():
     torch.testing.assert_close(lin(b1) + lin(b2), lin(bg), rtol=1e-4, atol=1e-5)
     x = torch.linspace(0, 1, 101)
     torch.testing.assert_close(srgb_to_linear(linear_to_srgb(x)), x, rtol=1e-5, atol=1e-6)
+
+
+class AdditiveModel(torch.nn.Module):
+    """Predicts the noise that implies x0 = share * z0 under each light part (rows [0:B] L, [B:2B] L1, [2B:3B] L2),
+    with shares 1, 0.3 and 0.7: a model whose clean images under L1 and L2 add up to the one under L."""
+
+    def __init__(self, z0, alphas):
+        super().__init__()
+        self.z0, self.alphas = z0, alphas
+
+    def forward(self, noisy, t, concat, text, env=None):
+        b = self.z0.shape[0]
+        share = torch.tensor([1.0, 0.3, 0.7]).repeat_interleave(b).view(-1, 1, 1, 1)
+        abar = self.alphas[t].view(-1, 1, 1, 1)
+        return (noisy - abar.sqrt() * share * self.z0.repeat(3, 1, 1, 1)) / (1 - abar).sqrt()
+
+    def merge(self, a, b):
+        return a + b
+
+
+def test_x0_estimate_inverts_the_forward_process_and_its_weights_follow_the_snr():
+    from iclight_ds.train.objectives import x0_consistency_weights, x0_estimate
+
+    ac = alphas_cumprod()
+    z0, eps, t = torch.randn(3, 4, 4, 4), torch.randn(3, 4, 4, 4), torch.tensor([0, 500, 999])
+    torch.testing.assert_close(x0_estimate(add_noise(z0, eps, t, ac), eps, t, ac), z0, rtol=1e-4, atol=1e-3)
+    snr = ac[t] / (1 - ac[t])
+    torch.testing.assert_close(x0_consistency_weights(t, ac, 0.0), snr)
+    torch.testing.assert_close(x0_consistency_weights(t, ac, 5.0), snr.clamp(max=5.0))
+
+
+def test_the_x0_consistency_can_express_additive_light_and_the_paper_s_cannot():
+    """A model whose x0 under L1 and L2 sum to its x0 under L, merged by a sum: zero x0-consistency loss, while the
+    same model and merge on noise predictions (the paper's) is far from zero; the vanilla term is the same."""
+    ac = alphas_cumprod()
+    batch = _batch("fc")
+    model = AdditiveModel(batch.latents, ac)
+    noise, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([300, 800])
+    x0 = iclight_losses(model, batch, noise, t, alphas_cumprod=ac, consistency="x0")
+    paper = iclight_losses(model, batch, noise, t, alphas_cumprod=ac, consistency="paper")
+    assert x0["loss_consistency"].item() < 1e-6 and paper["loss_consistency"].item() > 0.1
+    torch.testing.assert_close(x0["loss_vanilla"], paper["loss_vanilla"])
+    assert x0["loss_vanilla"].item() < 1e-6  # its prediction under L is the true noise

@@ -1,5 +1,5 @@
-"""The trainer's command line: the GPU default run's preset, which config file a run reads, and the metrics
-writer without wandb."""
+"""The trainer's command line: the default runs' presets, which config file a run reads, and the metrics writer
+without wandb."""
 
 import json
 
@@ -27,7 +27,9 @@ def test_the_gpu_default_run_preset():
 
 
 @pytest.mark.parametrize("config,overrides,gpu_gib,expected", [
-    (None, {}, None, None),  # CPU: the plain defaults
+    (None, {}, None, "cpu"),  # no GPU: the CPU default run's preset
+    (None, {"train.output_dir": "x"}, None, "cpu"),
+    (None, {"train.steps": "5"}, None, None),
     (None, {}, 80.0, "preset"),
     (None, {}, 16.0, "preset"),
     (None, {}, 11.9, None),  # a GPU too small for micro-batch 512: the planner's config, as before
@@ -36,10 +38,11 @@ def test_the_gpu_default_run_preset():
     ("mine.yaml", {}, 80.0, "mine.yaml"),
 ])
 def test_which_config_the_default_run_reads(config, overrides, gpu_gib, expected):
-    from iclight_ds.train.cli import GPU_DEFAULT_PRESET, default_config_file
+    from iclight_ds.train.cli import CPU_DEFAULT_PRESET, GPU_DEFAULT_PRESET, default_config_file
 
     chosen = default_config_file(config, overrides, gpu_gib)
-    assert chosen == (str(GPU_DEFAULT_PRESET) if expected == "preset" else expected)
+    presets = {"preset": str(GPU_DEFAULT_PRESET), "cpu": str(CPU_DEFAULT_PRESET)}
+    assert chosen == presets.get(expected, expected)
 
 
 def test_the_trainer_s_command_line_uses_the_gpu_preset(monkeypatch, capsys):
@@ -65,7 +68,10 @@ def test_the_trainer_s_command_line_uses_the_gpu_preset(monkeypatch, capsys):
     assert seen[-1].model.vae == "auto" and seen[-1].train.steps == 7
     monkeypatch.setattr(train, "_gpu_memory_gib", lambda: None)
     assert train.main([]) == 0
-    assert seen[-1] == load_config(None)
+    assert seen[-1] == load_config(train.CPU_DEFAULT_PRESET) and seen[-1].model.base.endswith("tiny_base.safetensors")
+    assert "no CUDA GPU is visible" in capsys.readouterr().err
+    assert train.main(["--train.steps", "7"]) == 0
+    assert seen[-1].model.base is None
 
 
 def test_wandb_mode_disabled_needs_no_wandb(monkeypatch, tmp_path):
