@@ -22,11 +22,12 @@ LOSS_RATIO, PSNR_GAIN_DB = 0.5, 0.4
 # train.lr must be > 0; at this one Adam moves a weight by a few 1e-12 a step at most: the weights stay where they
 # started (the zero-initialised channels within 1e-9 of zero), a model that does not learn
 STILL_LR = "1e-12"
+STEPS = 80  # at 48 the loss ratio holds (0.17x) but the held-out PSNR is not yet above the still run's
 
 
 def _default_run(out: Path, log: Path, port: int, *args: str, **env: str) -> list[dict]:
-    """The README's main command, shortened to 80 steps on 128 scenes; the run's metrics records."""
-    run_logged(["bash", "launch/train.sh", "--output-dir", str(out), "--train.steps", "80", "--logging.every", "1",
+    """The README's main command, shortened to STEPS steps on 128 scenes; the run's metrics records."""
+    run_logged(["bash", "launch/train.sh", "--output-dir", str(out), "--train.steps", str(STEPS), "--logging.every", "1",
                 "--data.synth_samples", "128", "--master-port", str(port), *args], log, **env)
     return metrics(out)
 
@@ -40,18 +41,18 @@ def test_default_run_learns_and_exports(tmp_path, free_port):
     records = _default_run(out, tmp_path / "log.txt", free_port, WANDB_MODE="offline")
     reference = _default_run(still, tmp_path / "still.txt", find_free_port(), "--train.lr", STILL_LR, *QUIET_ARGS)
     steps = [m for m in records if "loss" in m]
-    assert [m["step"] for m in steps] == list(range(1, 81))
+    assert [m["step"] for m in steps] == list(range(1, STEPS + 1))
     fixed = {m["step"]: m["loss"] for m in reference if "loss" in m}
     assert steps[0]["loss"] == fixed[1]  # step 1 runs the same initial weights on the same draws: a paired comparison
     late = sum(m["loss"] for m in steps[-8:]) / 8
     late_fixed = sum(fixed[m["step"]] for m in steps[-8:]) / 8
     assert late < LOSS_RATIO * late_fixed, (late, late_fixed)
     evals, fixed_evals = ([m for m in r if "eval/psnr" in m] for r in (records, reference))
-    assert [m["step"] for m in evals] == [80] == [m["step"] for m in fixed_evals]  # once, at the end
+    assert [m["step"] for m in evals] == [STEPS] == [m["step"] for m in fixed_evals]  # once, at the end
     assert evals[0]["eval/samples"] == 8
     assert evals[0]["eval/psnr"] > fixed_evals[0]["eval/psnr"] + PSNR_GAIN_DB, (evals, fixed_evals)
     assert all(m["samples_per_s"] > 0 and m["lr"] > 0 for m in steps)
-    assert (out / "checkpoints" / "latest").read_text() == "step_00000080"
+    assert (out / "checkpoints" / "latest").read_text() == f"step_{STEPS:08d}"
     if not torch.cuda.is_available():  # auto on one CPU rank: ZeRO stage 0, exported from its own checkpoint layout
         assert json.loads((out / "ds_config.json").read_text())["_source"].endswith("cpu-1rank.json")
     unet = load_file(str(out / "unet.safetensors"))
