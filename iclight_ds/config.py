@@ -78,8 +78,8 @@ class ModelConfig:
     on a GPU (bench/throughput.py, docs/performance.md); changes no weight, checkpoint or export format."""
     compile: bool = False
     """torch.compile the UNet in place (nn.Module.compile: checkpoint and export keys unchanged). The first step
-    compiles (with inductor ~3 minutes for the tiny UNet on a 2-core CPU; the full UNet's time on a GPU is not
-    measured yet), a new batch shape compiles again.
+    compiles (minutes with inductor, even the tiny UNet on a 2-core CPU; the full UNet's time on a GPU is not
+    measured), a new batch shape compiles again.
     Off until measured on a GPU (bench/throughput.py, docs/performance.md). Inductor needs a C/C++ compiler (and
     Triton on CUDA): without one the run is refused before step 1."""
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
