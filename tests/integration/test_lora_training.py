@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import load_file
 
 from iclight_ds.config import ConfigError, load_config, save_config
-from iclight_ds.data.synth import generate
 from iclight_ds.infer.weights import load_trained_unet
 from iclight_ds.model import formats as fmt
 from iclight_ds.model.base import load_base
@@ -26,10 +25,8 @@ LORA = {"model.lora_rank": 4, "model.lora_alpha": 8}
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    generate(root, 16, size=64, seed=3)
-    return root
+def data(synthetic):
+    return synthetic(16, size=64, seed=3)
 
 
 def _cfg(out, data, **over):

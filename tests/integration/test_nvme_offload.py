@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file
 
 from iclight_ds.config import load_config
-from iclight_ds.data.synth import generate
 from iclight_ds.train import checks
 from iclight_ds.train import engine as eng
 from iclight_ds.train.checks import DeviceCheckError
@@ -25,10 +24,8 @@ needs_aio = pytest.mark.skipif(eng.aio_problem() is not None,
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    generate(root, 8, size=64, seed=3)
-    return root
+def data(synthetic):
+    return synthetic(8, size=64, seed=3)
 
 
 def _cfg(out, data, **over):
