@@ -127,6 +127,20 @@ def write_base_folder(root: Path, parts) -> Path:
     return root
 
 
+def write_pipeline_folder(root: Path, parts) -> Path:
+    """`parts` (see tiny_parts) saved as a whole diffusers StableDiffusionPipeline folder (deterministic DDIM
+    scheduler, no safety checker), the base a diffusers user loads."""
+    from diffusers import StableDiffusionPipeline
+
+    from iclight_ds.model.schedule import make_scheduler
+
+    unet, vae, text_encoder, tok = parts
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
+                            scheduler=make_scheduler("ddim"), safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(str(root))
+    return root
+
+
 def patch_everywhere(monkeypatch, module, name: str, value) -> None:
     """Replace `module.name`, and every `from module import name` copy of it in the loaded iclight_ds modules
     (callers bind the function at import time, so patching the defining module alone would miss them)."""

@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import tiny_parts, write_pipeline_folder
 from iclight_ds.config import ModelConfig
 from iclight_ds.infer.sampling import ConcatConditionUNet, _env_tokens, prompt_embeddings
-from iclight_ds.model.arch import build_text_encoder, build_vae
 from iclight_ds.model.base import BaseModel, unet_hash
-from iclight_ds.model.iclight import build_iclight_model, build_unet, env_encoder_from_state
+from iclight_ds.model.iclight import build_iclight_model, env_encoder_from_state
 from iclight_ds.model.schedule import make_scheduler
-from iclight_ds.model.tokenizer import build_char_tokenizer
 from iclight_ds.train.export import export_formatted, split_state_dict
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "weights-and-export.md"
@@ -45,15 +44,10 @@ def doc_snippet(name: str) -> str:
 def _export_and_base(tmp_path: Path, variant: str):
     """A tiny base as a diffusers pipeline folder (deterministic DDIM scheduler), a 'trained' model exported with
     --format diffusers from it, and the trained model itself."""
-    from diffusers import StableDiffusionPipeline
-
-    torch.manual_seed(0)
-    tokenizer = build_char_tokenizer()
-    base_unet = build_unet("tiny", 4).eval()
-    vae, text_encoder = build_vae("tiny").eval(), build_text_encoder("tiny", tokenizer).eval()
-    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=base_unet,
-                            scheduler=make_scheduler("ddim"), safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(str(tmp_path / "base"))
+    base_unet, vae, text_encoder, tokenizer = parts = tiny_parts(seed=0)
+    for module in (base_unet, vae, text_encoder):
+        module.eval()
+    write_pipeline_folder(tmp_path / "base", parts)
     model = build_iclight_model(ModelConfig(variant=variant), unet=copy.deepcopy(base_unet))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -12,14 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import tiny_parts, write_pipeline_folder
+
 from iclight_ds.config import ModelConfig
 from iclight_ds.model import formats as fmt
-from iclight_ds.model.arch import build_text_encoder, build_vae
 from iclight_ds.model.base import BaseModel, unet_hash
-from iclight_ds.model.iclight import build_iclight_model, build_unet
+from iclight_ds.model.iclight import build_iclight_model
 from iclight_ds.model.lora import add_lora
-from iclight_ds.model.schedule import make_scheduler
-from iclight_ds.model.tokenizer import build_char_tokenizer
 from iclight_ds.train.export import export_formatted, split_state_dict
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "weights-and-export.md"
@@ -36,16 +35,11 @@ def doc_snippet(name: str) -> str:
 def exported(tmp_path_factory):
     """A tiny base saved as a diffusers pipeline folder; an FBC LoRA model trained away from it (LoRA up weights,
     conv_in with its condition channels, the merger), exported as `lora` in both layouts and as the merged `unet`."""
-    from diffusers import StableDiffusionPipeline
-
     tmp = tmp_path_factory.mktemp("lora_export")
-    torch.manual_seed(0)
-    tokenizer = build_char_tokenizer()
-    base_unet = build_unet("tiny", 4).eval()
-    vae, text_encoder = build_vae("tiny").eval(), build_text_encoder("tiny", tokenizer).eval()
-    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=base_unet,
-                            scheduler=make_scheduler("ddim"), safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(str(tmp / "base"))
+    base_unet, vae, text_encoder, tokenizer = parts = tiny_parts(seed=0)
+    for module in (base_unet, vae, text_encoder):
+        module.eval()
+    write_pipeline_folder(tmp / "base", parts)
     model = build_iclight_model(ModelConfig(variant="fbc"), unet=copy.deepcopy(base_unet))
     add_lora(model.unet, rank=4, alpha=2.0, targets=ModelConfig().lora_targets)
     g = torch.Generator().manual_seed(1)
