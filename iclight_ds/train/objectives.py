@@ -39,9 +39,14 @@ def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma
     SNR_t = abar_t / (1 - abar_t). Steps with SNR above gamma (the nearly clean, low-t ones) count less, so the
     noisy steps, where a model must know the whole relit image, get a larger share of the gradient.
     """
-    abar = alphas_cumprod.to(timesteps.device)[timesteps].float()
-    snr = abar / (1 - abar)
+    snr = signal_to_noise(timesteps, alphas_cumprod)
     return snr.clamp(max=gamma) / snr
+
+
+def signal_to_noise(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """(B,) SNR_t = abar_t / (1 - abar_t) of each sample's timestep."""
+    abar = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return abar / (1 - abar)
 
 
 def vanilla_loss(eps_pred: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -80,8 +85,7 @@ def x0_consistency_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor
     """(B,) weights of the x0-space consistency loss: SNR_t, which makes an x0 error cost what the same error in
     noise space costs (||x0 - x0'||^2 SNR_t = ||eps - eps'||^2 for a linear merge), capped at gamma with Min-SNR
     (the x0-space form of `min_snr_weights`)."""
-    abar = alphas_cumprod.to(timesteps.device)[timesteps].float()
-    snr = abar / (1 - abar)
+    snr = signal_to_noise(timesteps, alphas_cumprod)
     return snr.clamp(max=gamma) if gamma > 0 else snr
 
 
