@@ -261,7 +261,9 @@ def init_distributed(timeout_s: float = 600.0) -> Accelerator:
     if own_rendezvous:
         os.environ.update(MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"), MASTER_PORT=str(_free_port()))
     acc = get_accelerator()
-    deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), timeout=timeout)
+    _default_group_timeout(timeout)
     _unlink_shm_buffer()
     if own_rendezvous:
         os.environ.pop("MASTER_PORT")
@@ -279,6 +281,17 @@ def init_distributed(timeout_s: float = 600.0) -> Accelerator:
         bf16=bool(acc.is_bf16_supported()),
         fp16=bool(acc.is_fp16_supported()),
     )
+
+
+def _default_group_timeout(timeout: timedelta) -> None:
+    """The timeout of every process group created from now on. DeepSpeed runs its gradient and parameter collectives
+    on groups of its own (a clone of the world group, the data-parallel groups), made by `new_group` without a
+    timeout, which gives torch's default (30 minutes for gloo, 10 for NCCL): a rank stuck there would hold the others
+    that long whatever train.collective_timeout_s says."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
 
 
 def _unlink_shm_buffer() -> None:

@@ -128,6 +128,15 @@ def _exported(exported: dict, module_key: str) -> torch.Tensor:
     return exported[module_key[len("unet."):]] if module_key.startswith("unet.") else exported[module_key]
 
 
+def group_timeouts() -> list[float]:
+    """The collective timeout, in seconds, of every process group this rank holds: the world group and those DeepSpeed
+    made for itself (gloo groups: this worker runs on CPU)."""
+    from torch.distributed import distributed_c10d
+
+    return [pg._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+            for pg in distributed_c10d._world.pg_map]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--configs", required=True, help="comma-separated ds_configs names or paths")
@@ -142,6 +151,7 @@ def main() -> None:
     try:
         for name in args.configs.split(","):
             results[Path(name).stem] = run_one(name, args, acc.rank)
+        results["group_timeouts"] = group_timeouts()
     finally:
         if acc.rank == 0:
             Path(args.out, "results.json").write_text(json.dumps(results, indent=1))

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import QUIET_ARGS, REPO, find_free_port, losses, offload_devices, run_logged
+from iclight_ds.config import TrainConfig
 from iclight_ds.train import engine as eng
 
 # ZeRO-3 configs first: the worker's first engine is then built under zero.Init in a fresh process, the case
@@ -64,6 +65,13 @@ def worker_results(synth_data, tmp_path_factory) -> dict:
 def test_no_shared_memory_left_behind(worker_results):
     """DeepSpeed's CPU all-reduce files in /dev/shm (RAM, about 66 MB a rank) are removed by the ranks themselves."""
     assert worker_results["shm_left"] == []
+
+
+def test_every_process_group_has_the_collective_timeout(worker_results):
+    """DeepSpeed's own groups (its clone of the world group, the data-parallel groups) wait train.collective_timeout_s
+    for a stuck rank, as the world group does, not torch's default of 30 minutes."""
+    timeouts = worker_results["group_timeouts"]
+    assert len(timeouts) > 1 and set(timeouts) == {TrainConfig.collective_timeout_s}, timeouts
 
 
 @pytest.mark.parametrize("name", SHIPPED)
