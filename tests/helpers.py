@@ -19,9 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 # a wandb key in the environment of every subprocess: no log, config or metrics file may show it
 FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"
 # what a test run overrides in the defaults: the CPU config, no wandb or progress bar, a metrics line per step,
-# loading in the main process
+# loading in the main process, the run's final evaluation on 2 scenes with 2 sampler steps
 TEST_OVERRIDES: dict[str, Any] = {"train.ds_config": "cpu", "logging.wandb": False, "logging.progress": False,
-                                  "logging.every": 1, "data.num_workers": 0}
+                                  "logging.every": 1, "data.num_workers": 0, "logging.eval_samples": 2,
+                                  "logging.eval_steps": 2}
 # the same on a command line (the trainer's, or launch/train.sh's)
 QUIET_ARGS = ["--logging.wandb", "false", "--logging.progress", "false"]
 

@@ -81,6 +81,9 @@ def run_one(ds_config: str, args, rank: int) -> dict:
         "model.gradient_checkpointing": True,  # auto leaves it off for tiny UNets; here it runs under every stage
         "logging.preview_steps": 2,  # the final preview runs under every ZeRO stage on both ranks
         "logging.preview_samples": 2,
+        # the run's final evaluation under every stage too, small: at its default size it takes 13 s under ZeRO-3
+        "logging.eval_samples": 2,
+        "logging.eval_steps": 2,
     }
     if "nvme" in helpers.offload_devices(eng.read_ds_config(eng.resolve_ds_config_path(ds_config))):
         swap = Path(args.out) / "nvme" / Path(ds_config).stem  # ZeRO-Infinity's swap folder, one per config

@@ -58,6 +58,7 @@ def worker_results(synth_data, tmp_path_factory) -> dict:
     ]
     run_logged(cmd, out / "log.txt", timeout=500)
     results = json.loads((out / "results.json").read_text())
+    results["out"] = str(out)
     results["shm_left"] = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     return results
 
@@ -136,14 +137,13 @@ def test_resume_continues_the_same_run(synth_data, tmp_path):
     assert saved["model"]["variant"] == "fc"
 
 
-def test_resume_with_other_world_size_is_refused(synth_data, tmp_path):
-    common = ["bash", "launch/train.sh", "--ds-config", "cpu", "--data.path", str(synth_data), *QUIET_ARGS,
-              "--output-dir", str(tmp_path / "r")]
-    run_logged(common + ["--num-gpus", "2", "--train.steps", "1", "--master-port", str(find_free_port())],
-               tmp_path / "a.txt")
+def test_resume_with_other_world_size_is_refused(worker_results, synth_data, tmp_path):
+    """The worker's 2-rank ZeRO-2 checkpoint, resumed on one rank."""
+    saved = Path(worker_results["out"]) / "cpu" / "checkpoints" / "step_00000002"
     with pytest.raises(AssertionError, match="written by 2 rank"):
-        run_logged(common + ["--num-gpus", "1", "--train.steps", "2", "--resume", "latest", "--master-port",
-                             str(find_free_port())], tmp_path / "b.txt")
+        run_logged(["bash", "launch/train.sh", "--ds-config", "cpu", "--data.path", str(synth_data), *QUIET_ARGS,
+                    "--output-dir", str(tmp_path / "r"), "--num-gpus", "1", "--train.steps", "3", "--resume",
+                    str(saved), "--master-port", str(find_free_port())], tmp_path / "b.txt")
 
 
 def test_fp16_refused_on_cpu(synth_data, tmp_path):
