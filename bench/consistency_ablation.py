@@ -1,12 +1,24 @@
-"""Does the light-transport consistency objective do what IC-Light claims? lambda_c = 0.1 vs 0, all else equal.
+"""Does the light-transport consistency objective do what IC-Light claims? Vanilla, the paper's term and the x0 term,
+all else equal, over several seeds.
 
-python bench/consistency_ablation.py [--out bench/results/consistency-ablation.json] [--steps N] [--samples 32]
+python bench/consistency_ablation.py [--out bench/results/consistency-ablation-base.json] [--config PRESET|none]
+                                     [--steps 1000] [--seeds 0 1 2] [--arms vanilla paper x0] [--samples 32]
+                                     [--keep DIR]
 
-Trains the default tiny setup twice (launch/train.sh --launcher python: same seed, data, steps, LR schedule and
-DeepSpeed config; only objective.lambda_consistency differs), then scores both with `python -m iclight_ds.eval`
-on the same held-out synthetic scenes (seed 20000, with ground-truth light parts). Writes the JSON result and a
-PNG (loss curves and the metrics side by side) beside it, and prints a table. Runs on whatever device the
-trainer picks (the CPU here); the device is recorded.
+Each arm trains through launch/train.sh --launcher python from the same config (by default the CPU default run's
+preset: the shipped tiny pretrained base; `--config none`: the plain defaults from random weights), with the same
+seed, data, steps and LR schedule; only the objective differs:
+
+    vanilla   objective.lambda_consistency 0
+    paper     objective.lambda_consistency 0.1, objective.consistency paper (phi merges eps_1 and eps_2)
+    x0        objective.lambda_consistency 0.1, objective.consistency x0 (the merge done on the x0 estimates)
+
+Every run is scored with `python -m iclight_ds.eval` on the same held-out synthetic scenes (seed 20000, with
+ground-truth light parts) with the same sampler seed, so that the seeds vary the training only. Writes the JSON (each
+run, and each arm's mean and spread over the seeds), a PNG beside it and prints a table; the additivity ratio of an
+arm is its additivity error over the vanilla arm's at the same seed. With --keep, finished runs are kept and not
+trained again when the script is run again. Runs on whatever device the trainer picks (the CPU here); the device is
+recorded.
 """
 
 from __future__ import annotations
@@ -14,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,36 +42,82 @@ import torch  # noqa: E402
 
 from bench.provenance import cpu_name, provenance  # noqa: E402
 
-ARMS = {"lambda_c=0.1": "0.1", "lambda_c=0": "0"}
+# arm -> (objective.lambda_consistency, objective.consistency)
+ARMS = {"vanilla": ("0", "paper"), "paper": ("0.1", "paper"), "x0": ("0.1", "x0")}
 METRICS = (("psnr", "PSNR fg (dB)", "higher"), ("ssim", "SSIM fg", "higher"),
            ("chroma_drift", "albedo chroma drift", "lower"), ("additivity_error", "additivity error", "lower"))
+PRESET = "iclight_ds/train/presets/default-cpu.yaml"
+HELDOUT_SEED = 20000
+EVAL_SEED = 0
+TARGET_RATIO = 0.7
 
 
-def train_arm(out: Path, lambda_c: str, args: argparse.Namespace) -> float:
-    cmd = ["bash", str(REPO / "launch" / "train.sh"), "--launcher", "python", "--output-dir", str(out),
-           "--objective.lambda_consistency", lambda_c, "--train.seed", str(args.seed),
-           "--logging.preview_every", "0", "--logging.eval_every", "0", "--logging.progress", "false",
-           "--logging.wandb", "false", "--logging.every", "10"]
-    if args.steps:
-        cmd += ["--train.steps", str(args.steps)]
-    if args.data:
-        cmd += ["--data.path", str(args.data)]
+def train_run(out: Path, arm: str, seed: int, args: argparse.Namespace) -> float:
+    lambda_c, form = ARMS[arm]
+    cmd = ["bash", str(REPO / "launch" / "train.sh"), "--launcher", "python", "--output-dir", str(out)]
+    if args.config != "none":
+        cmd += ["--config", args.config]
+    cmd += ["--objective.lambda_consistency", lambda_c, "--objective.consistency", form, "--train.seed", str(seed),
+            "--train.steps", str(args.steps), "--logging.preview_every", "0", "--logging.eval_every", "0",
+            "--logging.progress", "false", "--logging.wandb", "false", "--logging.every", "10"]
     start = time.perf_counter()
     with open(out.parent / f"{out.name}.log", "w") as log:
         subprocess.run(cmd, check=True, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     return time.perf_counter() - start
 
 
-def evaluate_arm(run: Path, held: Path, args: argparse.Namespace) -> dict:
+def evaluate(run: Path, held: Path, args: argparse.Namespace) -> dict:
     out = run / "eval.json"
     subprocess.run([sys.executable, "-m", "iclight_ds.eval", "--run", str(run), "--data", str(held), "--samples",
-                    str(args.samples), "--steps", str(args.eval_steps), "--seed", str(args.seed), "--out", str(out)],
+                    str(args.samples), "--steps", str(args.eval_steps), "--seed", str(EVAL_SEED), "--out", str(out)],
                    check=True, cwd=REPO, stdout=subprocess.DEVNULL)
-    return json.loads(out.read_text())
+    return json.loads(out.read_text())["summary"]
 
 
 def losses(run: Path) -> list[dict]:
     return [m for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in (m := json.loads(line))]
+
+
+def one_run(root: Path, held: Path, arm: str, seed: int, args: argparse.Namespace) -> dict:
+    """Train and score one arm at one seed; a run kept from before (its record.json) is read back instead."""
+    run = root / f"{arm}-seed{seed}"
+    record = root / f"{arm}-seed{seed}.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    seconds = train_run(run, arm, seed, args)
+    result = {"seed": seed, "train_seconds": round(seconds, 1), "eval": evaluate(run, held, args),
+              "losses": losses(run), "steps": json.loads((run / "config.json").read_text())["train"]["steps"]}
+    record.write_text(json.dumps(result))
+    return result
+
+
+def spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
+def summarise(arms: dict[str, list[dict]]) -> dict:
+    """Each arm's per-metric spread over its seeds and, against the vanilla arm at the same seed, its additivity
+    ratio and PSNR and drift differences; `target_met`: mean ratio <= 0.7 at equal or better mean PSNR and drift."""
+    out = {}
+    vanilla = {r["seed"]: r["eval"] for r in arms.get("vanilla", [])}
+    for arm, runs in arms.items():
+        entry = {"lambda_consistency": float(ARMS[arm][0]), "consistency": ARMS[arm][1], "runs": runs,
+                 "metrics": {key: spread([r["eval"][key] for r in runs]) for key, _, _ in METRICS},
+                 "train_seconds": spread([r["train_seconds"] for r in runs])}
+        paired = [(r["eval"], vanilla[r["seed"]]) for r in runs if r["seed"] in vanilla]
+        if arm != "vanilla" and paired:
+            ratios = [e["additivity_error"] / v["additivity_error"] for e, v in paired]
+            entry["additivity_ratio"] = {"per_seed": ratios, **spread(ratios)}
+            entry["psnr_gain_db"] = spread([e["psnr"] - v["psnr"] for e, v in paired])
+            entry["drift_change"] = spread([e["chroma_drift"] - v["chroma_drift"] for e, v in paired])
+            entry["target_met"] = (entry["additivity_ratio"]["mean"] <= TARGET_RATIO
+                                   and entry["psnr_gain_db"]["mean"] >= 0 and entry["drift_change"]["mean"] <= 0)
+        out[arm] = entry
+    return out
+
+
+COLOURS = {"vanilla": "tab:orange", "paper": "tab:blue", "x0": "tab:green"}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -68,42 +127,64 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 1 + len(METRICS), figsize=(4 * (1 + len(METRICS)), 3.6))
-    colours = {"lambda_c=0.1": "tab:blue", "lambda_c=0": "tab:orange"}
     for arm, data in result["arms"].items():
-        steps = [m["step"] for m in data["losses"]]
-        axes[0].plot(steps, [m["loss_vanilla"] for m in data["losses"]], label=f"{arm}: vanilla", color=colours[arm])
-        if arm != "lambda_c=0":
-            axes[0].plot(steps, [m["loss_consistency"] for m in data["losses"]], "--", color=colours[arm],
-                         label=f"{arm}: consistency")
+        first = data["runs"][0]
+        steps = [m["step"] for m in first["losses"]]
+        axes[0].plot(steps, [m["loss_vanilla"] for m in first["losses"]], color=COLOURS[arm],
+                     label=f"{arm}: vanilla loss (seed {first['seed']})")
     axes[0].set(title="training loss", xlabel="step", yscale="log")
     axes[0].legend(fontsize=7)
+    names = list(result["arms"])
     for ax, (key, name, better) in zip(axes[1:], METRICS):
-        names = list(result["arms"])
-        values = [result["arms"][a]["eval"][key] for a in names]
-        ax.bar(names, values, color=[colours[a] for a in names])
+        means = [result["arms"][a]["metrics"][key]["mean"] for a in names]
+        stds = [result["arms"][a]["metrics"][key]["std"] for a in names]
+        ax.bar(names, means, yerr=stds, capsize=4, color=[COLOURS[a] for a in names])
+        for i, arm in enumerate(names):  # every seed's value over its arm's bar
+            values = [r["eval"][key] for r in result["arms"][arm]["runs"]]
+            ax.plot([i] * len(values), values, "k.", ms=4)
         if key == "psnr":
             ax.axhline(result["baseline"]["psnr"], color="grey", ls=":", label="copy input")
             ax.legend(fontsize=7)
         ax.set(title=f"{name} ({better} is better)")
-        for i, v in enumerate(values):
-            ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
-    fig.suptitle(f"consistency ablation, {result['steps']} steps, {result['eval_samples']} held-out scenes "
-                 f"({result['device']})", fontsize=9)
+    fig.suptitle(f"consistency ablation: {result['steps']} steps, seeds {result['seeds']}, mean and std, "
+                 f"{result['eval_samples']} held-out scenes ({result['device']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
-def main() -> None:
+def print_table(result: dict) -> None:
+    names = list(result["arms"])
+    print(f"\n{'metric (mean +- std)':<24}" + "".join(f"{a:>18}" for a in names) + f"{'copy input':>12}")
+    for key, name, _ in METRICS:
+        cells = "".join(f"{result['arms'][a]['metrics'][key]['mean']:>11.3f} +-{result['arms'][a]['metrics'][key]['std']:.3f}"
+                        for a in names)
+        print(f"{name:<24}{cells}{result['baseline'][key]:>12.3f}")
+    for arm in names:
+        if "additivity_ratio" in result["arms"][arm]:
+            r = result["arms"][arm]["additivity_ratio"]
+            met = "met" if result["arms"][arm]["target_met"] else "NOT met"
+            print(f"{arm}: additivity ratio against vanilla {r['mean']:.3f} +- {r['std']:.3f} "
+                  f"(per seed {', '.join(f'{x:.3f}' for x in r['per_seed'])}; target <= {TARGET_RATIO} at equal or "
+                  f"better PSNR and drift: {met})")
+    print(f"device: {result['device']}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "consistency-ablation.json")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the default run's)")
-    p.add_argument("--data", type=Path, default=None, help="training data (default: the default run's synthetic)")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "consistency-ablation-base.json")
+    p.add_argument("--config", default=PRESET, help=f"the config every arm trains from (default {PRESET}; none: "
+                                                    "the plain defaults, random weights)")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps of every run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (each arm runs each)")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--samples", type=int, default=32, help="held-out scenes scored")
     p.add_argument("--eval-steps", type=int, default=20, help="sampler steps of the evaluation")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", type=Path, default=None, help="keep the runs in this folder (default: a temp folder)")
-    args = p.parse_args()
+    return p.parse_args(argv)
 
+
+def main() -> None:
+    args = parse_args()
     from iclight_ds.config import RunConfig
     from iclight_ds.data.synth import generate
 
@@ -113,41 +194,35 @@ def main() -> None:
         root.mkdir(parents=True, exist_ok=True)
         held = root / "heldout"
         if not (held / "manifest.jsonl").is_file():
-            generate(held, args.samples, size=defaults.data.resolution, seed=20000, env_shape=defaults.model.env_shape)
-        arms = {}
-        for name, lambda_c in ARMS.items():
-            run = root / name.replace("=", "_")
-            seconds = train_arm(run, lambda_c, args)
-            result = evaluate_arm(run, held, args)
-            arms[name] = {"lambda_consistency": float(lambda_c), "train_seconds": round(seconds, 1),
-                          "eval": result["summary"], "losses": losses(run)}
-            print(f"{name}: trained in {seconds:.0f} s, PSNR {result['summary']['psnr']:.2f} dB, additivity "
-                  f"{result['summary']['additivity_error']:.3f}", flush=True)
-        config = json.loads((root / "lambda_c_0.1" / "config.json").read_text())
-    with_c, without = arms["lambda_c=0.1"]["eval"], arms["lambda_c=0"]["eval"]
-    ratio = with_c["additivity_error"] / without["additivity_error"]
+            generate(held, args.samples, size=defaults.data.resolution, seed=HELDOUT_SEED,
+                     env_shape=defaults.model.env_shape)
+        arms: dict[str, list[dict]] = {arm: [] for arm in args.arms}
+        for seed in args.seeds:  # seed by seed: an interrupted ablation has whole seeds to compare
+            for arm in args.arms:
+                r = one_run(root, held, arm, seed, args)
+                arms[arm].append(r)
+                print(f"{arm}, seed {seed}: trained in {r['train_seconds']:.0f} s, PSNR {r['eval']['psnr']:.2f} dB, "
+                      f"additivity {r['eval']['additivity_error']:.3f}", flush=True)
+        config = json.loads((root / f"{args.arms[0]}-seed{args.seeds[0]}" / "config.json").read_text())
+    first = arms[args.arms[0]][0]["eval"]
     result = {
         "provenance": provenance("bench/consistency_ablation.py", sys.argv[1:]),
         "device": f"CPU: {cpu_name()} ({os.cpu_count()} cores)" if not torch.cuda.is_available()
         else torch.cuda.get_device_name(),
-        "steps": config["train"]["steps"], "lr": config["train"]["lr"], "seed": args.seed,
-        "eval_samples": args.samples, "eval_steps": args.eval_steps, "heldout_seed": 20000,
-        "baseline": {"psnr": with_c["baseline_psnr"], "ssim": with_c["baseline_ssim"],
-                     "chroma_drift": with_c["baseline_chroma_drift"], "additivity_error": 1.0},
-        "additivity_floor": with_c.get("additivity_floor"),
-        "additivity_ratio": ratio, "target_ratio": 0.7, "target_met": ratio <= 0.7,
-        "arms": arms,
+        "config": args.config, "base": config["model"].get("base"), "steps": args.steps, "lr": config["train"]["lr"],
+        "ds_config": config["train"]["ds_config"], "seeds": args.seeds, "eval_samples": args.samples,
+        "eval_steps": args.eval_steps, "eval_seed": EVAL_SEED, "heldout_seed": HELDOUT_SEED,
+        "baseline": {"psnr": first["baseline_psnr"], "ssim": first["baseline_ssim"],
+                     "chroma_drift": first["baseline_chroma_drift"], "additivity_error": 1.0},
+        "additivity_floor": first.get("additivity_floor"), "target_ratio": TARGET_RATIO,
+        "arms": summarise(arms),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     png = args.out.with_suffix(".png")
     plot(result, png)
-    print(f"\n{'metric':<22}{'lambda_c=0.1':>14}{'lambda_c=0':>12}{'copy input':>12}")
-    for key, name, _ in METRICS:
-        base = result["baseline"][key]
-        print(f"{name:<22}{with_c[key]:>14.4f}{without[key]:>12.4f}{base:>12.4f}")
-    print(f"additivity ratio (0.1 / 0): {ratio:.3f} (target <= 0.7: {'met' if ratio <= 0.7 else 'NOT met'})")
-    print(f"device: {result['device']}\nwrote {args.out} and {png}")
+    print_table(result)
+    print(f"wrote {args.out} and {png}")
 
 
 if __name__ == "__main__":
