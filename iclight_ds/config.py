@@ -135,6 +135,10 @@ class DataConfig:
     """Synthetic samples generated when `path` is None."""
     synth_seed: int = 0
     """Seed of the synthetic generator."""
+    synth_target_shift: float = 0.0
+    """Imperfect supervision in the synthetic scenes: each target under a random exposure 2^U(-S, S) and white
+    balance 2^U(-S/2, S/2) per channel that its input does not share, as in-the-wild pairs are (0: exact targets).
+    The held-out scenes of the training-time evaluation stay exact."""
     skip_bad: bool = False
     """Skip samples whose files fail to decode (counted and reported) instead of stopping."""
     validate: bool = True
@@ -480,6 +484,8 @@ def validate(cfg: RunConfig) -> None:
         problems.append(f"train.lr={cfg.train.lr}: must be > 0")
     if cfg.train.warmup_steps < 0:
         problems.append("train.warmup_steps: must be >= 0")
+    if cfg.data.synth_target_shift < 0:
+        problems.append(f"data.synth_target_shift={cfg.data.synth_target_shift}: must be >= 0")
     if cfg.objective.lambda_vanilla < 0 or cfg.objective.lambda_consistency < 0:
         problems.append("objective.lambda_vanilla / objective.lambda_consistency: must be >= 0")
     if cfg.objective.lambda_vanilla == 0 and cfg.objective.lambda_consistency == 0:

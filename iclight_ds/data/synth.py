@@ -12,10 +12,14 @@ the appearance under L (the paper's light transport consistency, I_{L1+L2} = I_{
 The background is the map L itself, bilinearly resized to size x size (also linear in L), so the whole
 composited target frame is additive too.
 
+`target_shift` > 0 makes the supervision imperfect as in-the-wild pairs are: each target (and its light parts)
+under a random exposure and white balance that the input does not share (`shift_target`).
+
 Conventions: camera looks down -z with x right, y up; env row i has polar angle theta from +y, column
 j has azimuth phi in (-pi, pi) with phi = 0 towards the camera (+z) and phi = -pi/2 to the left (-x).
 
 CLI: python -m iclight_ds.data.synth --out DIR --n N --size S --seed K [--env-shape H W] [--no-extras] [--workers P]
+     [--target-shift S]
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import functools
 import json
 import multiprocessing
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -287,6 +291,14 @@ def render_sample(rng: np.random.Generator, size: int, env_shape: tuple[int, int
     )
 
 
+def shift_target(s: SynthSample, rng: np.random.Generator, strength: float) -> SynthSample:
+    """`s` with its target under a random exposure 2^U(-strength, strength) and white balance (per-channel gains
+    2^U(-strength/2, strength/2)) in linear light, the input, background and maps untouched. The parts are scaled
+    alike, so they still sum to the target (a camera's gains are linear)."""
+    gain = (2.0 ** (rng.uniform(-strength, strength) + rng.uniform(-strength / 2, strength / 2, 3))).astype(np.float32)
+    return replace(s, target=s.target * gain, target_parts=tuple(p * gain for p in s.target_parts))
+
+
 # ----------------------------------------------------------------------------- writing
 
 def _save_png(path: Path, linear: np.ndarray) -> None:
@@ -319,8 +331,11 @@ def write_sample(out_dir: Path, sample_id: str, s: SynthSample, extras: bool = T
     return rec
 
 
-def _write_one(out: Path, i: int, size: int, seed: int, env_shape: tuple[int, int], extras: bool) -> str:
+def _write_one(out: Path, i: int, size: int, seed: int, env_shape: tuple[int, int], extras: bool,
+               target_shift: float) -> str:
     sample = render_sample(np.random.default_rng([seed, i]), size, env_shape)
+    if target_shift > 0:  # a stream of its own: the scene is the one the unshifted set has
+        sample = shift_target(sample, np.random.default_rng([seed, i, 1]), target_shift)
     return json.dumps(write_sample(out, f"{i:06d}", sample, extras=extras))
 
 
@@ -328,18 +343,21 @@ BLAS_THREADS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def generate(out_dir: str | Path, n: int, size: int = 64, seed: int = 0,
-             env_shape: tuple[int, int] = DEFAULT_ENV_SHAPE, extras: bool = True, workers: int = 1) -> Path:
-    """Write `n` samples and `manifest.jsonl` to `out_dir`; bit-identical for the same arguments.
+             env_shape: tuple[int, int] = DEFAULT_ENV_SHAPE, extras: bool = True, workers: int = 1,
+             target_shift: float = 0.0) -> Path:
+    """Write `n` samples, `manifest.jsonl` and SYNTH_FILE (the arguments) to `out_dir`; bit-identical for the same
+    arguments.
 
     Sample i depends only on (seed, i), so a larger `n` extends a smaller one, and `workers` processes
     write the same files as one. `extras=False` skips the env parts and linear images (the trainer
-    draws its own light splits).
+    draws its own light splits). `target_shift` > 0: imperfect supervision (`shift_target`).
     """
     out = Path(out_dir)
     for sub in ("target", "foreground", "mask", "background", "env") + (("linear",) if extras else ()):
         (out / sub).mkdir(parents=True, exist_ok=True)
     env_shape = (int(env_shape[0]), int(env_shape[1]))
-    job = functools.partial(_write_one, out, size=size, seed=seed, env_shape=env_shape, extras=extras)
+    job = functools.partial(_write_one, out, size=size, seed=seed, env_shape=env_shape, extras=extras,
+                            target_shift=float(target_shift))
     if workers > 1 and n > 1:
         # one BLAS thread per worker: each would otherwise start one per core, and on 16 cores 12 workers ran no
         # faster than one process (an H200 machine); the spawned children read these when numpy loads
@@ -357,7 +375,19 @@ def generate(out_dir: str | Path, n: int, size: int = 64, seed: int = 0,
     else:
         lines = [job(i) for i in range(n)]
     (out / "manifest.jsonl").write_text("\n".join(lines) + "\n" if lines else "")
+    (out / SYNTH_FILE).write_text(json.dumps({"n": n, "size": size, "seed": seed, "env_shape": list(env_shape),
+                                              "extras": extras, "target_shift": float(target_shift)}) + "\n")
     return out
+
+
+# the generator's arguments, beside the manifest of a generated set
+SYNTH_FILE = "synth.json"
+
+
+def target_shift_of(folder: str | Path) -> float:
+    """The target_shift a generated set was written with (0 for a set without SYNTH_FILE)."""
+    path = Path(folder) / SYNTH_FILE
+    return float(json.loads(path.read_text()).get("target_shift", 0.0)) if path.is_file() else 0.0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -371,9 +401,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-extras", action="store_true",
                         help="skip env parts and linear .npy images (large at high resolution)")
     parser.add_argument("--workers", type=int, default=1, help="processes rendering in parallel (same files)")
+    parser.add_argument("--target-shift", type=float, default=0.0,
+                        help="imperfect supervision: each target under a random exposure 2^U(-S, S) and white "
+                             "balance 2^U(-S/2, S/2) per channel that the input does not share (0: none)")
     args = parser.parse_args(argv)
+    if args.target_shift < 0:
+        parser.error(f"--target-shift {args.target_shift}: expected a number >= 0")
     generate(args.out, args.n, size=args.size, seed=args.seed, env_shape=tuple(args.env_shape),
-             extras=not args.no_extras, workers=args.workers)
+             extras=not args.no_extras, workers=args.workers, target_shift=args.target_shift)
     print(f"wrote {args.n} samples to {args.out}")
 
 

@@ -21,7 +21,7 @@ from transformers import (
 from ..config import RunConfig
 from ..data.cache import CachedDataset, run_expectations
 from ..data.dataset import MANIFEST, DatasetError, RelightDataset
-from ..data.synth import generate
+from ..data.synth import generate, target_shift_of
 from ..data.validate import validate_dataset
 from ..model.arch import (
     compile_unet,
@@ -78,7 +78,7 @@ def build_dataset(cfg: RunConfig, run: ResolvedRun, out_dir: Path, tokenizer, *,
     root = Path(data_cfg.path) if data_cfg.path else out_dir / "data"
     if data_cfg.path is None and is_main:
         make_synthetic(root, data_cfg.synth_samples, seed=data_cfg.synth_seed, resolution=data_cfg.resolution,
-                       env_shape=model_cfg.env_shape)
+                       env_shape=model_cfg.env_shape, target_shift=data_cfg.synth_target_shift)
     if data_cfg.validate and data_cfg.path is not None and is_main:
         check_dataset(root, cfg)
     eng.barrier()
@@ -94,17 +94,20 @@ def run_tokenizer(cfg: RunConfig, base: BaseModel | None):
     return base.tokenizer if base is not None else build_char_tokenizer()
 
 
-def make_synthetic(root: Path, n: int, *, seed: int, resolution: int, env_shape: tuple[int, int]) -> None:
+def make_synthetic(root: Path, n: int, *, seed: int, resolution: int, env_shape: tuple[int, int],
+                   target_shift: float = 0.0) -> None:
     """Write `n` synthetic scenes into `root` unless it holds them already (rank 0; callers barrier after).
 
-    The folder is the trainer's own: one holding another number of scenes (a run folder reused with another
-    data.synth_samples) is rewritten; scene i depends only on (seed, i), so the common ones stay the same."""
+    The folder is the trainer's own: one holding another number of scenes or another target shift (a run folder
+    reused with another data.synth_samples or data.synth_target_shift) is rewritten; scene i depends only on
+    (seed, i), so the common ones stay the same."""
     manifest = root / MANIFEST
     if manifest.is_file():
         held = sum(1 for line in manifest.read_text().splitlines() if line.strip())
-        if held == n:
+        if held == n and target_shift_of(root) == target_shift:
             return
-        log.info("%s holds %d synthetic scenes, not %d: writing them again", root, held, n)
+        log.info("%s holds %d synthetic scenes with target shift %g, not %d with %g: writing them again", root, held,
+                 target_shift_of(root), n, target_shift)
     # ~50 scenes/s per process at 64 px; a pool's start costs seconds, so only large sets get one
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = min(cores, max(1, n // SCENES_PER_RENDER_PROCESS), 16)
@@ -112,13 +115,14 @@ def make_synthetic(root: Path, n: int, *, seed: int, resolution: int, env_shape:
     # the ground-truth light parts (for evaluation) cost ~9 MB a sample at 512 px: only small sizes keep them
     extras = resolution <= 128
     if workers == 1:
-        generate(root, n, size=resolution, seed=seed, env_shape=env_shape, extras=extras)
+        generate(root, n, size=resolution, seed=seed, env_shape=env_shape, extras=extras, target_shift=target_shift)
         return
     # the generator's own CLI in a fresh interpreter: pool workers spawned from here would each import this
     # process's __main__ (torch, deepspeed, diffusers) before rendering a scene
     h, w = env_shape
     cmd = [sys.executable, "-m", "iclight_ds.data.synth", "--out", str(root), "--n", str(n), "--size",
-           str(resolution), "--seed", str(seed), "--env-shape", str(h), str(w), "--workers", str(workers)]
+           str(resolution), "--seed", str(seed), "--env-shape", str(h), str(w), "--workers", str(workers),
+           "--target-shift", str(target_shift)]
     package_root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
     subprocess.run(cmd + ([] if extras else ["--no-extras"]), check=True, env=env, stdout=subprocess.DEVNULL)

@@ -46,7 +46,7 @@ log = logging.getLogger("iclight_ds")
 RESUME_FIXED_KEYS = ("model.size", "model.base", "model.variant", "model.light_input", "model.vae",
                      "model.iclight_weights", "model.env_tokens", "model.env_shape", "model.merger_hidden",
                      "model.merger_layers", "data.resolution", "data.buckets", "data.synth_samples", "data.synth_seed",
-                     "train.precision", "model.lora_rank", "model.lora_alpha", "model.lora_targets")
+                     "data.synth_target_shift", "train.precision", "model.lora_rank", "model.lora_alpha", "model.lora_targets")
 
 
 @dataclass

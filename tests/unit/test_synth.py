@@ -29,7 +29,7 @@ def records(root: Path) -> list[dict]:
 def test_same_seed_gives_identical_files(synth_dir, tmp_path):
     again = synth.generate(tmp_path / "again", N, size=SIZE, seed=7)
     a, b = file_bytes(synth_dir), file_bytes(again)
-    assert len(a) == 1 + N * 10  # manifest + 4 PNG + 6 npy per sample
+    assert len(a) == 2 + N * 10  # manifest, synth.json + 4 PNG + 6 npy per sample
     assert a == b
 
 
@@ -158,3 +158,41 @@ def test_parallel_workers_get_one_blas_thread_each(tmp_path, monkeypatch):
     synth.generate(tmp_path / "p", 4, workers=2)
     assert seen == [{k: "1" for k in synth.BLAS_THREADS}]
     assert os.environ["OMP_NUM_THREADS"] == "7" and "OPENBLAS_NUM_THREADS" not in os.environ
+
+
+def test_target_shift_changes_only_the_targets_by_one_gain_per_channel(synth_dir, tmp_path):
+    """Imperfect supervision: each target (and its parts) under one exposure and white balance, the input, mask,
+    background and maps those of the exact set, the parts still summing to the target."""
+    shifted = synth.generate(tmp_path / "shifted", N, size=SIZE, seed=7, target_shift=1.0)
+    assert synth.target_shift_of(shifted) == 1.0 and synth.target_shift_of(synth_dir) == 0.0
+    gains = []
+    for exact, other in zip(records(synth_dir), records(shifted)):
+        for key in ("foreground", "mask", "background", "env"):
+            assert (synth_dir / exact[key]).read_bytes() == (shifted / other[key]).read_bytes(), key
+        a = np.load(synth_dir / exact["target_linear"])
+        b = np.load(shifted / other["target_linear"])
+        lit = a.sum(-1) > 1e-3
+        gain = (b[lit] / a[lit]).mean(0)
+        np.testing.assert_allclose(b[lit], a[lit] * gain, rtol=1e-4)  # one gain per channel over the whole frame
+        assert np.all(gain > 2 ** -1.5 - 1e-6) and np.all(gain < 2 ** 1.5 + 1e-6)
+        parts = sum(np.load(shifted / p) for p in other["target_parts_linear"])
+        np.testing.assert_allclose(parts, b, rtol=1e-4, atol=1e-5)
+        gains.append(gain)
+    assert np.ptp(np.stack(gains), axis=0).min() > 0.05  # a gain of each scene's own, per channel
+
+
+def test_cli_refuses_a_negative_target_shift(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        synth.main(["--out", str(tmp_path / "x"), "--n", "1", "--target-shift", "-1"])
+    assert "--target-shift -1.0: expected a number >= 0" in capsys.readouterr().err
+
+
+def test_the_trainers_set_is_written_again_for_another_target_shift(tmp_path):
+    from iclight_ds.config import DEFAULT_ENV_SHAPE
+    from iclight_ds.train.build import make_synthetic
+
+    root = tmp_path / "data"
+    make_synthetic(root, 2, seed=0, resolution=32, env_shape=DEFAULT_ENV_SHAPE)
+    exact = (root / "target" / "000000.png").read_bytes()
+    make_synthetic(root, 2, seed=0, resolution=32, env_shape=DEFAULT_ENV_SHAPE, target_shift=0.5)
+    assert synth.target_shift_of(root) == 0.5 and (root / "target" / "000000.png").read_bytes() != exact
