@@ -249,6 +249,36 @@ def prepare_speed() -> list[str]:
     return table(["measurement", "photos/s", "x the decode time"], rows)
 
 
+# ------------------------------------------------------------------------------------------------ quality
+
+ABLATION_ARMS = {"vanilla": "vanilla (`lambda_c` 0)", "paper": "the paper's term (`lambda_c` 0.1, `paper`)",
+                 "x0": "the x0 term (`lambda_c` 0.1, `x0`)"}
+
+
+def _spread(x: dict, digits: int, sign: str = "") -> str:
+    return f"{x['mean']:{sign}.{digits}f} ± {x['std']:.{digits}f}"
+
+
+def consistency_ablation_base() -> list[str]:
+    d = result("consistency-ablation-base.json")
+    b = d["baseline"]
+    rows = []
+    for arm, a in d["arms"].items():
+        m = a["metrics"]
+        ratio = a.get("additivity_ratio")
+        rows.append([ABLATION_ARMS.get(arm, arm), _spread(m["psnr"], 2), _spread(m["ssim"], 3),
+                     _spread(m["chroma_drift"], 3), _spread(m["additivity_error"], 3),
+                     _spread(ratio, 2) if ratio else "", _spread(a["psnr_gain_db"], 2, "+") + " dB" if ratio else "",
+                     f"{a['train_seconds']['mean']:.0f} s"])
+    met = [arm for arm, a in d["arms"].items() if a.get("target_met")]
+    return table([f"arm ({len(d['seeds'])} seeds, mean ± std)", f"PSNR fg, dB (copy {b['psnr']:.2f})",
+                  f"SSIM fg (copy {b['ssim']:.3f})", f"albedo drift (copy {b['chroma_drift']:.3f})",
+                  "additivity error", "additivity ratio to vanilla", "PSNR to vanilla", "training wall"], rows) + [
+        "", f"{d['steps']} steps each {'from the tiny base' if d.get('base') else 'from random weights'}, seeds {', '.join(map(str, d['seeds']))}; {d['eval_samples']} "
+        f"held-out scenes; {d['device']}. Target (ratio <= {d['target_ratio']} at equal or better PSNR and drift): "
+        + (f"met by {', '.join(met)}." if met else "met by no arm.")]
+
+
 # ------------------------------------------------------------------------------------------------ reliability
 
 FAULTS = {"kill9-step": "`kill -9` of one rank mid-step", "kill9-save": "`kill -9` of one rank during a save",
@@ -272,7 +302,8 @@ def faults() -> list[str]:
 TABLES = {"memory-cpu": memory_cpu, "memory-cpu-ratios": memory_cpu_ratios, "memory-cuda": memory_cuda,
           "memory-cuda-offload": memory_cuda_offload, "memory-cuda-targets": memory_cuda_targets,
           "host-optimizer": host_optimizer, "consumer-grid-cpu": consumer_grid_cpu, "nvme": nvme,
-          "cache-speed": cache_speed, "prepare-speed": prepare_speed, "faults": faults}
+          "cache-speed": cache_speed, "prepare-speed": prepare_speed, "faults": faults,
+          "consistency-ablation-base": consistency_ablation_base}
 
 
 # ------------------------------------------------------------------------------------------------ cited numbers
