@@ -11,10 +11,11 @@ from iclight_ds.data import synth
 from iclight_ds.train import build
 
 
-def _make_synthetic(root: Path, n: int, seed: int) -> None:
+def _make_synthetic(root: Path, n: int, seed: int, target_shift: float = 0.0) -> None:
     """What the trainer does for data.synth_samples=n with the default config."""
     cfg = load_config(None)
-    build.make_synthetic(root, n, seed=seed, resolution=cfg.data.resolution, env_shape=cfg.model.env_shape)
+    build.make_synthetic(root, n, seed=seed, resolution=cfg.data.resolution, env_shape=cfg.model.env_shape,
+                         target_shift=target_shift)
 
 
 def test_the_trainer_rewrites_its_synthetic_folder_for_another_count(tmp_path):
@@ -39,6 +40,10 @@ def test_the_trainer_renders_big_sets_in_a_separate_interpreter(tmp_path, monkey
     real_run = build.subprocess.run
     monkeypatch.setattr(build.subprocess, "run", lambda cmd, **kw: runs.append(cmd) or real_run(cmd, **kw))
     _make_synthetic(tmp_path / "cli", 4, seed=5)
-    assert len(runs) == 1 and runs[0][1:3] == ["-m", "iclight_ds.data.synth"] and runs[0][-2:] == ["--workers", "2"]
+    (cmd,) = runs
+    assert cmd[1:3] == ["-m", "iclight_ds.data.synth"] and cmd[cmd.index("--workers") + 1] == "2"
     in_process = synth.generate(tmp_path / "direct", 4, size=64, seed=5)
     assert file_bytes(tmp_path / "cli") == file_bytes(in_process)
+    _make_synthetic(tmp_path / "shifted", 4, seed=5, target_shift=0.5)  # imperfect supervision through the CLI too
+    assert file_bytes(tmp_path / "shifted") == file_bytes(synth.generate(tmp_path / "direct-shifted", 4, size=64,
+                                                                         seed=5, target_shift=0.5))
