@@ -114,19 +114,18 @@ def memory_cpu_ratios() -> list[str]:
     def target(key: str) -> str:
         return f"<= {targets[key]:.2f}x: {verdict(ratios[key], targets[key])}" if key in targets else "-"
 
+    def row(label: str, a: str, b: str, field: str, key: str, digits: int) -> list[str]:
+        return [label, over(a, b, field, key, digits), target(key)]
+
     rows = [
-        ["ZeRO-3 2-rank peak RSS per rank / the naive step",
-         over("zero3-2rank", "naive", "peak_rss_gib", "zero3_2rank_peak_rss_vs_naive", 3),
-         target("zero3_2rank_peak_rss_vs_naive")],
-        ["the same against the naive step with the pinned threshold",
-         over("zero3-2rank", "naive-pinned", "peak_rss_gib", "zero3_2rank_peak_rss_vs_naive_pinned", 3),
-         target("zero3_2rank_peak_rss_vs_naive_pinned")],
-        ["`cpu-1rank.json` step / the plain PyTorch loop (same math)",
-         over("cpu-1rank", "plain-bf16", "step_s", "cpu_1rank_step_vs_plain_loop", 2),
-         target("cpu_1rank_step_vs_plain_loop")],
-        ["`zero2.json` at one rank / the plain loop",
-         over("zero2-1rank", "plain-bf16", "step_s", "zero2_1rank_step_vs_plain_loop", 2),
-         target("zero2_1rank_step_vs_plain_loop")],
+        row("ZeRO-3 2-rank peak RSS per rank / the naive step", "zero3-2rank", "naive", "peak_rss_gib",
+            "zero3_2rank_peak_rss_vs_naive", 3),
+        row("the same against the naive step with the pinned threshold", "zero3-2rank", "naive-pinned",
+            "peak_rss_gib", "zero3_2rank_peak_rss_vs_naive_pinned", 3),
+        row("`cpu-1rank.json` step / the plain PyTorch loop (same math)", "cpu-1rank", "plain-bf16", "step_s",
+            "cpu_1rank_step_vs_plain_loop", 2),
+        row("`zero2.json` at one rank / the plain loop", "zero2-1rank", "plain-bf16", "step_s",
+            "zero2_1rank_step_vs_plain_loop", 2),
         ["the three consistency evaluations as one batched forward / three separate (fwd + bwd)",
          f"**{ratios['batched_vs_separate_forwards']:.2f}x**", target("batched_vs_separate_forwards")],
     ]
