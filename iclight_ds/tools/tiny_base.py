@@ -12,7 +12,8 @@ format; `model.base: tiny` loads it), with the recipe, seeds, steps, time, devic
 The objective is the trainer's (iclight_ds/train/objectives.py): SD1.5's noise schedule, epsilon prediction,
 Min-SNR-gamma weights. The text encoder is the tiny random one the trainer builds for train.seed 0 (frozen; it is
 stored in the file, so the fine-tune reads prompts exactly as the base did). Scores: epsilon MSE and x0 MSE on
-held-out scenes at fixed timesteps and noise (epsilon MSE 1.0 is predicting zero noise).
+held-out scenes at fixed timesteps and noise (epsilon MSE 1.0 is predicting zero noise), of the weights as stored
+(the UNet int8, model/tinybase.py) and, beside them, of the fp32 weights before rounding.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ..data.synth import generate
 from ..model.arch import TINY_UNET
 from ..model.frozen import ASSET, build_frozen, encode_images, encode_text
 from ..model.schedule import alphas_cumprod
-from ..model.tinybase import TINY_BASE_ASSET, save_tiny_base
+from ..model.tinybase import TINY_BASE_ASSET, as_stored, save_tiny_base
 from ..model.tokenizer import build_char_tokenizer
 from ..train.objectives import add_noise, min_snr_weights, vanilla_loss
 
@@ -124,6 +125,8 @@ def train(args: argparse.Namespace) -> dict:
     train_s = time.time() - t0
     window = max(1, min(200, step // 4))  # steps the first and last training losses are averaged over
     unet = unet.cpu().eval()
+    held_fp32 = score(unet, held_latents, held_text, abar.cpu())
+    as_stored(unet)  # the file's int8 weights: its scores are of what a load reads back
     held = score(unet, held_latents, held_text, abar.cpu())
     info = {
         "trained_on": f"targets and prompts of synthetic scenes (iclight_ds.data.synth, seed {args.data_seed}, "
@@ -137,7 +140,8 @@ def train(args: argparse.Namespace) -> dict:
         "loss_window": window, "loss_first": round(sum(losses[:window]) / window, 4),
         "loss_last": round(sum(losses[-window:]) / window, 4),
         "heldout": f"{args.held} scenes, seed {args.data_seed + 1}, fixed noise seed 0",
-        "heldout_scores": held, "train_seconds": round(train_s), "prepare_seconds": round(prepare_s),
+        "heldout_scores": held, "heldout_scores_fp32": held_fp32, "stored": "UNet weight tensors int8 with a scale "
+        "per output channel, the rest fp16 (model/tinybase.py)", "train_seconds": round(train_s), "prepare_seconds": round(prepare_s),
         "device": f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else _cpu_device(),
         "torch": torch.__version__, "command": args.command,
     }
