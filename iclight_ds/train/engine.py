@@ -480,30 +480,32 @@ def load_checkpoint(engine, load_dir: str | Path, tag: str) -> dict:
 
 
 def _restore_swapped_optimizer_states(engine, folder: Path) -> None:
-    """NVMe offload: DeepSpeed (0.19) copies a checkpoint's swap files back at load under their saved names, which are
-    the ds_ids of that process's parameters (another process, or another engine in the same one, numbers them
-    differently), and it never tells its swapper that the saved Adam moments are there nor restores the optimizer's
-    step count: the first step after a resume would restart Adam from zero moments at step 1 (the resumed run then
-    left the uninterrupted one, tests/integration/test_nvme_offload.py). So each swapped sub-group's master weights
-    and moments are copied to this engine's swap names (NVME_GROUPS says which file holds which sub-group), its step
-    is restored, and its moments are registered with the swapper as its own swap-out leaves them: placeholders whose
-    data is in the swap files, read in at the sub-group's next step. Still, the first optimizer step after the resume
-    leaves the master weights as they were (its moments move; measured on the tiny model, not traced into DeepSpeed):
-    the resumed run is one update behind an uninterrupted one, which the log says."""
+    """NVMe offload: DeepSpeed (0.19) skips loading the optimizer's state under NVMe swapping. It copies a
+    checkpoint's swap files back under their saved names, which are the ds_ids of that process's parameters (another
+    process, or another engine in the same one, numbers them differently); it never tells its swapper that the saved
+    Adam moments are there, nor restores the optimizer's step count or its param groups' hyperparameters. Left so,
+    the first step after a resume would restart Adam from zero moments at step 1, at the learning rate the schedule
+    gave the optimizer when it was made (0 at the start of a warm-up). So each swapped sub-group's master weights and
+    moments are copied to this engine's swap names (NVME_GROUPS says which file holds which sub-group), its step and
+    the param groups' hyperparameters (lr, betas, weight decay) are restored from the checkpoint's optimizer file, and
+    the moments are registered with the swapper as its own swap-out leaves them: placeholders whose data is in the
+    swap files, read in at the sub-group's next step. The resumed run then equals the uninterrupted one
+    (tests/integration/test_nvme_offload.py)."""
     opt = engine.optimizer
     if not getattr(opt, "swap_optimizer", False):
         return
-    log.warning("resuming an NVMe-offloaded run: the weights, Adam moments and step count continue from %s, but with "
-                "DeepSpeed's NVMe swapping the first optimizer step after a resume does not change the weights (one "
-                "update is lost; docs/performance.md)", folder)
     rank = torch.distributed.get_rank()
-    saved = torch.load(next(folder.glob(f"*zero_pp_rank_{rank}_*optim_states.pt")), map_location="cpu",
-                       weights_only=False)["optimizer_state_dict"]["optimizer_state_dict"]["state"]
+    optim_file = next(folder.glob(f"*zero_pp_rank_{rank}_*optim_states.pt"))
+    inner = torch.load(optim_file, map_location="cpu", weights_only=False)["optimizer_state_dict"]["optimizer_state_dict"]
+    saved = inner["state"]
     groups = json.loads((folder / NVME_GROUPS).read_text())
     now = _nvme_groups(engine)
-    if [g["params"] for g in groups] != [g["params"] for g in now]:
+    if [g["params"] for g in groups] != [g["params"] for g in now] or \
+            len(inner["param_groups"]) != len(opt.optimizer.param_groups):
         raise EngineConfigError(f"{folder}: its NVMe-swapped optimizer sub-groups hold other parameters than this "
                                 "run's (another model or sub_group_size)")
+    for group, saved_group in zip(opt.optimizer.param_groups, inner["param_groups"]):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
     source = next(folder.glob(f"offloaded_tensors/rank*{rank}"))
     swapper = opt.optimizer_swapper
     for i, flat in enumerate(opt.fp32_partitioned_groups_flat):
