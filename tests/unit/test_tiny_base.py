@@ -21,7 +21,7 @@ def test_shipped_tiny_base_loads_with_its_recipe_and_is_the_default_run_s_unet_b
     from iclight_ds.model.tinybase import FORMAT, TINY_BASE_ASSET
     from iclight_ds.train.cli import CPU_DEFAULT_PRESET
 
-    assert TINY_BASE_ASSET.is_file() and TINY_BASE_ASSET.stat().st_size < 10e6
+    assert TINY_BASE_ASSET.is_file() and TINY_BASE_ASSET.stat().st_size < 5 * 2**20  # no tracked file over 5 MB
     meta = safetensors_metadata(TINY_BASE_ASSET)
     assert meta["format"] == FORMAT and meta["vae_sha256"] == file_sha256(ASSET)
     for key in ("trained_on", "objective", "steps", "batch", "lr", "seed", "train_seconds", "device", "torch"):
@@ -82,6 +82,50 @@ def test_pretraining_script_runs_and_its_loss_falls(tmp_path):
     assert meta["steps"] == "40" and meta["seed"] == "0" and "seed 77" in meta["trained_on"]
     base = load_base(out, unet_only=True)
     assert base.unet.conv_in.weight.shape[1] == 4 and base.unet.config.sample_size == 4  # 32 px / 8
+    # the scores are of the stored (int8) weights, and the rounding costs little against the fp32 ones
+    stored, fp32 = json.loads(meta["heldout_scores"]), json.loads(meta["heldout_scores_fp32"])
+    assert stored.keys() == fp32.keys() and stored != fp32
+    for key in stored:
+        assert abs(stored[key] - fp32[key]) <= 0.05 * fp32[key] + 1e-3, (key, stored, fp32)
+
+
+def test_the_unet_is_stored_int8_per_output_channel_and_reads_back_within_half_a_step(tmp_path):
+    """Every UNet tensor of 2+ dims is int8 in the file with one scale per output channel; a load gives each weight
+    back within half a quantisation step; norms and biases are fp16; a missing scale is refused by key."""
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from iclight_ds.model.arch import TINY_UNET, build_text_encoder
+    from iclight_ds.model.tinybase import SCALE_PREFIX, TinyBaseError, load_tiny_base, save_tiny_base
+    from iclight_ds.model.tokenizer import build_char_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**dict(TINY_UNET, sample_size=4))
+    with torch.no_grad():
+        unet.conv_in.weight[0].mul_(100)  # one output channel far larger: per-channel scales keep the others fine
+    path = save_tiny_base(unet, build_text_encoder("tiny", build_char_tokenizer()), tmp_path / "b.safetensors", {})
+    with safe_open(str(path), framework="pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    original = unet.state_dict()
+    loaded = load_tiny_base(path, unet_only=True)[0].state_dict()
+    for key, value in original.items():
+        if value.ndim >= 2:
+            scale = stored[SCALE_PREFIX + key]
+            assert stored[f"unet.{key}"].dtype == torch.int8 and scale.shape == (value.shape[0],), key
+            step = scale.reshape(-1, *[1] * (value.ndim - 1))
+            assert torch.all((loaded[key] - value).abs() <= step / 2 + 1e-7), key
+        else:
+            assert stored[f"unet.{key}"].dtype == torch.float16, key
+            assert torch.equal(loaded[key], value.half().float()), key
+    conv_in_scale = stored[SCALE_PREFIX + "conv_in.weight"]
+    assert conv_in_scale[0] > 50 * conv_in_scale[1:].max()  # the large channel did not coarsen the others
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    del stored[SCALE_PREFIX + "conv_in.weight"]
+    save_file(stored, str(tmp_path / "c.safetensors"), metadata=meta)
+    with pytest.raises(TinyBaseError, match="unet.conv_in.weight has no unet_scale.conv_in.weight"):
+        load_tiny_base(tmp_path / "c.safetensors", unet_only=True)
 
 
 def test_a_file_that_is_not_a_tiny_base_is_refused(tmp_path):
