@@ -280,6 +280,39 @@ def consistency_ablation(name: str) -> list[str]:
         + (f"met by {', '.join(met)}." if met else "met by no arm.")]
 
 
+# ------------------------------------------------------------------------------------------------ bench/default_run.sh
+
+CPU_DEFAULT_RUNS = ("default-run-cpu.json", "default-run-cpu-seed1.json", "default-run-cpu-seed2.json")
+CPU_DEFAULT_TARGET_DB = 3.0
+
+
+def _score_cells(e: dict) -> list[str]:
+    return [f"{e['psnr']:.2f} ({e['psnr'] - e['baseline_psnr']:+.2f} dB)", f"{e['ssim']:.3f}",
+            f"{e['chroma_drift']:.3f}", f"{e['additivity_error']:.3f}"]
+
+
+def default_run_cpu() -> list[str]:
+    """The CPU default at each seed, the base it starts from, and the seeds' mean and spread of the gain."""
+    runs = [(name, result(name)) for name in CPU_DEFAULT_RUNS]
+    first = runs[0][1]
+    base = first["eval_32_base_before_finetune"]
+    rows = [["the base, `conv_in` widened with zero channels, before fine-tuning", "", "0", "",
+             *_score_cells(base), f"`{runs[0][0]}`"]]
+    for name, d in runs:
+        rows.append(["the CPU default (`bash launch/train.sh`)", str(d["seed"]), str(d["steps_reached"]),
+                     f"{sum(c['wall_s'] for c in d['calls'])} s", *_score_cells(d["eval_32"]), f"`{name}`"])
+    gains = [d["eval_32"]["psnr"] - d["eval_32"]["baseline_psnr"] for _, d in runs]
+    mean = sum(gains) / len(gains)
+    std = math.sqrt(sum((g - mean) ** 2 for g in gains) / (len(gains) - 1))
+    e = first["eval_32"]
+    return table(["model", "seed", "steps (micro-batch 8)", "wall, start-up included",
+                  f"PSNR fg, dB (copy {e['baseline_psnr']:.2f})", f"SSIM fg (copy {e['baseline_ssim']:.3f})",
+                  f"albedo drift (copy {e['baseline_chroma_drift']:.3f})", "additivity error", "result file"], rows) + [
+        "", f"PSNR gain over copy-the-input, {len(gains)} seeds: {mean:+.2f} ± {std:.2f} dB (min {min(gains):+.2f}, "
+        f"max {max(gains):+.2f}); target >= +{CPU_DEFAULT_TARGET_DB:g} dB: "
+        f"{'met' if mean >= CPU_DEFAULT_TARGET_DB else '**missed**'}. {e['samples']} held-out scenes; {first['device']}."]
+
+
 # ------------------------------------------------------------------------------------------------ reliability
 
 FAULTS = {"kill9-step": "`kill -9` of one rank mid-step", "kill9-save": "`kill -9` of one rank during a save",
@@ -304,6 +337,7 @@ TABLES = {"memory-cpu": memory_cpu, "memory-cpu-ratios": memory_cpu_ratios, "mem
           "memory-cuda-offload": memory_cuda_offload, "memory-cuda-targets": memory_cuda_targets,
           "host-optimizer": host_optimizer, "consumer-grid-cpu": consumer_grid_cpu, "nvme": nvme,
           "cache-speed": cache_speed, "prepare-speed": prepare_speed, "faults": faults,
+          "default-run-cpu": default_run_cpu,
           "consistency-ablation-base": lambda: consistency_ablation("consistency-ablation-base.json"),
           "consistency-ablation-shift": lambda: consistency_ablation("consistency-ablation-shift.json")}
 
