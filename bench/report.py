@@ -310,7 +310,8 @@ def default_run_cpu() -> list[str]:
                   f"albedo drift (copy {e['baseline_chroma_drift']:.3f})", "additivity error", "result file"], rows) + [
         "", f"PSNR gain over copy-the-input, {len(gains)} seeds: {mean:+.2f} ± {std:.2f} dB (min {min(gains):+.2f}, "
         f"max {max(gains):+.2f}); target >= +{CPU_DEFAULT_TARGET_DB:g} dB: "
-        f"{'met' if mean >= CPU_DEFAULT_TARGET_DB else '**missed**'}. {e['samples']} held-out scenes; {first['device']}."]
+        f"{'met' if mean >= CPU_DEFAULT_TARGET_DB else '**missed**'}. {e['samples']} held-out scenes; "
+        f"{first['device']}."]
 
 
 # ------------------------------------------------------------------------------------------------ reliability

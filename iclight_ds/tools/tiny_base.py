@@ -140,8 +140,9 @@ def train(args: argparse.Namespace) -> dict:
         "loss_window": window, "loss_first": round(sum(losses[:window]) / window, 4),
         "loss_last": round(sum(losses[-window:]) / window, 4),
         "heldout": f"{args.held} scenes, seed {args.data_seed + 1}, fixed noise seed 0",
-        "heldout_scores": held, "heldout_scores_fp32": held_fp32, "stored": "UNet weight tensors int8 with a scale "
-        "per output channel, the rest fp16 (model/tinybase.py)", "train_seconds": round(train_s), "prepare_seconds": round(prepare_s),
+        "heldout_scores": held, "heldout_scores_fp32": held_fp32,
+        "stored": "UNet weight tensors int8 with a scale per output channel, the rest fp16 (model/tinybase.py)",
+        "train_seconds": round(train_s), "prepare_seconds": round(prepare_s),
         "device": f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else _cpu_device(),
         "torch": torch.__version__, "command": args.command,
     }

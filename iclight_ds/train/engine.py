@@ -496,14 +496,15 @@ def _restore_swapped_optimizer_states(engine, folder: Path) -> None:
         return
     rank = torch.distributed.get_rank()
     optim_file = next(folder.glob(f"*zero_pp_rank_{rank}_*optim_states.pt"))
-    inner = torch.load(optim_file, map_location="cpu", weights_only=False)["optimizer_state_dict"]["optimizer_state_dict"]
+    inner = torch.load(optim_file, map_location="cpu", weights_only=False)  # our own checkpoint (load_checkpoint)
+    inner = inner["optimizer_state_dict"]["optimizer_state_dict"]
     saved = inner["state"]
     groups = json.loads((folder / NVME_GROUPS).read_text())
     now = _nvme_groups(engine)
     if [g["params"] for g in groups] != [g["params"] for g in now] or \
             len(inner["param_groups"]) != len(opt.optimizer.param_groups):
-        raise EngineConfigError(f"{folder}: its NVMe-swapped optimizer sub-groups hold other parameters than this "
-                                "run's (another model or sub_group_size)")
+        raise EngineConfigError(f"{folder}: its NVMe-swapped optimizer sub-groups or param groups differ from this "
+                                "run's (another model, sub_group_size or optimizer)")
     for group, saved_group in zip(opt.optimizer.param_groups, inner["param_groups"]):
         group.update({k: v for k, v in saved_group.items() if k != "params"})
     source = next(folder.glob(f"offloaded_tensors/rank*{rank}"))
