@@ -1,8 +1,8 @@
-"""Does the light-transport consistency objective do what IC-Light claims? Vanilla, the paper's term and the x0 term,
-all else equal, over several seeds.
+"""Does the light-transport consistency objective do what IC-Light claims? Vanilla, the paper's term and the x0 term
+(phi started as the mean or as the sum), all else equal, over several seeds.
 
 python bench/consistency_ablation.py [--out bench/results/consistency-ablation-base.json] [--config PRESET|none]
-                                     [--steps 1000] [--seeds 0 1 2] [--arms vanilla paper x0] [--samples 32]
+                                     [--steps 1000] [--seeds 0 1 2] [--arms vanilla paper x0 x0-sum] [--samples 32]
                                      [--target-shift S] [--keep DIR]
 
 Each arm trains through launch/train.sh --launcher python from the same config (by default the CPU default run's
@@ -12,6 +12,7 @@ seed, data, steps and LR schedule; only the objective differs:
     vanilla   objective.lambda_consistency 0
     paper     objective.lambda_consistency 0.1, objective.consistency paper (phi merges eps_1 and eps_2)
     x0        objective.lambda_consistency 0.1, objective.consistency x0 (the merge done on the x0 estimates)
+    x0-sum    the same with model.merger_init sum (phi starts as the sum of the two x0 estimates, not their mean)
 
 Every run is scored with `python -m iclight_ds.eval` on the same held-out synthetic scenes (seed 20000, with
 ground-truth light parts) with the same sampler seed, so that the seeds vary the training only. Writes the JSON (each
@@ -44,8 +45,9 @@ import torch  # noqa: E402
 
 from bench.provenance import cpu_name, provenance  # noqa: E402
 
-# arm -> (objective.lambda_consistency, objective.consistency)
-ARMS = {"vanilla": ("0", "paper"), "paper": ("0.1", "paper"), "x0": ("0.1", "x0")}
+# arm -> (objective.lambda_consistency, objective.consistency, model.merger_init)
+ARMS = {"vanilla": ("0", "paper", "mean"), "paper": ("0.1", "paper", "mean"), "x0": ("0.1", "x0", "mean"),
+        "x0-sum": ("0.1", "x0", "sum")}
 METRICS = (("psnr", "PSNR fg (dB)", "higher"), ("ssim", "SSIM fg", "higher"),
            ("chroma_drift", "albedo chroma drift", "lower"), ("additivity_error", "additivity error", "lower"))
 PRESET = "iclight_ds/train/presets/default-cpu.yaml"
@@ -55,11 +57,12 @@ TARGET_RATIO = 0.7
 
 
 def train_run(out: Path, arm: str, seed: int, args: argparse.Namespace) -> float:
-    lambda_c, form = ARMS[arm]
+    lambda_c, form, merger_init = ARMS[arm]
     cmd = ["bash", str(REPO / "launch" / "train.sh"), "--launcher", "python", "--output-dir", str(out)]
     if args.config != "none":
         cmd += ["--config", args.config]
-    cmd += ["--objective.lambda_consistency", lambda_c, "--objective.consistency", form, "--train.seed", str(seed),
+    cmd += ["--objective.lambda_consistency", lambda_c, "--objective.consistency", form, "--model.merger_init",
+            merger_init, "--train.seed", str(seed),
             "--train.steps", str(args.steps), "--logging.preview_every", "0", "--logging.eval_every", "0",
             "--logging.progress", "false", "--logging.wandb", "false", "--logging.every", "10",
             "--data.synth_target_shift", str(args.target_shift)]
@@ -105,7 +108,8 @@ def summarise(arms: dict[str, list[dict]]) -> dict:
     out = {}
     vanilla = {r["seed"]: r["eval"] for r in arms.get("vanilla", [])}
     for arm, runs in arms.items():
-        entry = {"lambda_consistency": float(ARMS[arm][0]), "consistency": ARMS[arm][1], "runs": runs,
+        entry = {"lambda_consistency": float(ARMS[arm][0]), "consistency": ARMS[arm][1], "merger_init": ARMS[arm][2],
+                 "runs": runs,
                  "metrics": {key: spread([r["eval"][key] for r in runs]) for key, _, _ in METRICS},
                  "train_seconds": spread([r["train_seconds"] for r in runs])}
         paired = [(r["eval"], vanilla[r["seed"]]) for r in runs if r["seed"] in vanilla]
@@ -120,7 +124,7 @@ def summarise(arms: dict[str, list[dict]]) -> dict:
     return out
 
 
-COLOURS = {"vanilla": "tab:orange", "paper": "tab:blue", "x0": "tab:green"}
+COLOURS = {"vanilla": "tab:orange", "paper": "tab:blue", "x0": "tab:green", "x0-sum": "tab:red"}
 
 
 def plot(result: dict, path: Path) -> None:

@@ -251,7 +251,8 @@ def prepare_speed() -> list[str]:
 # ------------------------------------------------------------------------------------------------ quality
 
 ABLATION_ARMS = {"vanilla": "vanilla (`lambda_c` 0)", "paper": "the paper's term (`lambda_c` 0.1, `paper`)",
-                 "x0": "the x0 term (`lambda_c` 0.1, `x0`)"}
+                 "x0": "the x0 term (`lambda_c` 0.1, `x0`)",
+                 "x0-sum": "the x0 term, phi started as the sum (`x0`, `model.merger_init sum`)"}
 
 
 def _spread(x: dict, digits: int, sign: str = "") -> str:

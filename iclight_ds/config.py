@@ -67,6 +67,11 @@ class ModelConfig:
     """Width of the latent-space consistency MLP (per latent pixel, 8 -> hidden -> ... -> 4)."""
     merger_layers: int = 5
     """Number of linear layers in the consistency MLP."""
+    merger_init: Literal["mean", "sum"] = "mean"
+    """What phi starts as (its last layer is zero-initialised, a residual around this): mean = the mean of its two
+    inputs, a neutral prior for noise predictions; sum = their sum, what additive light makes of the two clean latents
+    of objective.consistency x0 (up to the VAE's non-linearity, which the MLP learns), and which a light-blind model
+    (x0_1 = x0_2 = x0) does not satisfy."""
     gradient_checkpointing: Literal["auto"] | bool = "auto"
     """Recompute UNet activations in backward: ~1/3 more compute for most of the activation memory. auto: on for a
     UNet of SD1.5's size, off for the tiny ones, whose activations are a few MB (models.wants_checkpointing)."""

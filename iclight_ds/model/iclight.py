@@ -79,12 +79,16 @@ class _ZeroConv1x1(nn.Conv2d):
 class LatentMerger(nn.Module):
     """phi of the consistency objective: merges two noise predictions per latent pixel, (B,4,h,w) x 2 -> (B,4,h,w).
 
-    An MLP over the 8 stacked channels (1x1 convolutions). It starts as the mean of the two predictions (last
-    layer zero-initialised, residual around the mean): a neutral prior, since latent space is not linear.
+    An MLP over the 8 stacked channels (1x1 convolutions), a residual around `init` of the two inputs (the last
+    layer zero-initialised, so it starts as exactly that): "mean", a neutral prior, since latent space is not linear;
+    "sum", the prior of additive light for the x0 form (config.ModelConfig.merger_init).
     """
 
-    def __init__(self, hidden: int = 64, layers: int = 5):
+    def __init__(self, hidden: int = 64, layers: int = 5, init: str = "mean"):
         super().__init__()
+        if init not in ("mean", "sum"):
+            raise ValueError(f"LatentMerger init {init!r}: expected 'mean' or 'sum'")
+        self.prior_scale = 0.5 if init == "mean" else 1.0
         dims = [8] + [hidden] * (layers - 1) + [4]
         blocks: list[nn.Module] = []
         for i in range(layers):
@@ -95,7 +99,7 @@ class LatentMerger(nn.Module):
         self.mlp = nn.Sequential(*blocks)
 
     def forward(self, eps_1: torch.Tensor, eps_2: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (eps_1 + eps_2) + self.mlp(torch.cat([eps_1, eps_2], dim=1))
+        return self.prior_scale * (eps_1 + eps_2) + self.mlp(torch.cat([eps_1, eps_2], dim=1))
 
 
 class ICLightModel(nn.Module):
@@ -149,7 +153,7 @@ def build_iclight_model(model_cfg, unet=None, modify=contextlib.nullcontext) -> 
     env_encoder = None
     if model_cfg.env_input:  # FC with light_input=env; the official FC (light_input=text) has none
         env_encoder = EnvEncoder(model_cfg.env_tokens, unet.config.cross_attention_dim)
-    merger = LatentMerger(model_cfg.merger_hidden, model_cfg.merger_layers)
+    merger = LatentMerger(model_cfg.merger_hidden, model_cfg.merger_layers, model_cfg.merger_init)
     return ICLightModel(unet, merger, env_encoder)
 
 

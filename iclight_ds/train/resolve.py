@@ -45,8 +45,9 @@ log = logging.getLogger("iclight_ds")
 # for runs on synthetic data
 RESUME_FIXED_KEYS = ("model.size", "model.base", "model.variant", "model.light_input", "model.vae",
                      "model.iclight_weights", "model.env_tokens", "model.env_shape", "model.merger_hidden",
-                     "model.merger_layers", "data.resolution", "data.buckets", "data.synth_samples", "data.synth_seed",
-                     "data.synth_target_shift", "train.precision", "model.lora_rank", "model.lora_alpha", "model.lora_targets")
+                     "model.merger_layers", "model.merger_init", "data.resolution", "data.buckets",
+                     "data.synth_samples", "data.synth_seed", "data.synth_target_shift", "train.precision",
+                     "model.lora_rank", "model.lora_alpha", "model.lora_targets")
 
 
 @dataclass

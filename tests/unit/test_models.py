@@ -64,6 +64,13 @@ def test_merger_starts_as_mean_and_is_per_pixel():
     assert sum(isinstance(m, torch.nn.Conv2d) for m in merger.mlp) == 5
 
 
+def test_merger_started_as_the_sum_and_an_unknown_prior_refused():
+    e1, e2 = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
+    torch.testing.assert_close(LatentMerger(hidden=16, layers=5, init="sum")(e1, e2), e1 + e2)
+    with pytest.raises(ValueError, match="'product'"):
+        LatentMerger(init="product")
+
+
 def test_env_encoder_tokens_depend_on_light():
     enc = EnvEncoder(tokens=4, dim=32)
     env = torch.rand(2, 3, 16, 32) * 10

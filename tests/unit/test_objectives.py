@@ -6,7 +6,7 @@ import torch
 from iclight_ds.config import ModelConfig
 from iclight_ds.data.imageio import linear_to_srgb, srgb_to_linear
 from iclight_ds.data.split import split_background, split_masks
-from iclight_ds.model.iclight import build_iclight_model
+from iclight_ds.model.iclight import LatentMerger, build_iclight_model
 from iclight_ds.model.schedule import alphas_cumprod
 from iclight_ds.train.objectives import (
     ConditionedBatch,
@@ -204,3 +204,36 @@ def test_the_x0_consistency_can_express_additive_light_and_the_paper_s_cannot():
     assert x0["loss_consistency"].item() < 1e-6 and paper["loss_consistency"].item() > 0.1
     torch.testing.assert_close(x0["loss_vanilla"], paper["loss_vanilla"])
     assert x0["loss_vanilla"].item() < 1e-6  # its prediction under L is the true noise
+
+
+class SharesModel(AdditiveModel):
+    """AdditiveModel with the shares of its light parts given and the project's own phi (LatentMerger) as merge."""
+
+    def __init__(self, z0, alphas, shares, merger_init):
+        super().__init__(z0, alphas)
+        self.shares, self.merger = shares, LatentMerger(hidden=8, layers=2, init=merger_init)
+
+    def forward(self, noisy, t, concat, text, env=None):
+        b = self.z0.shape[0]
+        share = torch.tensor(self.shares).repeat_interleave(b).view(-1, 1, 1, 1)
+        abar = self.alphas[t].view(-1, 1, 1, 1)
+        return (noisy - abar.sqrt() * share * self.z0.repeat(3, 1, 1, 1)) / (1 - abar).sqrt()
+
+    def merge(self, a, b):
+        return self.merger(a, b)
+
+
+def test_phi_started_as_the_sum_makes_the_x0_term_reward_additive_light_not_light_blindness():
+    """x0 form: with phi started as the mean (model.merger_init mean) a light-blind model (the same x0 under L, L1
+    and L2) scores zero and an additive one does not; started as the sum, the other way round."""
+    ac = alphas_cumprod()
+    batch = _batch("fc")
+    noise, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([300, 800])
+
+    def loss(shares, init):
+        model = SharesModel(batch.latents, ac, shares, init)
+        return iclight_losses(model, batch, noise, t, alphas_cumprod=ac, consistency="x0")["loss_consistency"].item()
+
+    blind, additive = (1.0, 1.0, 1.0), (1.0, 0.3, 0.7)
+    assert loss(blind, "mean") < 1e-6 and loss(additive, "mean") > 0.1
+    assert loss(additive, "sum") < 1e-6 and loss(blind, "sum") > 0.1
