@@ -77,7 +77,7 @@ def pack_unet(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def as_stored(unet) -> None:
     """Round the UNet's weights in place to what `save_tiny_base` stores and `load_tiny_base` reads back."""
     packed = pack_unet(unet.state_dict())
-    unet.load_state_dict(_unpack(packed, "unet.", SCALE_PREFIX, "the UNet"))
+    unet.load_state_dict(_unpack(packed, "unet.", "the UNet"))
 
 
 def save_tiny_base(unet, text_encoder, path: str | Path, info: dict) -> Path:
@@ -120,17 +120,17 @@ def load_tiny_base(path: str | Path = TINY_BASE_ASSET, *, unet_only: bool = Fals
     return unet.eval(), load_vae_file(ASSET), text_encoder.eval(), tokenizer
 
 
-def _unpack(state: dict[str, torch.Tensor], prefix: str, scale_prefix: str, where) -> dict[str, torch.Tensor]:
-    """The tensors under `prefix` in fp32, int8 ones multiplied by their scales under `scale_prefix`."""
+def _unpack(state: dict[str, torch.Tensor], prefix: str, where) -> dict[str, torch.Tensor]:
+    """The tensors under `prefix` in fp32, int8 ones multiplied by their scales under SCALE_PREFIX."""
     part = {}
     for key, value in state.items():
         if not key.startswith(prefix):
             continue
         name = key[len(prefix):]
         if value.dtype == torch.int8:
-            scale = state.get(scale_prefix + name)
+            scale = state.get(SCALE_PREFIX + name)
             if scale is None or scale.shape != (value.shape[0],):
-                raise TinyBaseError(f"{where}: int8 tensor {key} has no {scale_prefix}{name} of shape "
+                raise TinyBaseError(f"{where}: int8 tensor {key} has no {SCALE_PREFIX}{name} of shape "
                                     f"({value.shape[0]},)")
             part[name] = dequantise_int8(value, scale)
         else:
@@ -139,7 +139,7 @@ def _unpack(state: dict[str, torch.Tensor], prefix: str, scale_prefix: str, wher
 
 
 def _load_part(module, state: dict[str, torch.Tensor], prefix: str, path) -> None:
-    part = _unpack(state, prefix, SCALE_PREFIX, path)
+    part = _unpack(state, prefix, path)
     try:
         module.load_state_dict(part, strict=True)
     except RuntimeError as e:
