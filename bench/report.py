@@ -6,11 +6,13 @@
 A generated table sits between `<!-- report: NAME -->` and `<!-- /report -->` in the markdown; NAME is one of
 TABLES below, each a function of the result files it reads. Everything outside the markers is left alone.
 
---check also finds every bench/results/ file the docs name that does not exist, and reads the prose: in every paragraph, list item or table that names a file in bench/results/ (a table
-also by the paragraph that introduces it, ending in a colon), each number with a unit (dB, GiB, MiB, KiB, s, ms,
-samples/s, steps/s, x, %; both ends of a range) must be a number of that file at its printed precision: a value as
-stored, or bytes as GiB / MiB / KiB, seconds as ms, a fraction as %, a score's gain over copy-the-input.
-NOT_MEASURED lists, per file, the few numbers with a unit there that are not measurements, each with its reason.
+--check also finds every bench/results/ file the docs name that does not exist, and reads the prose: in every
+paragraph, list item or table that names a file in bench/results/ (a table also by the paragraph that introduces it,
+ending in a colon), each number with a unit (dB, GiB, MiB, KiB, s, ms, samples/s, steps/s, x, %; both ends of a
+range), and each number without one that has two decimals or more (a ratio, an SSIM), must be a number of that file
+at its printed precision (a value as stored, or bytes as GiB / MiB / KiB, seconds as ms, a fraction as %, a score's
+gain over copy-the-input) or a number a generated table of the same page prints (a mean over seeds, say).
+NOT_MEASURED lists, per file, the few such numbers there that are not measurements, each with its reason.
 """
 
 from __future__ import annotations
@@ -349,6 +351,10 @@ TABLES = {"memory-cpu": memory_cpu, "memory-cpu-ratios": memory_cpu_ratios, "mem
 CITED = re.compile(r"[\w.-]+\.json")
 UNIT = r"(?:\s?(dB|GiB|MiB|KiB|ms|s|samples/s|steps/s)(?![\w/])|([x%])(?!\w))"
 MEASURED = re.compile(r"(?<![\w.])[+-]?(?:(\d+(?:\.\d+)?)-)?(\d+(?:\.\d+)?)" + UNIT)  # a number or range, a unit
+# a number without a unit with two decimals or more (a ratio, an SSIM, an additivity error), not a version's part
+BARE = re.compile(r"(?<![\w.])[+-]?(?:(\d+\.\d{2,})-)?(\d+\.\d{2,})(?!\.\d)(?![\w%/-])"
+                  r"(?!\s?(?:dB|GiB|MiB|KiB|ms|s|samples/s|steps/s)(?![\w/]))")
+NUMBER = re.compile(r"\d+(?:\.\d+)?")
 # a VAE's downsampling factor (the 4x VAE, a table's VAE column), not a measured ratio
 NAMES = re.compile(r"\b\dx(?: and \dx)?(?= (?:tiny )?VAEs?\b| runs?\b| pair\b| model\b| one\b)|(?<=\| )\dx(?= (?:wide )?\|)")
 # per file, numbers with a unit in a paragraph that names a result file but that are not in it, each with its reason
@@ -366,6 +372,7 @@ NOT_MEASURED = {
     },
     "docs/quality.md": {
         "27.7 dB": "the shipped 8x VAE's own score, from its file's metadata (the VAE table above)",
+        "1.97": "the ratio of two of its numbers: additivity 0.386 / 0.196 at step 1000 (quality-scale-h200.json)",
         "32x": "512k samples over the CPU default's 16k (2000 steps x 8): arithmetic on the settings",
         "22.8 dB": "the target: copy's 16.78 dB plus 6 dB",
         "2.5x": "the lowest-loss LR (min_loss_lr, 7.6e-3) over the default LR 3e-3",
@@ -452,22 +459,31 @@ def paragraphs(text: str) -> list[tuple[int, str, str]]:
     return out
 
 
+def generated_numbers(text: str) -> set[str]:
+    """Every number printed in the generated tables of a markdown text (each computed from the results)."""
+    return {n for m in BLOCK.finditer(text) for n in NUMBER.findall(m.group(3))}
+
+
 def uncited_numbers(paths=None) -> list[str]:
-    """Every number with a unit (dB, GiB, s, x, % ...) in a markdown paragraph, list item or table that names a
-    file in bench/results/ (a table: or whose introducing paragraph does), which none of the files named holds;
+    """Every number with a unit (dB, GiB, s, x, % ...), or without one but with two decimals or more, in a markdown
+    paragraph, list item or table that names a file in bench/results/ (a table: or whose introducing paragraph
+    does), which none of the files named holds and no generated table of the same text prints (a seeds' mean, say);
     generated tables aside. Each entry: `path:line: number (files)`, the line where the paragraph starts."""
     missing = []
     for path in paths or DOCS:
-        rel = _rel(path)
-        allowed = NOT_MEASURED.get(rel, {})
-        for first, text, above in paragraphs(path.read_text()):
+        rel, text_all = _rel(path), path.read_text()
+        allowed, printed = NOT_MEASURED.get(rel, {}), generated_numbers(text_all)
+        for first, text, above in paragraphs(text_all):
             files = sorted({f for f in CITED.findall(text + " " + above) if (RESULTS / f).is_file()})
             if not files:
                 continue
-            for m in MEASURED.finditer(NAMES.sub("", text)):
-                token = m.group(0).strip()
-                low, high, unit = m.group(1), m.group(2), m.group(3) or m.group(4)
-                if token in allowed or all(any(holds(f, v, unit) for f in files) for v in (low, high) if v):
+            prose = CITED.sub("", NAMES.sub("", text))
+            found = [(m.group(0).strip(), (m.group(1), m.group(2)), m.group(3) or m.group(4))
+                     for m in MEASURED.finditer(prose)]
+            found += [(m.group(0).strip(), (m.group(1), m.group(2)), "") for m in BARE.finditer(prose)]
+            for token, values, unit in found:
+                if token in allowed or all(v in printed or any(holds(f, v, unit) for f in files)
+                                           for v in values if v):
                     continue
                 missing.append(f"{rel}:{first}: {token} ({', '.join(files)})")
     return missing

@@ -1,5 +1,6 @@
 """bench/report.py: the generated tables in README.md and docs/ equal what bench/results/*.json give, every number
-with a unit in a paragraph that names a result file is in that file, and the checker fails where it should."""
+with a unit (or with two decimals) in a paragraph that names a result file is in that file or printed by a generated
+table, and the checker fails where it should."""
 
 import json
 
@@ -69,6 +70,10 @@ def test_check_exits_1_on_a_stale_table_or_a_wrong_number(tmp_path, monkeypatch,
     ("`memory-cpu.json` times.\n\n| case | GiB |\n|---|---|\n| a | 99.9 GiB |", []),  # no colon: not its intro
     ("`memory-cpu.json`:\n\n```\n99.9 GiB\n```", []),  # code
     ("`memory-cpu.json`:\n<!-- report: memory-cpu -->\n| 99.9 GiB |\n<!-- /report -->", []),  # a generated table
+    ("`prepare-speed-cpu.json`: a ratio of 0.131 and 0.777.", ["0.777"]),  # no unit, two decimals: checked
+    ("`prepare-speed-cpu.json`: deepspeed 0.19.8, 1.5 and 3e-3.", []),  # a version, one decimal, an LR: not
+    ("`prepare-speed-cpu.json`: the mean, 9.876.\n\n<!-- report: x -->\n| 9.876 |\n<!-- /report -->", []),  # printed
+    ("`prepare-speed-cpu.json`: the mean, 9.876.\n\n<!-- report: x -->\n| 9.875 |\n<!-- /report -->", ["9.876"]),
 ])
 def test_the_checker_reads_paragraphs_tables_and_units(tmp_path, text, missing):
     doc = tmp_path / "doc.md"
