@@ -30,6 +30,8 @@ DEFAULT_ENV_SHAPE = (16, 32)
 RESOLVED_FILE = "resolved.json"
 # The shipped tiny pretrained base (iclight_ds/model/tinybase.py, trained by `python -m iclight_ds.tools.tiny_base`):
 # what `model.base: tiny` loads
+AUTO_CACHE = "auto"  # data.cache: the trainer encodes its training set once (see DataConfig.cache)
+AUTO_CACHE_DIR = "latent_cache"  # its folder inside the run's output_dir
 SHIPPED_TINY_BASE = Path(__file__).resolve().parent / "model" / "assets" / "tiny_base.safetensors"
 # model.lora_targets by default: the UNet layers kohya's sd-scripts and the diffusers examples put LoRA on. In every
 # transformer block the attention projections (to_q, to_k, to_v, to_out.0 of self- and cross-attention), the
@@ -151,8 +153,13 @@ class DataConfig:
     skip_bad. The synthetic scenes the trainer writes itself (path None) are not checked: they are the generator's,
     which the tests check, and 12288 of them (the GPU default run's) take minutes on one core."""
     cache: Optional[str] = None
-    """Train from a latent cache made by `python -m iclight_ds.cache`; the VAE and text encoder are then not built
-    at all. Its metadata must match this run (variant, resolution, model size/base, seed, frozen dtype, ...)."""
+    """Train from a latent cache, so that a step does no VAE or text-encoder work. A folder: a cache made by
+    `python -m iclight_ds.cache`, whose metadata must match this run (variant, resolution, model size/base, seed,
+    frozen dtype, ...); the VAE and text encoder are then not built at all (no previews, no training-time
+    evaluation). `auto`: the trainer encodes its training set (data.path, or its synthetic scenes) once into
+    <output_dir>/latent_cache before step 1 with the run's own frozen encoders, keeps them for the previews and
+    evaluations, and trains from the cache; a resumed run reuses it. FBC with the consistency term then draws its
+    light split from 4 cached per sample instead of a new one each step. None: every step encodes its batch."""
 
 
 @dataclass
@@ -512,6 +519,9 @@ def validate(cfg: RunConfig) -> None:
         problems.append("train.keep / train.max_bad_steps: must be >= 0")
     if cfg.logging.every < 1:
         problems.append("logging.every: must be >= 1")
+    if cfg.data.skip_bad and cfg.data.cache == AUTO_CACHE:
+        problems.append("data.skip_bad with data.cache=auto: the cache encodes every sample; remove or mend the bad "
+                        "ones (python -m iclight_ds.data.validate DIR lists them), or leave data.cache unset")
     if cfg.data.buckets and cfg.data.cache:
         problems.append("data.buckets with data.cache: a latent cache holds one square size per sample; train "
                         "buckets from data.path, or the cache without buckets")
@@ -521,7 +531,7 @@ def validate(cfg: RunConfig) -> None:
         problems.append("model.size=full with data.resolution < 256: the full SD1.5 UNet expects >= 256 px")
     for key, value in (("model.base", cfg.model.base), ("model.tokenizer", cfg.model.tokenizer),
                        ("model.iclight_weights", cfg.model.iclight_weights), ("data.path", cfg.data.path),
-                       ("data.cache", cfg.data.cache)):
+                       ("data.cache", None if cfg.data.cache == AUTO_CACHE else cfg.data.cache)):
         if value is not None and not Path(value).exists():
             problems.append(f"{key}={value}: no such file or folder")
     if cfg.model.vae not in ("auto", "random"):
@@ -557,6 +567,16 @@ def consistency_off_reason(cfg: RunConfig) -> str | None:
         return ("model.light_input=text: the light is in the prompt, so there is no illumination input to split into "
                 "complementary parts (the term needs eps(L1) and eps(L2)); objective.lambda_consistency is not used")
     return None
+
+
+def encodes_once(cfg: RunConfig) -> bool:
+    """data.cache=auto: the trainer writes the latent cache itself, and keeps the frozen encoders."""
+    return cfg.data.cache == AUTO_CACHE
+
+
+def builds_frozen_encoders(cfg: RunConfig) -> bool:
+    """The run builds the VAE and text encoder: every run but one from a latent cache made beforehand."""
+    return not cfg.data.cache or encodes_once(cfg)
 
 
 def trains_consistency(cfg: RunConfig) -> bool:

@@ -18,9 +18,10 @@ from transformers import (
     get_cosine_with_min_lr_schedule_with_warmup,
 )
 
-from ..config import RunConfig
-from ..data.cache import CachedDataset, run_expectations
+from ..config import AUTO_CACHE_DIR, RunConfig, builds_frozen_encoders, encodes_once
+from ..data.cache import CachedDataset, build_cache, run_expectations
 from ..data.dataset import MANIFEST, DatasetError, RelightDataset
+from ..dtypes import dtype_name
 from ..data.synth import generate, target_shift_of
 from ..data.validate import validate_dataset
 from ..model.arch import (
@@ -57,7 +58,7 @@ def load_run_base(cfg: RunConfig, run: ResolvedRun, out_dir: Path, *, is_main: b
         return None
     # fp32 first: offsets are added at full precision, then everything goes to the training dtype
     base = load_base(model_cfg.base, tokenizer_fallback=model_cfg.tokenizer, dtype=torch.float32,
-                     unet_only=bool(cfg.data.cache))
+                     unet_only=not builds_frozen_encoders(cfg))
     if model_cfg.iclight_weights:
         load_iclight_offset(base.unet, model_cfg.iclight_weights)
         log.info("added IC-Light offsets %s to the base", model_cfg.iclight_weights)
@@ -73,9 +74,9 @@ def build_dataset(cfg: RunConfig, run: ResolvedRun, out_dir: Path, tokenizer, *,
     """The training set: a latent cache, the user's dataset folder (validated first), or the trainer's own synthetic
     scenes. Collective (a barrier after rank 0 writes or checks). `tokenizer` is None for a cache."""
     data_cfg, model_cfg = cfg.data, cfg.model
-    if data_cfg.cache:  # latents and text made by `python -m iclight_ds.cache`, checked against this run
+    if data_cfg.cache and not encodes_once(cfg):  # made by `python -m iclight_ds.cache`, checked against this run
         return CachedDataset(data_cfg.cache, run_expectations(cfg, run.torch_dtype))
-    root = Path(data_cfg.path) if data_cfg.path else out_dir / "data"
+    root = data_root(cfg, out_dir)
     if data_cfg.path is None and is_main:
         make_synthetic(root, data_cfg.synth_samples, seed=data_cfg.synth_seed, resolution=data_cfg.resolution,
                        env_shape=model_cfg.env_shape, target_shift=data_cfg.synth_target_shift)
@@ -87,9 +88,44 @@ def build_dataset(cfg: RunConfig, run: ResolvedRun, out_dir: Path, tokenizer, *,
                           skip_bad=data_cfg.skip_bad, buckets=data_cfg.buckets)
 
 
+def data_root(cfg: RunConfig, out_dir: Path) -> Path:
+    """The folder of the training set's images: data.path, or the trainer's own synthetic scenes."""
+    return Path(cfg.data.path) if cfg.data.path else out_dir / "data"
+
+
+# FBC with the consistency term from data.cache=auto: light splits cached per sample (python -m iclight_ds.cache's
+# --split-variants default)
+AUTO_SPLIT_VARIANTS = 4
+
+
+def encode_once(cfg: RunConfig, run: ResolvedRun, out_dir: Path, device: torch.device, *,
+                is_main: bool) -> CachedDataset:
+    """data.cache=auto: rank 0 encodes the training set into <output_dir>/latent_cache (what `python -m
+    iclight_ds.cache` writes for this run; a complete one from an earlier launch is checked and reused), then every
+    rank reads it. Collective."""
+    cache_dir = out_dir / AUTO_CACHE_DIR
+    if is_main:
+        frozen = dtype_name(run.torch_frozen_dtype)
+        fbc_splits = cfg.model.variant == "fbc" and cfg.objective.lambda_consistency > 0
+        stats = build_cache(
+            data_root(cfg, out_dir), cache_dir, base=cfg.model.base, size=cfg.model.size, vae=cfg.model.vae,
+            seed=cfg.train.seed, frozen_dtype=frozen, variant=cfg.model.variant, light_input=cfg.model.light_input,
+            resolution=cfg.data.resolution, env_shape=tuple(cfg.model.env_shape),
+            split_variants=AUTO_SPLIT_VARIANTS if fbc_splits else 0, split_cells=cfg.objective.split_cells,
+            dtype=frozen, batch_size=run.geometry.micro_batch, num_workers=cfg.data.num_workers, device=str(device),
+            validate=False, progress=cfg.logging.progress)  # data.path was validated as the dataset was built
+        log.info("latent cache %s: %d samples encoded in %.1f s (%d shard(s) already complete)", cache_dir,
+                 stats["samples"], stats["encode_s"] + stats["build_s"], stats["skipped_shards"])
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the cache builder's own copy of the frozen encoders
+    eng.barrier()
+    return CachedDataset(cache_dir, run_expectations(cfg, run.torch_dtype))
+
+
 def run_tokenizer(cfg: RunConfig, base: BaseModel | None):
-    """The base's tokenizer, the char tokenizer of the random models, or None for a latent cache (no text)."""
-    if cfg.data.cache:
+    """The base's tokenizer, the char tokenizer of the random models, or None for a latent cache made beforehand
+    (no text)."""
+    if not builds_frozen_encoders(cfg):
         return None
     return base.tokenizer if base is not None else build_char_tokenizer()
 
@@ -158,7 +194,7 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, train_cfg) -> torch.optim.lr_
 @dataclass
 class Models:
     engine: Any  # DeepSpeed's engine around the ICLightModel
-    vae: Any | None  # frozen; None when training from a latent cache
+    vae: Any | None  # frozen; None when training from a latent cache made beforehand
     text_encoder: Any | None
 
 
@@ -190,11 +226,11 @@ def build_models(cfg: RunConfig, run: ResolvedRun, base: BaseModel | None, token
              "%.2fM of %.2fM", run.attention, "on" if run.gradient_checkpointing else "off",
              "on" if cfg.model.channels_last else "off", cfg.model.compile_backend if cfg.model.compile else "off",
              trainable / 1e6, count_parameters(model) / 1e6)
-    vae = text_encoder = None  # a latent cache holds their outputs: not built at all
-    if not cfg.data.cache and base is not None:
+    vae = text_encoder = None  # a latent cache made beforehand holds their outputs: not built at all
+    if builds_frozen_encoders(cfg) and base is not None:
         vae = freeze(base.vae, run.torch_frozen_dtype, device)
         text_encoder = freeze(base.text_encoder, run.torch_frozen_dtype, device)
-    elif not cfg.data.cache:  # outside model_init_context: ZeRO-3 never partitions them
+    elif builds_frozen_encoders(cfg):  # outside model_init_context: ZeRO-3 never partitions them
         vae, text_encoder = build_frozen(cfg.model.size, seed=cfg.train.seed, tokenizer=tokenizer,
                                          dtype=run.torch_frozen_dtype, device=device, vae=cfg.model.vae)
     optimizer = eng.build_optimizer(run.optimizer, [p for p in model.parameters() if p.requires_grad],

@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..config import RunConfig, consistency_off_reason, save_config, to_dict, trains_consistency
+from ..config import RunConfig, consistency_off_reason, encodes_once, save_config, to_dict, trains_consistency
 from ..model.schedule import NUM_TIMESTEPS, alphas_cumprod
 from . import checkpoint as ckpt
 from . import engine as eng
-from .build import build_dataset, build_models, load_run_base, run_tokenizer
+from .build import build_dataset, build_models, encode_once, load_run_base, run_tokenizer
 from .checks import describe
 from .conditioning import condition_batch, condition_cached_batch
 from .ema import EMA_FILE, WeightsEMA
@@ -66,6 +66,10 @@ class Trainer:
         self.base = load_run_base(cfg, self.run, self.out_dir, is_main=self.is_main)
         self.tokenizer = run_tokenizer(cfg, self.base)
         self.dataset = build_dataset(cfg, self.run, self.out_dir, self.tokenizer, is_main=self.is_main)
+        # what the steps read: the dataset, or its latent cache (data.cache=auto); previews and evaluations decode
+        # the dataset's own samples
+        self.train_set = (encode_once(cfg, self.run, self.out_dir, self.acc.device, is_main=self.is_main)
+                          if encodes_once(cfg) else self.dataset)
         models = build_models(cfg, self.run, self.base, self.tokenizer, self.acc.device)
         self.engine, self.vae, self.text_encoder = models.engine, models.vae, models.text_encoder
         self._write_run_records()
@@ -73,7 +77,7 @@ class Trainer:
         self.monitor = Monitor(cfg, out_dir=self.out_dir, is_main=self.is_main, zero_stage=self.run.zero_stage,
                                dataset=self.dataset, vae=self.vae, text_encoder=self.text_encoder,
                                tokenizer=self.tokenizer, ema=self.ema)
-        self.loader, self.sampler = build_loader(self.dataset, self.geometry, rank=self.acc.rank, seed=cfg.train.seed,
+        self.loader, self.sampler = build_loader(self.train_set, self.geometry, rank=self.acc.rank, seed=cfg.train.seed,
                                                  num_workers=cfg.data.num_workers,
                                                  buckets=cfg.data.buckets and not cfg.data.cache)
         self.alphas_cumprod = alphas_cumprod().to(self.acc.device)

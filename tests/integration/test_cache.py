@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch.utils.data import default_collate
 
-from helpers import losses, patch_everywhere, run_config, tiny_parts, write_base_folder
+from helpers import losses, metrics, patch_everywhere, run_config, tiny_parts, write_base_folder
 from iclight_ds.data import cache as cache_mod
 from iclight_ds.data.cache import CacheError, CachedDataset, build_cache, run_expectations
 from iclight_ds.data.dataset import RelightDataset
@@ -227,3 +228,40 @@ def test_trainer_trains_from_cache_as_it_would_on_the_fly(data, tmp_path, monkey
     cached = trained_losses(trainer)
     assert len(cached) == 3 and all(map(torch.isfinite, torch.tensor(cached)))
     assert cached == on_the_fly
+
+
+def test_cache_auto_encodes_once_and_trains_as_on_the_fly(data, tmp_path, monkeypatch):
+    """data.cache=auto: the trainer writes <output_dir>/latent_cache, steps through it with the losses of the same run
+    conditioning on the fly (a bf16 cache of bf16 encoders is exact), keeps the frozen encoders for its previews and
+    evaluation, and a resumed launch reuses the cache without encoding a sample again."""
+    from iclight_ds.train.trainer import Trainer
+
+    on_the_fly = Trainer(_run_cfg(tmp_path / "a", None, **{"data.path": str(data)}))
+    on_the_fly.train()
+    auto = Trainer(_run_cfg(tmp_path / "b", "auto", **{"data.path": str(data)}))
+    meta = json.loads((auto.out_dir / "latent_cache" / "cache.json").read_text())
+    assert meta["complete"] and meta["identity"]["num_samples"] == 12
+    assert isinstance(auto.train_set, CachedDataset) and isinstance(auto.dataset, RelightDataset)
+    assert auto.vae is not None and auto.text_encoder is not None
+    before = [p.detach().clone() for p in auto.engine.module.parameters()]
+    auto.train()
+    assert any(not torch.equal(a, b) for a, b in zip(before, auto.engine.module.parameters()))
+    assert list(losses(auto.out_dir).values()) == list(losses(on_the_fly.out_dir).values())
+    evals = [m for m in metrics(auto.out_dir) if "eval/psnr" in m]
+    assert len(evals) == 1 and math.isfinite(evals[0]["eval/psnr"])  # the final evaluation decoded through the VAE
+    assert list((auto.out_dir / "previews").glob("step_*.png"))
+
+    def no_encoding(*a, **k):
+        raise AssertionError("a complete latent cache must not be encoded again")
+
+    monkeypatch.setattr(cache_mod, "encode_samples", no_encoding)
+    resumed = Trainer(_run_cfg(tmp_path / "b", "auto", **{"data.path": str(data), "train.steps": "4",
+                                                          "train.resume": "latest"}))
+    assert resumed.step == 3 and len(resumed.train_set) == 12
+
+
+def test_cache_auto_is_refused_with_skip_bad(tmp_path):
+    from iclight_ds.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.skip_bad with data.cache=auto"):
+        _run_cfg(tmp_path, "auto", **{"data.skip_bad": "true"})
