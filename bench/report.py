@@ -243,6 +243,13 @@ def cache_speed() -> list[str]:
     return step + [""] + table(["caching throughput (encode + write)", "samples/s"], rows)
 
 
+def cpu_default_speed() -> list[str]:
+    rows = [[r["case"], f"{1000 * r['step_s_median']:.0f} ms", sig(r["samples_per_s"]), f"{r['ratio_to_first']:.2f}"]
+            for r in result("cpu-default-speed-cpu.json")["rows"]]
+    return table(["the CPU default's setup (tiny base, FC, vanilla, `cpu-1rank.json`, 64 px)", "step (median)",
+                  "samples/s", "x the first row"], rows)
+
+
 def prepare_speed() -> list[str]:
     labels = {"decode": "decoding the photos and masks alone", "prepare, 1 variant(s)": "prepare, 1 variant",
               "prepare, 2 variant(s)": "prepare, 2 variants (the default)"}
@@ -341,6 +348,7 @@ TABLES = {"memory-cpu": memory_cpu, "memory-cpu-ratios": memory_cpu_ratios, "mem
           "memory-cuda-offload": memory_cuda_offload, "memory-cuda-targets": memory_cuda_targets,
           "host-optimizer": host_optimizer, "consumer-grid-cpu": consumer_grid_cpu, "nvme": nvme,
           "cache-speed": cache_speed, "prepare-speed": prepare_speed, "faults": faults,
+          "cpu-default-speed": cpu_default_speed,
           "default-run-cpu": default_run_cpu,
           "consistency-ablation-base": lambda: consistency_ablation("consistency-ablation-base.json"),
           "consistency-ablation-shift": lambda: consistency_ablation("consistency-ablation-shift.json")}
