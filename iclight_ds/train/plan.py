@@ -50,7 +50,8 @@ SPEED_ORDER = ["1gpu-24gb", "multi-gpu", "zero2", "zero3", "1gpu-12gb", "1gpu-8g
                "zero3_offload", "1gpu-nvme", "1gpu-6gb-nvme", "cpu-1rank", "cpu", "cpu-zero3"]
 # configs the planner never picks: they are named where they belong
 BY_NAME_ONLY = {"multi-node": "for several machines (pick it by name with --hostfile)",
-                "default-gpu": "the tiny GPU default run's (iclight_ds/train/presets/default-gpu.yaml)"}
+                "default-gpu": "the tiny GPU default run's (iclight_ds/train/presets/default-gpu.yaml)",
+                "default-cpu": "the tiny CPU default run's (iclight_ds/train/presets/default-cpu.yaml)"}
 # `*-1rank` configs (ZeRO stage 0) are the fastest with one rank only: with several, every rank would repeat the
 # whole optimizer step that ZeRO-2 splits between them (the order was measured with AdamW8bit, whose CPU step is most
 # of a full-size step; with fused AdamW, auto's CPU choice, that step is cheaper, so the margin is smaller).

@@ -96,9 +96,10 @@ def test_every_shipped_ds_config_reads(tmp_path):
 
     names = sorted(p.name for p in REPO_DS_CONFIGS.glob("*.json"))
     assert {"cpu.json", "zero2.json", "zero2_offload.json", "zero3.json", "zero3_offload.json"} <= set(names)
-    for name in names:
+    for name in names:  # bf16 but the CPU default run's, fp32 for its tiny UNet on a CPU (docs/performance.md)
         cfg = read_ds_config(REPO_DS_CONFIGS / name)
-        assert str(training_dtype(cfg)) == "torch.bfloat16", name
+        want = "torch.float32" if name == "default-cpu.json" else "torch.bfloat16"
+        assert str(training_dtype(cfg)) == want, name
 
 
 def test_optimizer_param_groups_are_bounded():

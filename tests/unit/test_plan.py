@@ -161,14 +161,16 @@ def test_choice_on_cpu_and_nothing_fits():
     assert multi == "multi-gpu"
 
 
-def test_the_gpu_default_run_s_config_is_never_planned():
-    """ds_configs/default-gpu.json (micro-batch 512, stage 0) would fit a tiny model anywhere; only its preset names it."""
-    for gib, gpus in ((80, 1), (141, 1), (24, 4)):
+def test_the_default_runs_configs_are_never_planned():
+    """ds_configs/default-gpu.json (micro-batch 512, stage 0) and default-cpu.json (micro-batch 32, stage 0, fp32)
+    would fit a tiny model anywhere; only their presets name them."""
+    for gib, gpus in ((80, 1), (141, 1), (24, 4), (None, 1)):
         estimates, choice = plan.plan(gpu_mem_gib=gib, gpus=gpus, ram_gib=128, resolution=64, variant="fc",
                                       consistency=True, size="tiny")
-        assert choice not in (None, "default-gpu")
+        assert choice not in (None, "default-gpu", "default-cpu")
         by = {e.config: e for e in estimates}
-        assert not by["default-gpu"].fits and "default run" in by["default-gpu"].why
+        for name in ("default-gpu", "default-cpu"):
+            assert not by[name].fits and "default run" in by[name].why
 
 
 def test_cpu_ranks_short_of_ram_get_zero3():
