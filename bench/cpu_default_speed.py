@@ -1,14 +1,18 @@
 """The CPU default run's step rate under its speed switches, each against the same baseline measured in this run.
 
-python bench/cpu_default_speed.py [--out bench/results/cpu-default-speed-cpu.json] [--steps 60] [--samples 256]
+python bench/cpu_default_speed.py [--out bench/results/cpu-default-speed-cpu.json] [--steps 60] [--rounds 6]
+                                  [--samples 256]
 
 The CPU default's setup (iclight_ds/train/presets/default-cpu.yaml: the tiny pretrained base, FC, vanilla objective,
-ds_configs/cpu-1rank.json, 64 px) through the real Trainer, one case after another in this process: the training
-dtype (bf16, the DeepSpeed config's, or fp32: train.precision), the conditioning (the frozen VAE and text encoder
-every step, or a latent cache the trainer writes first: data.cache=auto) and the micro-batch (8, that of
-ds_configs/cpu-1rank.json; 16; 32, that of ds_configs/default-cpu.json, which the preset trains with in fp32). Per case: the median optimizer-step time over --steps steps after 5 warm-up steps, samples/s, and the ratio
-of its samples/s to the first case's (bf16, encoding every step, micro-batch 8); for the cached cases also the time
-the trainer took to write its cache. The numbers are for the CPU, torch thread count and load recorded.
+one rank, ZeRO stage 0, 64 px) through the real Trainer, in this process, under: the training dtype (bf16, the
+DeepSpeed config's, or fp32: train.precision), the conditioning (the frozen VAE and text encoder every step, or a
+latent cache the trainer writes first: data.cache=auto) and the micro-batch (8, that of ds_configs/cpu-1rank.json;
+16; 32, that of ds_configs/default-cpu.json, which the preset trains with in fp32). Every case's Trainer is built
+(and warmed up over 5 steps) first; then the cases take turns, --rounds times --steps / --rounds steps each, so that
+a change of the machine's speed during the run (a shared virtual machine's is large) reaches them alike. Per case:
+the median optimizer-step time, samples/s, and the ratio of its samples/s to the first case's (bf16, encoding every
+step, micro-batch 8); the time its Trainer took to start, for the cached cases writing the cache included. The
+numbers are for the CPU, torch thread count and load recorded.
 """
 
 from __future__ import annotations
@@ -55,39 +59,52 @@ def ds_config_with(micro_batch: int, folder: Path) -> Path:
     return path
 
 
-def measure(case: tuple, data: Path, tmp: Path, steps: int) -> dict:
+def build(case: tuple, data: Path, tmp: Path):
+    """The case's Trainer, warmed up (first-call allocations, the loader's worker start), and its start-up time."""
     from iclight_ds.config import load_config
     from iclight_ds.train.trainer import Trainer
 
-    name, precision, cache, micro = case
+    _, precision, cache, micro = case
     out = tmp / f"run-{precision}-{cache}-{micro}"
     values = {"train.output_dir": str(out), "data.path": str(data), "train.precision": precision,
               "train.ds_config": str(ds_config_with(micro, tmp)), "train.export": "false", "logging.wandb": "false",
-              "logging.progress": "false", "data.num_workers": "1", **({"data.cache": cache} if cache else {})}
+              "logging.progress": "false", "data.num_workers": "1", "data.cache": cache or "none"}
     t0 = time.perf_counter()
     trainer = Trainer(load_config(str(PRESET), values))
     start_s = time.perf_counter() - t0
-    for _ in range(5):  # warm-up: first-call allocations, the loader's worker start
+    for _ in range(5):
         trainer.train_step()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        trainer.train_step()
-        times.append(time.perf_counter() - t)
-    step_s = statistics.median(times)
-    row = {"case": name, "precision": precision, "cache": cache or "none", "micro_batch": micro,
-           "step_s_median": step_s, "samples_per_s": micro / step_s, "trainer_start_s": start_s,
-           "steps_timed": steps}
-    if cache:
-        row["cache_bytes"] = sum(p.stat().st_size for p in (out / "latent_cache").glob("shard_*.safetensors"))
-    del trainer
-    return row
+    return trainer, start_s
+
+
+def measure(cases: list[tuple], data: Path, tmp: Path, steps: int, rounds: int) -> list[dict]:
+    """Every case's Trainer built first, then `rounds` rounds of steps // rounds steps of each case in turn, so that a
+    change in the machine's speed during the run reaches every case alike; each case's median step time."""
+    built = [build(case, data, tmp) for case in cases]
+    times: list[list[float]] = [[] for _ in cases]
+    for _ in range(rounds):
+        for (trainer, _), own in zip(built, times):
+            for _ in range(max(1, steps // rounds)):
+                t = time.perf_counter()
+                trainer.train_step()
+                own.append(time.perf_counter() - t)
+    rows = []
+    for (name, precision, cache, micro), (trainer, start_s), own in zip(cases, built, times):
+        step_s = statistics.median(own)
+        row = {"case": name, "precision": precision, "cache": cache or "none", "micro_batch": micro,
+               "step_s_median": step_s, "samples_per_s": micro / step_s, "trainer_start_s": start_s,
+               "steps_timed": len(own), "rounds": rounds}
+        if cache:
+            row["cache_bytes"] = sum(p.stat().st_size for p in (trainer.out_dir / "latent_cache").glob("shard_*"))
+        rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "cpu-default-speed-cpu.json"))
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=60, help="steps timed per case, over all rounds")
+    p.add_argument("--rounds", type=int, default=6, help="rounds in which every case takes its share of the steps")
     p.add_argument("--samples", type=int, default=256, help="synthetic scenes (64 px) the cases train on")
     args = p.parse_args(argv)
     from iclight_ds.data.synth import generate
@@ -99,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         generate(tmp / "data", args.samples, size=64, seed=0, extras=False)
-        for case in CASES:
-            result["rows"].append(measure(case, tmp / "data", tmp, args.steps))
-            print(f"  {case[0]:<40} {result['rows'][-1]['samples_per_s']:>7.1f} samples/s", flush=True)
+        result["rows"] = measure(CASES, tmp / "data", tmp, args.steps, args.rounds)
     eng.shutdown()
     base = result["rows"][0]["samples_per_s"]
     for row in result["rows"]:
