@@ -159,7 +159,9 @@ class DataConfig:
     evaluation). `auto`: the trainer encodes its training set (data.path, or its synthetic scenes) once into
     <output_dir>/latent_cache before step 1 with the run's own frozen encoders, keeps them for the previews and
     evaluations, and trains from the cache; a resumed run reuses it. FBC with the consistency term then draws its
-    light split from 4 cached per sample instead of a new one each step. None: every step encodes its batch."""
+    light split from 4 cached per sample instead of a new one each step. Rank 0 writes it while the other ranks wait
+    up to train.collective_timeout_s: for a large dataset on several ranks, write it beforehand with the cache
+    command. None: every step encodes its batch."""
 
 
 @dataclass

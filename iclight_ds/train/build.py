@@ -21,9 +21,9 @@ from transformers import (
 from ..config import AUTO_CACHE_DIR, RunConfig, builds_frozen_encoders, encodes_once
 from ..data.cache import CachedDataset, build_cache, run_expectations
 from ..data.dataset import MANIFEST, DatasetError, RelightDataset
-from ..dtypes import dtype_name
 from ..data.synth import generate, target_shift_of
 from ..data.validate import validate_dataset
+from ..dtypes import dtype_name
 from ..model.arch import (
     compile_unet,
     configure_attention,

@@ -230,10 +230,11 @@ def test_trainer_trains_from_cache_as_it_would_on_the_fly(data, tmp_path, monkey
     assert cached == on_the_fly
 
 
-def test_cache_auto_encodes_once_and_trains_as_on_the_fly(data, tmp_path, monkeypatch):
+def test_cache_auto_encodes_once_and_trains_as_on_the_fly(data, synthetic, tmp_path, monkeypatch):
     """data.cache=auto: the trainer writes <output_dir>/latent_cache, steps through it with the losses of the same run
     conditioning on the fly (a bf16 cache of bf16 encoders is exact), keeps the frozen encoders for its previews and
-    evaluation, and a resumed launch reuses the cache without encoding a sample again."""
+    evaluation, and a resumed launch reuses the cache without encoding a sample again; the folder reused with other
+    data refuses it."""
     from iclight_ds.train.trainer import Trainer
 
     on_the_fly = Trainer(_run_cfg(tmp_path / "a", None, **{"data.path": str(data)}))
@@ -258,6 +259,10 @@ def test_cache_auto_encodes_once_and_trains_as_on_the_fly(data, tmp_path, monkey
     resumed = Trainer(_run_cfg(tmp_path / "b", "auto", **{"data.path": str(data), "train.steps": "4",
                                                           "train.resume": "latest"}))
     assert resumed.step == 3 and len(resumed.train_set) == 12
+    # the run folder reused with another dataset: its cache is refused by the key that differs, before step 1
+    other = synthetic(6, size=RES, seed=6, extras=False)
+    with pytest.raises(CacheError, match="dataset_hash"):
+        Trainer(_run_cfg(tmp_path / "b", "auto", **{"data.path": str(other)}))
 
 
 def test_cache_auto_is_refused_with_skip_bad(tmp_path):
@@ -265,3 +270,4 @@ def test_cache_auto_is_refused_with_skip_bad(tmp_path):
 
     with pytest.raises(ConfigError, match="data.skip_bad with data.cache=auto"):
         _run_cfg(tmp_path, "auto", **{"data.skip_bad": "true"})
+
