@@ -224,6 +224,9 @@ class Trainer:
         t_last, steps_last = time.perf_counter(), self.step
         saved_at, self.saved_time = None, time.monotonic()
         self.signals.install()
+        if log_cfg.eval_at_start and self.step == 0:
+            self.phase = "step 0: evaluating the starting weights"
+            self.monitor.evaluate(self.engine.module, 0, writer)
         while self.step < cfg.train.steps:
             try:
                 window.append(self.train_step())
