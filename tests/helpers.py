@@ -188,3 +188,21 @@ def offload_devices(ds_cfg: dict) -> set[str]:
     """Where a DeepSpeed config offloads (optimizer states, parameters): a subset of {'cpu', 'nvme'}."""
     zero = ds_cfg.get("zero_optimization", {})
     return {zero.get(k, {}).get("device") for k in ("offload_optimizer", "offload_param")} & {"cpu", "nvme"}
+
+
+def shipped_ds_configs() -> list[str]:
+    """The names of the shipped ds_configs/*.json, the ZeRO-3 ones first (a worker's first engine is then built under
+    zero.Init in a fresh process: the case where importing diffusers/torch._dynamo under DeepSpeed's patched tensor
+    constructors once broke)."""
+    def stage(name: str) -> int:
+        return json.loads((REPO / "ds_configs" / f"{name}.json").read_text()).get("zero_optimization", {}).get("stage")
+
+    return sorted((p.stem for p in (REPO / "ds_configs").glob("*.json")), key=lambda n: (stage(n) != 3, n))
+
+
+def nvme_ds_configs() -> set[str]:
+    """The shipped configs that offload to NVMe (they need DeepSpeed's async_io op, i.e. libaio)."""
+    from iclight_ds.train import engine as eng
+
+    return {n for n in shipped_ds_configs()
+            if "nvme" in offload_devices(eng.read_ds_config(REPO / "ds_configs" / f"{n}.json"))}

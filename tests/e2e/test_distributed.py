@@ -7,60 +7,20 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from helpers import QUIET_ARGS, REPO, find_free_port, losses, offload_devices, run_logged
+import helpers
+from helpers import QUIET_ARGS, REPO, find_free_port, run_logged
 from iclight_ds.config import TrainConfig
 from iclight_ds.train import engine as eng
 
-# ZeRO-3 configs first: the worker's first engine is then built under zero.Init in a fresh process, the case
-# where importing diffusers/torch._dynamo under DeepSpeed's patched tensor constructors once broke.
-SHIPPED = sorted((p.stem for p in (REPO / "ds_configs").glob("*.json")),
-                 key=lambda n: (json.loads((REPO / "ds_configs" / f"{n}.json").read_text())
-                                .get("zero_optimization", {}).get("stage") != 3, n))
-# the NVMe-offload configs need DeepSpeed's async_io op (libaio); .ci/run installs libaio-dev where apt works
-NVME = {n for n in SHIPPED if offload_devices(eng.read_ds_config(REPO / "ds_configs" / f"{n}.json")) & {"nvme"}}
+SHIPPED = helpers.shipped_ds_configs()
+NVME = helpers.nvme_ds_configs()
 AIO_PROBLEM = eng.aio_problem() if NVME else None
 
 
 def _runs_here(name: str) -> None:
     if name in NVME and AIO_PROBLEM is not None:
         pytest.skip(f"{name}.json offloads to NVMe, and DeepSpeed's async_io op cannot be built here: {AIO_PROBLEM}")
-
-
-@pytest.fixture(scope="module")
-def synth_data(synthetic) -> Path:
-    return synthetic(32, size=64, seed=3)
-
-
-@pytest.fixture(scope="module")
-def worker_results(synth_data, tmp_path_factory) -> dict:
-    """One 2-rank launch stepping every shipped DeepSpeed config with train.optimizer=auto."""
-    out = tmp_path_factory.mktemp("ds")
-    configs = []
-    for name in SHIPPED:
-        if name in NVME and AIO_PROBLEM is not None:
-            continue  # each of its tests skips with the reason
-        ds = json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
-        if ds["train_micro_batch_size_per_gpu"] * 2 > 32:  # default-gpu's 512: a copy that fits 32 scenes on 2 ranks
-            print(f"{name}.json runs with micro-batch 4 instead of {ds['train_micro_batch_size_per_gpu']} here")
-            ds["train_micro_batch_size_per_gpu"] = 4
-            (out / "small").mkdir(exist_ok=True)
-            (out / "small" / f"{name}.json").write_text(json.dumps(ds))
-            name = str(out / "small" / f"{name}.json")
-        configs.append(name)
-    port = find_free_port()
-    cmd = [
-        "deepspeed", "--num_gpus", "2", "--master_port", str(port), "--no_local_rank",
-        str(Path(__file__).with_name("ds_worker.py")),
-        "--configs", ",".join(configs), "--data", str(synth_data), "--out", str(out), "--steps", "2",
-    ]
-    run_logged(cmd, out / "log.txt", timeout=500)
-    results = json.loads((out / "results.json").read_text())
-    results["out"] = str(out)
-    results["shm_left"] = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
-    return results
 
 
 def test_no_shared_memory_left_behind(worker_results):
@@ -115,26 +75,6 @@ def test_accumulation_boundary_and_one_backward(worker_results, name):
     sums = [t["checksum"] for t in trace]  # conv_out's weights after each micro-step, gathered under ZeRO-3
     moved = [i for i in range(1, len(sums)) if sums[i] != sums[i - 1]]
     assert moved == [i for i in range(1, len(sums)) if (i + 1) % accum == 0], sums
-
-
-def test_resume_continues_the_same_run(synth_data, tmp_path):
-    """Stage 0 on one rank (its checkpoint has its own layout, read by the export): 4 steps in one go, and a second
-    run resumed from the first one's step-2 checkpoint, have the same step 3-4 losses and the same exported weights.
-    ZeRO-2 on two ranks resumes the same way in tests/e2e/test_fbc.py."""
-    common = ["bash", "launch/train.sh", "--num-gpus", "1", "--ds-config", "cpu-1rank", "--data.path", str(synth_data),
-              "--logging.every", "1", *QUIET_ARGS, "--train.lr", "1e-3", "--data.num_workers", "1",
-              "--train.steps", "4", "--train.checkpoint_every", "2"]
-    full, part = tmp_path / "full", tmp_path / "part"
-    run_logged(common + ["--output-dir", str(full), "--master-port", str(find_free_port())], tmp_path / "a.txt")
-    run_logged(common + ["--output-dir", str(part), "--resume", str(full / "checkpoints" / "step_00000002"),
-                         "--master-port", str(find_free_port())], tmp_path / "b.txt")
-
-    assert sorted(losses(full)) == [1, 2, 3, 4] and sorted(losses(part)) == [3, 4]
-    assert losses(part) == {s: v for s, v in losses(full).items() if s > 2}
-    a, b = load_file(str(full / "unet.safetensors")), load_file(str(part / "unet.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    saved = json.loads((part / "checkpoints" / "step_00000004" / "config.json").read_text())
-    assert saved["model"]["variant"] == "fc"
 
 
 def test_resume_with_other_world_size_is_refused(worker_results, synth_data, tmp_path):

@@ -23,7 +23,7 @@ def _eval(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-def test_eval_cli_scores_a_run_and_its_baseline(synthetic, tmp_path):
+def test_eval_cli_scores_a_run_and_its_baseline(synthetic, tmp_path, capsys):
     """A short default-style run, then the eval CLI: JSON and table, baseline computed right."""
     run, held = tmp_path / "run", synthetic(6, size=64, seed=777)
     run_logged(python_module("iclight_ds.train", "--train.ds_config", "cpu", "--train.output_dir", run,
@@ -51,17 +51,18 @@ def test_eval_cli_scores_a_run_and_its_baseline(synthetic, tmp_path):
     expected = masked_psnr(degraded, target, mask)
     assert [r["baseline_psnr"] for r in rows] == pytest.approx(expected.tolist(), abs=1e-4)
     # --strength < 1 starts each relight from the degraded input's noised latent: other relit scores, same baseline
+    # (the CLI's main in this process from here on: the process itself ran above)
     img2img = tmp_path / "img2img.json"
-    proc = _eval("--run", str(run), "--data", str(held), "--samples", "4", "--steps", "3", "--batch-size", "2",
-                 "--strength", "0.5", "--out", str(img2img))
-    assert proc.returncode == 0, proc.stderr
+    assert ev.main(["--run", str(run), "--data", str(held), "--samples", "4", "--steps", "3", "--batch-size", "2",
+                    "--strength", "0.5", "--out", str(img2img)]) == 0
     started = json.loads(img2img.read_text())
     assert started["settings"]["strength"] == 0.5 and result["settings"]["strength"] == 1.0
     assert started["summary"]["baseline_psnr"] == pytest.approx(summary["baseline_psnr"])
     assert abs(started["summary"]["psnr"] - summary["psnr"]) > 1e-3
     # errors name what is missing
-    bad = _eval("--run", str(tmp_path / "nope"), "--data", str(held))
-    assert bad.returncode == 2 and "no config.json" in bad.stderr
+    capsys.readouterr()
+    assert ev.main(["--run", str(tmp_path / "nope"), "--data", str(held)]) == 2
+    assert "no config.json" in capsys.readouterr().err
     missing = f"cuda:{torch.cuda.device_count()}"  # a GPU this machine does not have
-    bad = _eval("--run", str(run), "--data", str(held), "--device", missing)
-    assert bad.returncode == 2 and f"--device {missing}" in bad.stderr
+    assert ev.main(["--run", str(run), "--data", str(held), "--device", missing]) == 2
+    assert f"--device {missing}" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """FBC (foreground + background conditioning) end to end on two DeepSpeed CPU ranks: train on synthetic scenes with
-backgrounds, resume exactly from a mid-run checkpoint, export offsets, relight with the CLI, evaluate with the CLI."""
+backgrounds, resume exactly from a mid-run checkpoint, export offsets, relight with the CLI (its process), evaluate
+with the CLI's main."""
 
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ def test_fbc_trains_on_backgrounds_and_resumes_exactly(runs):
 
 
 def test_fbc_exports_relights_and_evaluates(runs, synthetic):
+    from iclight_ds.infer import eval as ev
+    from iclight_ds.infer import relight
     from iclight_ds.train import export
 
     run, tmp = runs["resumed"], runs["tmp"]
@@ -68,16 +71,17 @@ def test_fbc_exports_relights_and_evaluates(runs, synthetic):
     inputs = write_relight_inputs(tmp)
     args = ["--base", str(run), "--weights", str(offset_file), "--fg", str(inputs["fg"]), "--prompt", "sunlight",
             "--steps", "2", "--cfg", "1.0", "--width", "64", "--height", "64"]
-    for bg, name in ((inputs["bg"], "relit.png"), (inputs["fg_rgb"], "other-bg.png")):
-        run_logged(python_module("iclight_ds.relight", *args, "--bg", bg, "--out", tmp / name), tmp / f"{name}.log")
+    run_logged(python_module("iclight_ds.relight", *args, "--bg", inputs["bg"], "--out", tmp / "relit.png"),
+               tmp / "relit.log")
+    assert relight.main([*args, "--bg", str(inputs["fg_rgb"]), "--out", str(tmp / "other-bg.png")]) == 0  # in-process
     relit, other = (np.asarray(Image.open(tmp / name), dtype=np.float32) for name in ("relit.png", "other-bg.png"))
     assert relit.shape == (64, 64, 3) and relit.std() > 0
     # the background reaches the UNet: after 4 steps its conv_in channels are small, so the change is too
     assert not np.array_equal(relit, other)
 
     held = synthetic(4, size=64, seed=12)
-    run_logged(python_module("iclight_ds.eval", "--run", run, "--data", held, "--samples", "2", "--steps", "2",
-                             "--batch-size", "2", "--out", tmp / "eval.json"), tmp / "eval.log")
+    assert ev.main(["--run", str(run), "--data", str(held), "--samples", "2", "--steps", "2", "--batch-size", "2",
+                    "--out", str(tmp / "eval.json")]) == 0  # the CLI's process: tests/e2e/test_eval_cli.py
     result = json.loads((tmp / "eval.json").read_text())
     assert result["settings"]["variant"] == "fbc" and result["summary"]["samples"] == 2 == len(result["samples"])
     for key in ("psnr", "baseline_psnr", "ssim", "additivity_error"):

@@ -1,5 +1,5 @@
 """DeepSpeed's own recovery path: the `zero_to_fp32.py` DeepSpeed writes into a run's checkpoints/ folder rebuilds the
-same fp32 weights as our export, for ZeRO-2 and ZeRO-3 checkpoints written by two CPU ranks (tiny model, 1 step).
+same fp32 weights as our export, for ZeRO-2 and ZeRO-3 checkpoints written by two CPU ranks (tiny model, 2 steps).
 The ZeRO-2 run also goes through `--format checkpoint` on the command line (the whole random base)."""
 
 from __future__ import annotations
@@ -19,24 +19,11 @@ REPO = helpers.REPO
 CONFIGS = {"zero2": "cpu", "zero3": "cpu-zero3"}  # shipped ds_configs, ZeRO stage 2 and 3
 
 
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    """One optimizer step (no warm-up, so it moves the weights) of the default tiny FC run per ZeRO stage, on two
-    ranks through the deepspeed launcher."""
-    out = {}
-    for name, ds_config in CONFIGS.items():
-        run = tmp_path_factory.mktemp(name)
-        port = str(helpers.find_free_port())
-        helpers.run_logged(["deepspeed", "--num_gpus", "2", "--master_port", port, "--no_local_rank",
-              "--module", "iclight_ds.train", "--train.ds_config", ds_config, "--train.steps", "1",
-              "--train.warmup_steps", "0", "--train.lr", "1e-3",
-              "--train.output_dir", str(run), "--data.synth_samples", "16", "--data.num_workers", "0",
-              "--logging.wandb", "false", "--logging.progress", "false", "--logging.preview_every", "0",
-              "--logging.eval_every", "0"], run.parent / f"{name}-train.log")
-        out[name] = run
-    return out
+def runs(worker_results) -> dict[str, Path]:
+    """The 2-rank runs of the shipped ZeRO-2 and ZeRO-3 CPU configs from the e2e tier's worker launch
+    (tests/e2e/conftest.py): the default tiny FC, 2 optimizer steps without warm-up, so they move the weights."""
+    return {name: Path(worker_results["out"]) / ds_config for name, ds_config in CONFIGS.items()}
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -46,8 +33,8 @@ def test_zero_to_fp32_rebuilds_the_exported_weights(runs, name, tmp_path):
     checkpoints = runs[name] / "checkpoints"
     script = checkpoints / "zero_to_fp32.py"  # DeepSpeed puts it beside the step folders, not inside one
     assert script.is_file()
-    assert (checkpoints / "latest").read_text().strip() == "step_00000001"  # the tag the script reads by default
-    assert len(list((checkpoints / "step_00000001").glob("*optim_states.pt"))) == 2  # one partition per rank
+    assert (checkpoints / "latest").read_text().strip() == "step_00000002"  # the tag the script reads by default
+    assert len(list((checkpoints / "step_00000002").glob("*optim_states.pt"))) == 2  # one partition per rank
     helpers.run_logged([sys.executable, str(script), str(checkpoints), str(tmp_path / "fp32"), "--safe_serialization"],
          tmp_path / "zero_to_fp32.log")
     recovered = load_file(str(tmp_path / "fp32" / "model.safetensors"))

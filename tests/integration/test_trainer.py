@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import patch_everywhere, run_config
+from helpers import losses, patch_everywhere, run_config
+from iclight_ds.model.base import base_for_run
 from iclight_ds.train.trainer import NonFiniteError, Trainer
 
 
@@ -125,6 +126,25 @@ def test_offload_without_enough_host_ram_is_refused(make_trainer, monkeypatch):
     monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(total=2 * 2**30))
     with pytest.raises(DeviceCheckError, match="zero2_offload.json: zero_optimization.offload_optimizer"):
         make_trainer(**{"train.ds_config": "zero2_offload", "model.size": "full", "data.resolution": 256})
+
+
+def test_a_stage_0_run_resumes_exactly_from_a_mid_run_checkpoint(data, tmp_path):
+    """ZeRO stage 0 on one rank (cpu-1rank.json; its checkpoint has its own layout, which the export reads): 4 steps in
+    one go, and a second run resumed from the first one's step-2 folder (given as a path), have the same step 3-4
+    losses and the same exported weights. Two ranks resume through launch/train.sh in tests/e2e (test_signals.py,
+    test_fbc.py, test_multinode.py)."""
+    common = {"train.ds_config": "cpu-1rank", "train.lr": 1e-3, "train.steps": 4, "train.checkpoint_every": 2}
+    full, part = tmp_path / "full", tmp_path / "part"
+    Trainer(run_config(full, data, common)).train()
+    Trainer(run_config(part, data, {**common, "train.resume": str(full / "checkpoints" / "step_00000002")})).train()
+    assert sorted(losses(full)) == [1, 2, 3, 4] and sorted(losses(part)) == [3, 4]
+    assert losses(part) == {s: v for s, v in losses(full).items() if s > 2}
+    a, b = load_file(str(full / "unet.safetensors")), load_file(str(part / "unet.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    start = base_for_run(full / "config.json").unet.state_dict()
+    assert any(not torch.equal(a[k], v) for k, v in start.items() if k != "conv_in.weight")  # the steps moved them
+    saved = json.loads((part / "checkpoints" / "step_00000004" / "config.json").read_text())
+    assert saved["model"]["variant"] == "fc" and saved["train"]["resume"].endswith("step_00000002")
 
 
 def test_resume_of_a_checkpoint_without_resolved_json_builds_its_optimizer(make_trainer):
