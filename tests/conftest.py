@@ -12,6 +12,8 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -27,11 +29,11 @@ TIERS = ("unit", "integration", "e2e")
 
 def pytest_collection_modifyitems(config, items):
     """The tier marker from the folder (a test outside the three folders, or marked with another tier by hand, is
-    an error); `gpu` tests skip, with the reason shown by -rs, where torch sees no CUDA device."""
+    an error); `gpu` tests skip, with the reason shown by -rs, where torch sees no CUDA device. The tiers run in
+    order: unit, integration, e2e."""
     cuda = torch.cuda.is_available()
     for item in items:
-        rel = Path(str(item.fspath)).resolve().relative_to(TESTS)
-        tier = rel.parts[0] if len(rel.parts) > 1 else None
+        tier = _tier(item)
         if tier not in TIERS:
             raise pytest.UsageError(f"{item.nodeid}: every test lives in tests/unit, tests/integration or tests/e2e")
         other = {m.name for m in item.iter_markers() if m.name in TIERS} - {tier}
@@ -40,6 +42,26 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(getattr(pytest.mark, tier))
         if not cuda and item.get_closest_marker("gpu") is not None:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)"))
+    items.sort(key=lambda item: TIERS.index(_tier(item)))  # the fast tiers first; file order within a tier
+
+
+def _tier(item) -> str | None:
+    rel = Path(str(item.fspath)).resolve().relative_to(TESTS)
+    return rel.parts[0] if len(rel.parts) > 1 else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _deepspeed_ops_built_in_the_background(request, tmp_path_factory):
+    """Where the session runs more than the unit tier: DeepSpeed's C++ ops are compiled by tests/prebuild_ops.py in a
+    process of its own session, started before the first test (it finishes its build even if pytest stops first:
+    a build cut short would leave torch's build lock behind). Its log: prebuild_ops.log in pytest's base temp dir."""
+    if any(_tier(item) != "unit" for item in request.session.items):
+        log = tmp_path_factory.getbasetemp() / "prebuild_ops.log"
+        with log.open("w") as out:
+            subprocess.Popen([sys.executable, str(TESTS / "prebuild_ops.py")], cwd=TESTS.parent,
+                             env=helpers.subprocess_env(), stdout=out, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    yield
 
 
 @pytest.fixture(scope="session", autouse=True)

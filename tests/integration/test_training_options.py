@@ -194,3 +194,21 @@ def test_noise_offset_shifts_each_channel_of_the_drawn_noise(data, tmp_path, mon
     assert 0.05 < per_channel.abs().mean() < 1.5  # 0.5 * |N(0, 1)| on average is 0.4
     assert len(set(per_channel.flatten().tolist())) == per_channel.numel()  # one draw per sample and channel
     assert logged[0.5] != logged[0.0]
+
+
+def test_eval_at_start_scores_the_starting_weights_once(data, tmp_path):
+    """logging.eval_at_start: an evaluation before the first step, logged as step 0, of the weights the run starts
+    from (the same score at any learning rate); a resumed run does not score again."""
+    runs = {}
+    for name, lr in (("a", 1e-3), ("b", 1e-1)):
+        runs[name] = tmp_path / name
+        Trainer(_cfg(runs[name], data, **{"train.steps": 1, "train.lr": lr, "logging.eval_at_start": True,
+                                          "logging.eval_samples": 2, "logging.eval_steps": 2})).train()
+    evals = {n: [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval/psnr" in r]
+             for n, run in runs.items()}
+    assert [r["step"] for r in evals["a"]] == [0]  # eval_every 0: only the one before the first step
+    assert evals["a"][0]["eval/psnr"] == evals["b"][0]["eval/psnr"]  # the starting weights, whatever the lr
+    Trainer(_cfg(runs["a"], data, **{"train.steps": 2, "train.resume": "latest", "logging.eval_at_start": True,
+                                      "logging.eval_samples": 2, "logging.eval_steps": 2})).train()
+    records = [json.loads(x) for x in (runs["a"] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval/psnr" in r] == [0] and [r["step"] for r in records] == [0, 1, 2]
