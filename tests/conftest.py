@@ -12,8 +12,6 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -48,20 +46,6 @@ def pytest_collection_modifyitems(config, items):
 def _tier(item) -> str | None:
     rel = Path(str(item.fspath)).resolve().relative_to(TESTS)
     return rel.parts[0] if len(rel.parts) > 1 else None
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _deepspeed_ops_built_in_the_background(request, tmp_path_factory):
-    """Where the session runs more than the unit tier: DeepSpeed's C++ ops are compiled by tests/prebuild_ops.py in a
-    process of its own session, started before the first test (it finishes its build even if pytest stops first:
-    a build cut short would leave torch's build lock behind). Its log: prebuild_ops.log in pytest's base temp dir."""
-    if any(_tier(item) != "unit" for item in request.session.items):
-        log = tmp_path_factory.getbasetemp() / "prebuild_ops.log"
-        with log.open("w") as out:
-            subprocess.Popen([sys.executable, str(TESTS / "prebuild_ops.py")], cwd=TESTS.parent,
-                             env=helpers.subprocess_env(), stdout=out, stderr=subprocess.STDOUT,
-                             start_new_session=True)
-    yield
 
 
 @pytest.fixture(scope="session", autouse=True)
