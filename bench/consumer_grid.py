@@ -2,13 +2,15 @@
 on the full SD1.5-shaped UNet, one row per cell.
 
     python bench/consumer_grid.py [--resolution R] [--configs a,b,...] [--nvme-path DIR] [--size full|tiny]
-                                  [--case-timeout S] [--out bench/results/consumer-grid-<device>.json]
+                                  [--accumulation N|shipped] [--case-timeout S]
+                                  [--out bench/results/consumer-grid-<device>.json]
 
 Every (config, LoRA rank) the grid names runs once, in a fresh process, through our Trainer with the same synthetic
 sample and noise as bench/memory.py (batch 1, three UNet rows for vanilla + consistency, the frozen encoders dropped
-after encoding), a micro-batch per optimizer step (accumulation 1: the optimizer step, which offload moves to the
-host or the SSD, is in every step; a run with the config's own accumulation spreads it over its micro-batches).
-Step time is the fastest step after the first. NVMe configs swap into --nvme-path (default: a folder under
+after encoding), by default a micro-batch per optimizer step (accumulation 1: the optimizer step, which offload
+moves to the host or the SSD, is in every step). `--accumulation shipped` keeps each config's own accumulation (a
+step is then that many micro-batches and one optimizer step, as a run with the config trains). Step time is the
+fastest step after the first. NVMe configs swap into --nvme-path (default: a folder under
 BENCH_TMP, /tmp/iclight-bench).
 
 On a GPU each cell runs with the device capped to the cell's size (torch.cuda.set_per_process_memory_fraction) and
@@ -78,7 +80,8 @@ def case(resolution: int, ds_path: str, lora_rank: int, nvme_path: str | None, s
     init_rss = psutil.Process().memory_info().rss / GiB
     times = timed_steps(trainer, device, STEPS)
     result = {"host_peak_gib": peak_rss_gib(), "init_rss_gib": init_rss, "device_peak_gib": device_peak_gib(device),
-              "optimizer": trainer.run.optimizer, "attention": trainer.run.attention, "step_s": min(times[1:]),
+              "optimizer": trainer.run.optimizer, "attention": trainer.run.attention,
+              "accumulation": trainer.geometry.accumulation, "step_s": min(times[1:]),
               "step_times_s": times}
     trainer._remove_nvme_swap()
     eng.shutdown()
@@ -99,11 +102,12 @@ def run_case(args: list[str], timeout: int) -> dict:
     return json.loads(out.read_text())
 
 
-def bench_config(name: str, device: str, tmp: Path) -> Path:
-    """The shipped config with one micro-batch per optimizer step (and on a CPU no comm overlap), as bench/memory.py
-    runs them."""
+def bench_config(name: str, device: str, tmp: Path, accumulation: str = "1") -> Path:
+    """The shipped config with micro-batch 1, `accumulation` micro-batches per optimizer step ("shipped": the
+    config's own), and on a CPU no comm overlap, as bench/memory.py runs them."""
     ds = json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
-    ds["gradient_accumulation_steps"] = 1
+    if accumulation != "shipped":
+        ds["gradient_accumulation_steps"] = int(accumulation)
     ds["train_micro_batch_size_per_gpu"] = 1
     if device == "cpu" and "zero_optimization" in ds:
         ds["zero_optimization"]["overlap_comm"] = False
@@ -155,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default=None, help="(config[:lora_rank]),... to run (default: every one of the grid)")
     p.add_argument("--nvme-path", default=None, help="where the NVMe configs swap (default: under BENCH_TMP)")
     p.add_argument("--size", choices=["full", "tiny"], default="full")
+    p.add_argument("--accumulation", default="1",
+                   help="micro-batches per optimizer step: a number, or `shipped` for each config's own (default 1)")
     p.add_argument("--case-timeout", type=int, default=3600)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--update", action="store_true", help="keep the runs already in --out that this call does not run")
@@ -184,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = wanted
     out = args.out or REPO / "bench" / "results" / f"consumer-grid-{device}.json"
     header = {"device": device, "device_name": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
-              "resolution": resolution, "size": args.size, "provenance": provenance("bench/consumer_grid.py", argv)}
+              "resolution": resolution, "size": args.size, "accumulation": args.accumulation,
+              "provenance": provenance("bench/consumer_grid.py", argv)}
     measured, planned = {}, {}
     if args.update and out.is_file():  # the earlier runs, each with the provenance it was measured with
         for key, run in json.loads(out.read_text()).get("runs", {}).items():
@@ -193,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                                                               "planner_optimizer", "zero_stage") if k in run}
             measured[(name, int(rank))] = {k: v for k, v in run.items() if k not in planned[(name, int(rank))]}
     for name, rank in runs:
-        ds = bench_config(name, device, tmp)
+        ds = bench_config(name, device, tmp, args.accumulation)
         planned[(name, rank)] = planner_numbers(name, rank, resolution, args.size, ds)
         gpu_cells = [c.gpu_gib for c in cells if (c.config, c.lora_rank) == (name, rank)] if device == "cuda" else []
         print(f"running {name} (LoRA rank {rank}) ...", flush=True)

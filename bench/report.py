@@ -221,6 +221,24 @@ def nvme() -> list[str]:
     return table(["config", "peak RSS GiB", "step s", "vs RAM offload: RSS / step"], rows)
 
 
+def nvme_shipped() -> list[str]:
+    """The RAM-offload and NVMe-offload configs at their own accumulation (8 micro-batches per optimizer step), all
+    measured by one call of bench/consumer_grid.py."""
+    d = result("nvme-offload-cpu.json")
+    runs, ram = d["runs"], d["runs"]["1gpu-8gb:0"]
+    rows = []
+    for key, label in (("1gpu-8gb:0", "`1gpu-8gb.json`, optimizer in RAM"),
+                       ("1gpu-nvme:0", "`1gpu-nvme.json`, optimizer on the disk"),
+                       ("1gpu-6gb-nvme:0", "`1gpu-6gb-nvme.json`, weights and optimizer on the disk")):
+        r = runs.get(key)
+        if r is None or "step_s" not in r:
+            continue
+        rows.append([label, f"{r['host_peak_gib']:.2f}", sig(r["step_s"]), sig(r["step_s"] / r["accumulation"]),
+                     f"{r['host_peak_gib'] / ram['host_peak_gib']:.2f} / {r['step_s'] / ram['step_s']:.2f}"])
+    return table(["config (its own accumulation: 8)", "peak RSS GiB", "step s", "s per micro-batch",
+                  "vs RAM offload: RSS / step"], rows)
+
+
 # ------------------------------------------------------------------------------------------------ data
 
 def cache_speed() -> list[str]:
@@ -352,6 +370,7 @@ def faults() -> list[str]:
 TABLES = {"memory-cpu": memory_cpu, "memory-cpu-ratios": memory_cpu_ratios, "memory-cuda": memory_cuda,
           "memory-cuda-offload": memory_cuda_offload, "memory-cuda-targets": memory_cuda_targets,
           "host-optimizer": host_optimizer, "consumer-grid-cpu": consumer_grid_cpu, "nvme": nvme,
+          "nvme-shipped": nvme_shipped,
           "cache-speed": cache_speed, "prepare-speed": prepare_speed, "faults": faults,
           "cpu-default-speed": cpu_default_speed,
           "default-run-cpu": default_run_cpu,
