@@ -97,11 +97,12 @@ def test_the_host_estimates_are_within_10_percent_of_the_h200_offload_measuremen
 
 
 def test_the_cpu_estimates_are_within_15_percent_of_the_consumer_grid_measurements():
-    """bench/results/consumer-grid-cpu.json: each run measured on the CPU against the planner's estimate of the same
-    run with everything in RAM. 15%, not the 10% the H200 host estimates meet: the LoRA run's peak is 14% above its
-    count (docs/performance.md)."""
-    runs = json.loads((RESULTS / "consumer-grid-cpu.json").read_text())["runs"]
-    checked = [r for r in runs.values() if "error" not in r]
-    assert checked
+    """bench/results/consumer-grid-cpu.json (one micro-batch per step) and nvme-offload-cpu.json (the configs' own
+    accumulation of 8, with the RAM-offload 1gpu-8gb.json): each run measured on the CPU against the planner's
+    estimate of the same run with everything in RAM. 15%, not the 10% the H200 host estimates
+    meet: the LoRA run's peak is 14% above its count (docs/performance.md)."""
+    checked = [r for name in ("consumer-grid-cpu.json", "nvme-offload-cpu.json")
+               for r in json.loads((RESULTS / name).read_text())["runs"].values() if "error" not in r]
+    assert len(checked) >= 4
     for r in checked:
         assert abs(r["planner_cpu_gib"] - r["host_peak_gib"]) <= 0.15 * r["host_peak_gib"], r
