@@ -190,7 +190,10 @@ def host_optimizer() -> list[str]:
 
 GRID_RUNS = {"1gpu-nvme:0": "`1gpu-nvme.json` (optimizer on the SSD)",
              "1gpu-6gb-nvme:0": "`1gpu-6gb-nvme.json` (weights and optimizer on the SSD)",
-             "1gpu-24gb:64": "`1gpu-24gb.json`, LoRA rank 64"}
+             "1gpu-24gb:64": "`1gpu-24gb.json`, LoRA rank 64",
+             "1gpu-8gb:0": "`1gpu-8gb.json` (optimizer in RAM, CPU Adam)",
+             "1gpu-12gb:0": "`1gpu-12gb.json` (optimizer in RAM, CPU Adam)",
+             "1gpu-24gb:0": "`1gpu-24gb.json` (no offload; torch's AdamW, as auto picks on a CPU)"}
 
 
 def consumer_grid_cpu() -> list[str]:
