@@ -402,7 +402,6 @@ NOT_MEASURED = {
         "15%": "the test's tolerance (tests/unit/test_consumer_grid.py)",
         "0.66 GiB": "a difference of two numbers of the LoRA run (host_peak_gib - planner_cpu_gib)",
         "1.2 GiB": "a difference of two numbers of the LoRA run (host_peak_gib - init_rss_gib)",
-        "14-23 GiB": "the planner's host estimates for the RAM-offload configs (its table above)",
         "24 GiB": "the development machine's RAM",
     },
     "docs/quality.md": {
