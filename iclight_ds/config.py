@@ -264,8 +264,8 @@ class LoggingConfig:
     eval_samples: int = 8
     """Scenes scored by the training-time evaluation."""
     eval_at_start: bool = False
-    """Also score the starting weights before the first step, logged as step 0: the base before fine-tuning (its
-    widened conv_in channels still zero) beside the trained model's scores. Not on a resumed run."""
+    """Also score the weights the run starts from before its first step, logged as step 0 (a fresh fine-tune: the
+    base with its widened conv_in channels still zero) beside the trained model's scores. Not on a resumed run."""
     eval_data: Optional[str] = None
     """Dataset of held-out scenes for it; None: synthetic scenes generated into <output_dir>/eval_data (seed
     data.synth_seed + 1000) when the run trains on synthetic data, else the last `eval_samples` training samples."""
