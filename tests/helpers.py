@@ -6,6 +6,7 @@ setting of [tool.pytest.ini_options] puts tests/ on sys.path, and tests/e2e/ds_w
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -206,3 +207,12 @@ def nvme_ds_configs() -> set[str]:
 
     return {n for n in shipped_ds_configs()
             if "nvme" in offload_devices(eng.read_ds_config(REPO / "ds_configs" / f"{n}.json"))}
+
+
+@functools.cache
+def nvme_aio_problem() -> str | None:
+    """Why the shipped NVMe configs cannot run here (DeepSpeed's async_io op cannot be built), or None; probed once
+    per process (the probe compiles a test program)."""
+    from iclight_ds.train import engine as eng
+
+    return eng.aio_problem() if nvme_ds_configs() else None

@@ -10,12 +10,11 @@ import pytest
 
 import helpers
 from helpers import REPO, find_free_port, run_logged
-from iclight_ds.train import engine as eng
 
 SHIPPED = helpers.shipped_ds_configs()
 # the NVMe-offload configs need DeepSpeed's async_io op (libaio); .ci/run installs libaio-dev where apt works
 NVME = helpers.nvme_ds_configs()
-AIO_PROBLEM = eng.aio_problem() if NVME else None
+AIO_PROBLEM = helpers.nvme_aio_problem()
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from iclight_ds.train import engine as eng
 
 SHIPPED = helpers.shipped_ds_configs()
 NVME = helpers.nvme_ds_configs()
-AIO_PROBLEM = eng.aio_problem() if NVME else None
+AIO_PROBLEM = helpers.nvme_aio_problem()
 
 
 def _runs_here(name: str) -> None:
