@@ -262,9 +262,9 @@ def init_distributed(timeout_s: float = 600.0) -> Accelerator:
         os.environ.update(MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"), MASTER_PORT=str(_free_port()))
     acc = get_accelerator()
     timeout = timedelta(seconds=timeout_s)
+    _skip_shm_comm_op()
     deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), timeout=timeout)
     _default_group_timeout(timeout)
-    _unlink_shm_buffer()
     if own_rendezvous:
         os.environ.pop("MASTER_PORT")
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -294,16 +294,15 @@ def _default_group_timeout(timeout: timedelta) -> None:
     distributed_c10d.default_pg_nccl_timeout = timeout
 
 
-def _unlink_shm_buffer() -> None:
-    """DeepSpeed's CPU all-reduce maps one /dev/shm file per local rank and never removes it (about 66 MB each, held
-    in RAM until reboot). Once every rank has mapped every file (the barrier), each rank unlinks its own: the mappings
-    stay valid, and nothing is left behind, not even after kill -9."""
-    if not torch.distributed.is_initialized() or os.environ.get("LOCAL_SIZE") != str(torch.distributed.get_world_size()):
-        return  # DeepSpeed maps these files only when every rank is on this machine (the same test as its own)
-    path = Path("/dev/shm") / "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
-        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), torch.distributed.get_rank())
-    torch.distributed.barrier()
-    path.unlink(missing_ok=True)
+def _skip_shm_comm_op() -> None:
+    """DeepSpeed's backend builds its shared-memory all-reduce op when it starts on a CPU (a C++ build of about 25 s
+    on a machine that has not built it before) and maps a /dev/shm buffer of about 66 MB a rank (RAM, never removed).
+    Only `inference_all_reduce` (DeepSpeed inference's tensor parallelism) uses it; training's collectives go
+    through torch.distributed (gloo on a CPU). Marking the op incompatible, in the table DeepSpeed consults and keeps
+    for the process, makes its backend start without it."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def _free_port() -> int:

@@ -131,6 +131,13 @@ def _exported(exported: dict, module_key: str) -> torch.Tensor:
     return exported[module_key[len("unet."):]] if module_key.startswith("unet.") else exported[module_key]
 
 
+def shm_comm_op_built() -> bool:
+    """Whether DeepSpeed's backend built (and mapped the /dev/shm buffer of) its shared-memory all-reduce op."""
+    from deepspeed.comm import comm
+
+    return comm.cdb.shm_comm_op is not None
+
+
 def group_timeouts() -> list[float]:
     """The collective timeout, in seconds, of every process group this rank holds: the world group and those DeepSpeed
     made for itself (gloo groups: this worker runs on CPU)."""
@@ -155,6 +162,7 @@ def main() -> None:
         for name in args.configs.split(","):
             results[Path(name).stem] = run_one(name, args, acc.rank)
         results["group_timeouts"] = group_timeouts()
+        results["shm_comm_op_built"] = shm_comm_op_built()
     finally:
         if acc.rank == 0:
             Path(args.out, "results.json").write_text(json.dumps(results, indent=1))
