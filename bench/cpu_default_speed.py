@@ -36,14 +36,18 @@ import torch  # noqa: E402
 from bench.provenance import cpu_name, provenance  # noqa: E402
 
 PRESET = REPO / "iclight_ds" / "train" / "presets" / "default-cpu.yaml"
-# (name, train.precision, data.cache, micro-batch); the first is the baseline of every ratio
+DEFAULT = "fp32, latent cache, micro-batch 32 (the CPU default)"
+# (name, train.precision, data.cache, micro-batch, further overrides); the first is the baseline of every ratio
 CASES = [
-    ("bf16, encoding every step", "bf16", None, 8),
-    ("fp32, encoding every step", "fp32", None, 8),
-    ("bf16, latent cache", "bf16", "auto", 8),
-    ("fp32, latent cache", "fp32", "auto", 8),
-    ("fp32, latent cache, micro-batch 16", "fp32", "auto", 16),
-    ("fp32, latent cache, micro-batch 32 (the CPU default)", "fp32", "auto", 32),
+    ("bf16, encoding every step", "bf16", None, 8, {}),
+    ("fp32, encoding every step", "fp32", None, 8, {}),
+    ("bf16, latent cache", "bf16", "auto", 8, {}),
+    ("fp32, latent cache", "fp32", "auto", 8, {}),
+    ("fp32, latent cache, micro-batch 16", "fp32", "auto", 16, {}),
+    (DEFAULT, "fp32", "auto", 32, {}),
+    # the speed switches, each alone on the CPU default
+    ("the CPU default + model.channels_last", "fp32", "auto", 32, {"model.channels_last": "true"}),
+    ("the CPU default + model.compile (inductor)", "fp32", "auto", 32, {"model.compile": "true"}),
 ]
 
 
@@ -64,17 +68,18 @@ def build(case: tuple, data: Path, tmp: Path):
     from iclight_ds.config import load_config
     from iclight_ds.train.trainer import Trainer
 
-    _, precision, cache, micro = case
-    out = tmp / f"run-{precision}-{cache}-{micro}"
+    name, precision, cache, micro, switches = case
+    out = tmp / f"run-{CASES.index(case)}"
     values = {"train.output_dir": str(out), "data.path": str(data), "train.precision": precision,
               "train.ds_config": str(ds_config_with(micro, tmp)), "train.export": "false", "logging.wandb": "false",
-              "logging.progress": "false", "data.num_workers": "1", "data.cache": cache or "none"}
+              "logging.progress": "false", "data.num_workers": "1", "data.cache": cache or "none", **switches}
     t0 = time.perf_counter()
     trainer = Trainer(load_config(str(PRESET), values))
     start_s = time.perf_counter() - t0
-    for _ in range(5):
+    t0 = time.perf_counter()
+    for _ in range(5):  # model.compile compiles at the first step
         trainer.train_step()
-    return trainer, start_s
+    return trainer, start_s, time.perf_counter() - t0
 
 
 def measure(cases: list[tuple], data: Path, tmp: Path, steps: int, rounds: int) -> list[dict]:
@@ -83,17 +88,17 @@ def measure(cases: list[tuple], data: Path, tmp: Path, steps: int, rounds: int) 
     built = [build(case, data, tmp) for case in cases]
     times: list[list[float]] = [[] for _ in cases]
     for _ in range(rounds):
-        for (trainer, _), own in zip(built, times):
+        for (trainer, _, _), own in zip(built, times):
             for _ in range(max(1, steps // rounds)):
                 t = time.perf_counter()
                 trainer.train_step()
                 own.append(time.perf_counter() - t)
     rows = []
-    for (name, precision, cache, micro), (trainer, start_s), own in zip(cases, built, times):
+    for (name, precision, cache, micro, switches), (trainer, start_s, warmup_s), own in zip(cases, built, times):
         step_s = statistics.median(own)
         row = {"case": name, "precision": precision, "cache": cache or "none", "micro_batch": micro,
-               "step_s_median": step_s, "samples_per_s": micro / step_s, "trainer_start_s": start_s,
-               "steps_timed": len(own), "rounds": rounds}
+               "switches": switches, "step_s_median": step_s, "samples_per_s": micro / step_s,
+               "trainer_start_s": start_s, "warmup_5_steps_s": warmup_s, "steps_timed": len(own), "rounds": rounds}
         if cache:
             row["cache_bytes"] = sum(p.stat().st_size for p in (trainer.out_dir / "latent_cache").glob("shard_*"))
         rows.append(row)
