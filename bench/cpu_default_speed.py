@@ -7,11 +7,13 @@ The CPU default's setup (iclight_ds/train/presets/default-cpu.yaml: the tiny pre
 one rank, ZeRO stage 0, 64 px) through the real Trainer, in this process, under: the training dtype (bf16, the
 DeepSpeed config's, or fp32: train.precision), the conditioning (the frozen VAE and text encoder every step, or a
 latent cache the trainer writes first: data.cache=auto) and the micro-batch (8, that of ds_configs/cpu-1rank.json;
-16; 32, that of ds_configs/default-cpu.json, which the preset trains with in fp32). Every case's Trainer is built
+16; 32, that of ds_configs/default-cpu.json, which the preset trains with in fp32), and the CPU default under each
+speed switch alone (model.channels_last, model.compile with inductor). Every case's Trainer is built
 (and warmed up over 5 steps) first; then the cases take turns, --rounds times --steps / --rounds steps each, so that
 a change of the machine's speed during the run (a shared virtual machine's is large) reaches them alike. Per case:
 the median optimizer-step time, samples/s, and the ratio of its samples/s to the first case's (bf16, encoding every
-step, micro-batch 8); the time its Trainer took to start, for the cached cases writing the cache included. The
+step, micro-batch 8); the time its Trainer took to start, for the cached cases writing the cache included, and
+that of its first 5 steps (torch.compile compiles at the first). The
 numbers are for the CPU, torch thread count and load recorded.
 """
 
