@@ -2,7 +2,7 @@
 (phi started as the mean or as the sum), all else equal, over several seeds.
 
 python bench/consistency_ablation.py [--out bench/results/consistency-ablation-base.json] [--config PRESET|none]
-                                     [--steps 1000] [--seeds 0 1 2] [--arms vanilla paper x0 x0-sum] [--samples 32]
+                                     [--steps 1000] [--seeds 0 1 2] [--arms vanilla paper x0 x0-sum linear] [--samples 32]
                                      [--target-shift S] [--keep DIR]
 
 Each arm trains through launch/train.sh --launcher python from the same config (by default the CPU default run's
@@ -13,6 +13,9 @@ seed, data, steps and LR schedule; only the objective differs:
     paper     objective.lambda_consistency 0.1, objective.consistency paper (phi merges eps_1 and eps_2)
     x0        objective.lambda_consistency 0.1, objective.consistency x0 (the merge done on the x0 estimates)
     x0-sum    the same with model.merger_init sum (phi starts as the sum of the two x0 estimates, not their mean)
+    linear    objective.lambda_consistency 1.0, objective.consistency linear (the x0 estimates decoded by the frozen
+              VAE into linear light and summed there; its squared errors in [0, 1] images are about a tenth of the
+              latent ones, hence lambda 1.0)
 
 Every run is scored with `python -m iclight_ds.eval` on the same held-out synthetic scenes (seed 20000, with
 ground-truth light parts) with the same sampler seed, so that the seeds vary the training only. Writes the JSON (each
@@ -47,7 +50,7 @@ from bench.provenance import cpu_name, provenance  # noqa: E402
 
 # arm -> (objective.lambda_consistency, objective.consistency, model.merger_init)
 ARMS = {"vanilla": ("0", "paper", "mean"), "paper": ("0.1", "paper", "mean"), "x0": ("0.1", "x0", "mean"),
-        "x0-sum": ("0.1", "x0", "sum")}
+        "x0-sum": ("0.1", "x0", "sum"), "linear": ("1.0", "linear", "mean")}
 METRICS = (("psnr", "PSNR fg (dB)", "higher"), ("ssim", "SSIM fg", "higher"),
            ("chroma_drift", "albedo chroma drift", "lower"), ("additivity_error", "additivity error", "lower"))
 PRESET = "iclight_ds/train/presets/default-cpu.yaml"
@@ -124,7 +127,7 @@ def summarise(arms: dict[str, list[dict]]) -> dict:
     return out
 
 
-COLOURS = {"vanilla": "tab:orange", "paper": "tab:blue", "x0": "tab:green", "x0-sum": "tab:red"}
+COLOURS = {"vanilla": "tab:orange", "paper": "tab:blue", "x0": "tab:green", "x0-sum": "tab:red", "linear": "tab:purple"}
 
 
 def plot(result: dict, path: Path) -> None:

@@ -175,10 +175,15 @@ class ObjectiveConfig:
     snr_gamma: float = 5.0
     """Min-SNR-gamma loss weighting (Hang et al. 2023; diffusers' --snr_gamma): each sample's loss times
     min(SNR_t, gamma) / SNR_t; 0 disables it (plain noise-prediction MSE)."""
-    consistency: Literal["paper", "x0"] = "paper"
+    consistency: Literal["paper", "x0", "linear"] = "paper"
     """How the consistency term merges the predictions under L1 and L2: paper = phi(eps_1, eps_2) against the noise
     (the paper's); x0 = phi over the clean latents they imply, (z_t - sqrt(1 - abar_t) eps_i) / sqrt(abar_t), against
-    the target latent (can express an additive image; train/objectives.py). Not ablated."""
+    the target latent (can express an additive image; train/objectives.py); linear = those clean latents decoded by
+    the frozen VAE into linear light, where light adds, their sum against the target's image (phi unused; a VAE
+    decode with gradients a step: cheap with the tiny VAEs, costly at SD1.5's 512 px). docs/quality.md ablates them."""
+    linear_samples: int = 8
+    """objective.consistency linear: how many samples of each micro-batch the term decodes (0: all). Its VAE decodes
+    with gradients cost more than the UNet's rows for small UNets; the term's gradient then comes from these."""
     split_cells: int = 4
     """The random complementary split of the illumination is drawn on a split_cells x (2*split_cells) grid."""
 
@@ -507,6 +512,12 @@ def validate(cfg: RunConfig) -> None:
         problems.append("objective.lambda_vanilla / objective.lambda_consistency: must be >= 0")
     if cfg.objective.lambda_vanilla == 0 and cfg.objective.lambda_consistency == 0:
         problems.append("objective.lambda_vanilla and objective.lambda_consistency are both 0: nothing to train")
+    if cfg.objective.consistency == "linear" and not builds_frozen_encoders(cfg):
+        problems.append(f"objective.consistency=linear decodes with the frozen VAE, which a run from the latent cache "
+                        f"data.cache={cfg.data.cache} does not build; use data.cache=auto (or none), or another "
+                        "objective.consistency")
+    if cfg.objective.linear_samples < 0:
+        problems.append(f"objective.linear_samples={cfg.objective.linear_samples}: must be >= 0 (0: every sample)")
     if cfg.model.merger_layers < 1 or cfg.model.merger_hidden < 1:
         problems.append("model.merger_layers / model.merger_hidden: must be >= 1")
     if cfg.model.env_input and cfg.model.env_tokens < 1:

@@ -13,6 +13,7 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors import safe_open
 
+from ..data.imageio import srgb_to_linear
 from .arch import build_text_encoder, build_vae, default_dtype, freeze
 from .formats import save_safetensors
 
@@ -72,6 +73,14 @@ def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) in [-1, 1] -> (N, 4, H/8, W/8) scaled latents, as IC-Light does (mode of the posterior)."""
     dtype = next(vae.parameters()).dtype
     return vae.encode(images.to(dtype)).latent_dist.mode().float() * vae.config.scaling_factor
+
+
+def decode_to_linear(vae, latents: torch.Tensor) -> torch.Tensor:
+    """(N, 4, h, w) scaled latents -> (N, 3, 8h, 8w) linear-light images (sRGB decoded, clipped to [0, 1], then
+    linearised), with gradients to the latents: the space where light adds (objective.consistency linear)."""
+    dtype = next(vae.parameters()).dtype
+    srgb = (vae.decode((latents / vae.config.scaling_factor).to(dtype)).sample.float() + 1) / 2
+    return srgb_to_linear(srgb, exposure=1.0)
 
 
 @torch.no_grad()

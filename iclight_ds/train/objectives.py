@@ -7,8 +7,10 @@ Losses are computed in fp32 whatever the model's dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -89,6 +91,24 @@ def x0_consistency_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor
     return snr.clamp(max=gamma) if gamma > 0 else snr
 
 
+def linear_consistency_loss(x0_1: torch.Tensor, x0_2: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                            to_linear: Callable[[torch.Tensor], torch.Tensor],
+                            weights: torch.Tensor | None = None, samples: int = 0) -> torch.Tensor:
+    """The light-transport equation where it holds, in linear light: || M * (R(x0_1) + R(x0_2) - R(z_0)) ||^2 with
+    R = `to_linear` (latents -> linear-light images through the frozen VAE decoder: the caller's), averaged over the
+    foreground. The target's image carries no gradient; the mask is the latent-size one, upsampled (nearest).
+    samples > 0: only the first `samples` of the batch are decoded (a decode with gradients costs more than the
+    UNet rows of small models)."""
+    if 0 < samples < target.shape[0]:
+        x0_1, x0_2, target, mask = x0_1[:samples], x0_2[:samples], target[:samples], mask[:samples]
+        weights = weights[:samples] if weights is not None else None
+    lin_1, lin_2 = to_linear(torch.cat([x0_1, x0_2], dim=0)).float().chunk(2, dim=0)
+    with torch.no_grad():
+        lin = to_linear(target).float()
+    pixel_mask = F.interpolate(mask.float(), size=lin.shape[-2:], mode="nearest")
+    return consistency_loss(lin_1 + lin_2, lin, pixel_mask, weights)
+
+
 def _concat_conditions(batch: ConditionedBatch, part: int) -> torch.Tensor:
     """Channel-concatenated conditions for illumination `part` (0: L, 1: L1, 2: L2): (B, 4 or 8, h, w)."""
     if batch.background is None:
@@ -107,6 +127,8 @@ def iclight_losses(
     lambda_consistency: float = 0.1,
     snr_gamma: float = 0.0,
     consistency: str = "paper",
+    to_linear: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    linear_samples: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Vanilla + light-transport consistency (paper Sec. 3), the three UNet evaluations as ONE batched forward.
 
@@ -116,7 +138,9 @@ def iclight_losses(
     consistency: "paper" merges the two noise predictions, phi(eps_1, eps_2) against eps; "x0" merges the clean
     latents they imply (`x0_estimate`), phi(x0_1, x0_2) against the target latent, weighted by
     `x0_consistency_weights`: an additive image is an additive x0, which a merge of noise predictions that sees
-    neither z_t nor t cannot express (docs/method.md).
+    neither z_t nor t cannot express (docs/method.md); "linear" decodes those clean latents with `to_linear` (the
+    frozen VAE decoder into linear light, where light adds: `linear_consistency_loss`) and compares the sum of the
+    two parts' images with the target's, phi unused, for the first `linear_samples` of the batch (0: all).
     """
     weights = min_snr_weights(timesteps, alphas_cumprod, snr_gamma) if snr_gamma > 0 else None
     noisy = add_noise(batch.latents, noise, timesteps, alphas_cumprod)  # (B, 4, h, w)
@@ -129,11 +153,18 @@ def iclight_losses(
     ).float()  # (parts * B, 4, h, w)
     eps_full = eps_all[: batch.batch_size]
     terms = {"loss_vanilla": vanilla_loss(eps_full, noise, weights)}
-    if parts == 3 and consistency == "x0":
+    if parts == 3 and consistency in ("x0", "linear"):
         x0_1, x0_2 = (x0_estimate(noisy, eps, timesteps, alphas_cumprod)
                       for eps in eps_all[batch.batch_size :].chunk(2, dim=0))
-        terms["loss_consistency"] = consistency_loss(model.merge(x0_1, x0_2).float(), batch.latents, batch.mask,
-                                                     x0_consistency_weights(timesteps, alphas_cumprod, snr_gamma))
+        x0_weights = x0_consistency_weights(timesteps, alphas_cumprod, snr_gamma)
+        if consistency == "linear":
+            if to_linear is None:
+                raise ValueError("consistency='linear' needs to_linear (latents -> linear-light images)")
+            terms["loss_consistency"] = linear_consistency_loss(x0_1, x0_2, batch.latents, batch.mask, to_linear,
+                                                                x0_weights, samples=linear_samples)
+        else:
+            terms["loss_consistency"] = consistency_loss(model.merge(x0_1, x0_2).float(), batch.latents, batch.mask,
+                                                         x0_weights)
     elif parts == 3:
         eps_1, eps_2 = eps_all[batch.batch_size :].chunk(2, dim=0)
         terms["loss_consistency"] = consistency_loss(model.merge(eps_1, eps_2).float(), noise, batch.mask, weights)

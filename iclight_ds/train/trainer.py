@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import RunConfig, consistency_off_reason, encodes_once, save_config, to_dict, trains_consistency
+from ..model.frozen import decode_to_linear
 from ..model.schedule import NUM_TIMESTEPS, alphas_cumprod
 from . import checkpoint as ckpt
 from . import engine as eng
@@ -161,12 +162,17 @@ class Trainer:
         terms = iclight_losses(self.engine, cond, noise.to(self.acc.device), timesteps.to(self.acc.device),
                                alphas_cumprod=self.alphas_cumprod, lambda_vanilla=cfg.objective.lambda_vanilla,
                                lambda_consistency=cfg.objective.lambda_consistency if trains_consistency(cfg) else 0.0,
-                               snr_gamma=cfg.objective.snr_gamma, consistency=cfg.objective.consistency)
+                               snr_gamma=cfg.objective.snr_gamma, consistency=cfg.objective.consistency,
+                               to_linear=self._to_linear, linear_samples=cfg.objective.linear_samples)
         if not self._all_finite(terms["loss"], batch):
             return {}
         self.engine.backward(terms["loss"])
         self.engine.step()
         return {k: v.detach() for k, v in terms.items()}
+
+    def _to_linear(self, latents: torch.Tensor) -> torch.Tensor:
+        """objective.consistency linear: latents -> linear-light images through the run's frozen VAE."""
+        return decode_to_linear(self.vae, latents)
 
     def _all_finite(self, loss: torch.Tensor, batch: dict) -> bool:
         """NaN/inf guard, decided by all ranks together (a lone rank skipping its backward would hang the rest).
