@@ -15,7 +15,6 @@ Everything runs in one process on this machine's CPU; the numbers are for the de
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -32,7 +31,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from torch.utils.data import default_collate  # noqa: E402
 
-from bench.provenance import cpu_name, provenance  # noqa: E402
+from bench.provenance import cpu_name, provenance, write_result  # noqa: E402
 
 
 def trainer_for(out: Path, **over: str):
@@ -146,9 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, t in result["caching_throughput"].items():
         print(f"  {name:<32} {t['samples_per_s']:>10.2f} {t['bytes_per_sample'] / 1024:>10.1f} "
               f"{t['model_build_s']:>8.1f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    print()
+    write_result(args.out, result)
     return 0
 
 

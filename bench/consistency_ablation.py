@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from bench.provenance import cpu_name, provenance  # noqa: E402
+from bench.provenance import cpu_name, provenance, write_result  # noqa: E402
 
 # arm -> (objective.lambda_consistency, objective.consistency, model.merger_init)
 ARMS = {"vanilla": ("0", "paper", "mean"), "paper": ("0.1", "paper", "mean"), "x0": ("0.1", "x0", "mean"),
@@ -230,12 +230,11 @@ def main() -> None:
         "additivity_floor": first.get("additivity_floor"), "target_ratio": TARGET_RATIO,
         "arms": summarise(arms),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     png = args.out.with_suffix(".png")
     plot(result, png)
     print_table(result)
-    print(f"wrote {args.out} and {png}")
+    print(f"wrote {png}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from bench.provenance import cpu_name, provenance  # noqa: E402
+from bench.provenance import cpu_name, provenance, write_result  # noqa: E402
 
 PRESET = REPO / "iclight_ds" / "train" / "presets" / "default-cpu.yaml"
 DEFAULT = "fp32, latent cache, micro-batch 32 (the CPU default)"
@@ -135,9 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in result["rows"]:
         print(f"  {row['case']:<40} {1e3 * row['step_s_median']:>8.1f} {row['samples_per_s']:>10.1f} "
               f"{row['ratio_to_first']:>8.2f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    print()
+    write_result(args.out, result)
     return 0
 
 

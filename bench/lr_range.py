@@ -15,7 +15,6 @@ smoothed (EMA 0.9); the table shows it per LR decade. Reported: the LR where the
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -30,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from bench.provenance import cpu_name, provenance  # noqa: E402
+from bench.provenance import cpu_name, provenance, write_result  # noqa: E402
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -110,9 +109,7 @@ def main() -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     result = run(args)
     print(table(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

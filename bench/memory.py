@@ -44,6 +44,7 @@ import json
 import os
 import platform
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -55,6 +56,13 @@ sys.path.insert(0, str(REPO))
 from bench.provenance import provenance  # noqa: E402
 
 GiB = 2**30
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for the 2-rank cases' rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def bench_device():
@@ -496,7 +504,7 @@ def main() -> None:
     header = {"provenance": provenance("bench/memory.py", sys.argv[1:]),
               "device": device, "device_name": desc, "cores": os.cpu_count(), "resolution": resolution}
     cases: dict[str, list[dict]] = {}
-    two_ranks = ["deepspeed", "--num_gpus", "2", "--master_port", "29650", "--no_local_rank"]
+    two_ranks = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--no_local_rank"]
 
     def optimizer(name: str) -> str:
         """On a GPU auto (8-bit AdamW, CPU Adam with offload); on a CPU, where auto is torch's AdamW, 8-bit AdamW

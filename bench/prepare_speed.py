@@ -13,7 +13,6 @@ Prints a table and writes JSON with photos/s and the ratio prepare / decode (how
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -26,7 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.provenance import cpu_name, provenance  # noqa: E402
+from bench.provenance import cpu_name, provenance, write_result  # noqa: E402
 from iclight_ds.data import prepare as prep  # noqa: E402
 from iclight_ds.data.imageio import open_decoded, to_rgba  # noqa: E402
 
@@ -98,9 +97,7 @@ def main() -> None:
     print(f"{'measurement':<26}{'photos/s':>10}{'x decode':>10}")
     for name, row in result["rows"].items():
         print(f"{name:<26}{row['photos_per_s']:>10.1f}{row['ratio_to_decode']:>10.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Where a bench result comes from, written into every JSON under bench/results/ as its `provenance` field.
 
-    from bench.provenance import provenance
+    from bench.provenance import provenance, write_result
     result = {"provenance": provenance("bench/memory.py", sys.argv[1:]), ...}
+    write_result(out, result)
 
     python bench/provenance.py SCRIPT [ARG ...]   # the same as JSON on stdout, for a shell script's result
 
@@ -63,6 +64,15 @@ def gpus() -> tuple[str | None, int]:
     if not torch.cuda.is_available():
         return None, 0
     return torch.cuda.get_device_name(0), torch.cuda.device_count()
+
+
+def write_result(path: str | Path, result: dict, *, indent: int = 2) -> Path:
+    """Write a bench result as JSON (its folder made if needed) and say where."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=indent) + "\n")
+    print(f"wrote {path}")
+    return path
 
 
 def provenance(script: str, argv: list[str], *, command: str | None = None) -> dict:

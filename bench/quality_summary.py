@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.provenance import provenance  # noqa: E402
+from bench.provenance import provenance, write_result  # noqa: E402
 
 EVAL_KEYS = ("psnr", "baseline_psnr", "ssim", "vae_psnr", "additivity_error", "chroma_drift")
 
@@ -88,8 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"{args.work}: no runs (no */metrics.jsonl)")
     result = {"provenance": provenance("bench/quality_summary.py", sys.argv[1:] if argv is None else argv),
               "device": device, "train_seconds_limit": args.train_seconds, "vaes": vaes, "runs": runs}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, result, indent=1)
 
     log = next(iter(runs.values()))["logging"]
     print(f"device: {device}; per-run limit {args.train_seconds} s; "

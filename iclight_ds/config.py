@@ -180,7 +180,7 @@ class ObjectiveConfig:
     (the paper's); x0 = phi over the clean latents they imply, (z_t - sqrt(1 - abar_t) eps_i) / sqrt(abar_t), against
     the target latent (can express an additive image; train/objectives.py); linear = those clean latents decoded by
     the frozen VAE into linear light, where light adds, their sum against the target's image (phi unused; a VAE
-    decode with gradients a step: cheap with the tiny VAEs, costly at SD1.5's 512 px). docs/quality.md ablates them."""
+    decode with gradients a step, objective.linear_samples). docs/quality.md ablates them."""
     linear_samples: int = 8
     """objective.consistency linear: how many samples of each micro-batch the term decodes (0: all). Its VAE decodes
     with gradients cost more than the UNet's rows for small UNets; the term's gradient then comes from these."""

@@ -212,3 +212,25 @@ def test_eval_at_start_scores_the_starting_weights_once(data, tmp_path):
                                       "logging.eval_samples": 2, "logging.eval_steps": 2})).train()
     records = [json.loads(x) for x in (runs["a"] / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval/psnr" in r] == [0] and [r["step"] for r in records] == [0, 1, 2]
+
+
+def test_the_linear_consistency_alone_trains_the_unet_through_the_frozen_vae(data, tmp_path):
+    """objective.consistency linear with the vanilla term off: the only gradient is the one through the frozen VAE
+    decoder, and it reaches the UNet; phi (the latent merger) takes no part."""
+    out = tmp_path / "run"
+    cfg = _cfg(out, data, **{"train.steps": 3, "train.precision": "fp32", "objective.lambda_vanilla": 0,
+                             "objective.lambda_consistency": 1.0, "objective.consistency": "linear",
+                             "objective.linear_samples": 2})
+    initial = build_initial_model(cfg.model, seed=cfg.train.seed, dtype=torch.float32).state_dict()
+    Trainer(cfg).train()
+    records = [r for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in (r := json.loads(line))]
+    assert len(records) == 3 and all(np.isfinite(r["loss_consistency"]) and r["loss_consistency"] > 0 for r in records)
+    assert all(r["loss"] == r["loss_consistency"] for r in records)
+    unet, small = load_file(str(out / "unet.safetensors")), load_file(str(out / "iclight_modules.safetensors"))
+    assert (unet["conv_out.weight"] - initial["unet.conv_out.weight"]).abs().max() > 0
+    merger = [k for k in small if k.startswith("merger.")]
+    assert merger
+    for k in merger:  # no gradient reached phi: AdamW's weight decay scaled each tensor, nothing else moved it
+        old, new = initial[k].double(), small[k].double()
+        scale = float((new * old).sum() / (old * old).sum()) if old.abs().max() > 0 else 1.0
+        assert 0.99 < scale <= 1.0 and float((new - scale * old).abs().max()) < 1e-7, k

@@ -44,6 +44,10 @@ def test_json_file_and_saved_config_round_trip(tmp_path):
         (["--data.resolution", "60"], "data.resolution=60"),
         (["--objective.lambda_vanilla", "0", "--objective.lambda_consistency", "0"], "nothing to train"),
         (["--train.lr"], "has no value"),
+        (["--objective.consistency", "linear", "--data.cache", "/some/latent_cache"],
+         "objective.consistency=linear decodes with the frozen VAE, which a run from the latent cache "
+         "data.cache=/some/latent_cache does not build"),
+        (["--objective.linear_samples", "-1"], "objective.linear_samples=-1: must be >= 0"),
         (["lr", "1"], "unexpected argument 'lr'"),
     ],
 )

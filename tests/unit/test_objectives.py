@@ -237,3 +237,50 @@ def test_phi_started_as_the_sum_makes_the_x0_term_reward_additive_light_not_ligh
     blind, additive = (1.0, 1.0, 1.0), (1.0, 0.3, 0.7)
     assert loss(blind, "mean") < 1e-6 and loss(additive, "mean") > 0.1
     assert loss(additive, "sum") < 1e-6 and loss(blind, "sum") > 0.1
+
+
+def _radiance(z: torch.Tensor) -> torch.Tensor:
+    """A toy decoder into linear light whose latents are the square root of radiance: additive light is additive
+    in its images, not in its latents (as sRGB-encoded VAE latents are not)."""
+    return torch.nn.functional.interpolate(z[:, :3] ** 2, scale_factor=2, mode="nearest")
+
+
+def test_the_linear_consistency_rewards_light_that_adds_in_linear_light_not_in_latents():
+    """linear form: a model whose parts' images add up in linear light scores zero; one additive in the latents
+    instead (x0 shares 0.3 and 0.7), and a light-blind one, do not; the x0 form with a sum merge says the opposite of
+    the first two."""
+    ac = alphas_cumprod()
+    batch = _batch("fc")
+    noise, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([300, 800])
+
+    def loss(shares, form):
+        model = SharesModel(batch.latents, ac, shares, "sum")
+        return iclight_losses(model, batch, noise, t, alphas_cumprod=ac, consistency=form,
+                              to_linear=_radiance)["loss_consistency"].item()
+
+    in_light, in_latents, blind = (1.0, 0.3 ** 0.5, 0.7 ** 0.5), (1.0, 0.3, 0.7), (1.0, 1.0, 1.0)
+    assert loss(in_light, "linear") < 1e-6
+    assert loss(in_latents, "linear") > 0.01 and loss(blind, "linear") > 0.1
+    assert loss(in_latents, "x0") < 1e-6 and loss(in_light, "x0") > 0.01
+
+
+def test_the_linear_consistency_decodes_only_its_samples_and_needs_a_decoder():
+    from iclight_ds.train.objectives import linear_consistency_loss
+
+    g = torch.Generator().manual_seed(5)
+    x1, x2, z0 = (torch.randn(4, 4, 8, 8, generator=g) for _ in range(3))
+    mask, w = (torch.rand(4, 1, 8, 8, generator=g) > 0.4).float(), torch.rand(4, generator=g)
+    decoded = []
+
+    def decode(z):
+        decoded.append(z.shape[0])
+        return _radiance(z)
+
+    first_two = linear_consistency_loss(x1, x2, z0, mask, decode, w, samples=2)
+    assert decoded == [4, 2]  # the two parts of 2 samples with gradients, then their 2 targets
+    torch.testing.assert_close(first_two, linear_consistency_loss(x1[:2], x2[:2], z0[:2], mask[:2], _radiance, w[:2]))
+    assert not torch.allclose(first_two, linear_consistency_loss(x1, x2, z0, mask, _radiance, w))
+    model = SharesModel(_batch("fc").latents, alphas_cumprod(), (1.0, 0.5, 0.5), "sum")
+    with pytest.raises(ValueError, match="to_linear"):
+        iclight_losses(model, _batch("fc"), torch.randn(2, 4, 8, 8), torch.tensor([1, 2]),
+                       alphas_cumprod=alphas_cumprod(), consistency="linear")

@@ -15,7 +15,7 @@ import torch
 from bench import provenance as prov
 from helpers import REPO
 
-WRITES_JSON = re.compile(r"write_text\(json\.dumps|json\.dump\(")
+WRITES_JSON = re.compile(r"write_text\(json\.dumps|json\.dump\(|write_result\(")
 
 
 def git(cwd, *args: str) -> str:
@@ -98,3 +98,9 @@ def test_the_writers_are_found():
             "host_optimizer.py", "prepare_speed.py", "lr_range.py", "consistency_ablation.py", "gpu_busy.py",
             "quality_summary.py"} <= writers
     assert "gpu_all.sh" not in writers  # it prints a summary; its files come from throughput.py and gpu_busy.py
+
+
+def test_write_result_makes_the_folder_and_writes_what_reads_back(tmp_path, capsys):
+    path = prov.write_result(tmp_path / "new" / "r.json", {"rows": [1.5, None]}, indent=1)
+    assert json.loads(path.read_text()) == {"rows": [1.5, None]} and path.read_text().endswith("}\n")
+    assert f"wrote {path}" in capsys.readouterr().out
