@@ -284,7 +284,8 @@ def prepare_speed() -> list[str]:
 
 ABLATION_ARMS = {"vanilla": "vanilla (`lambda_c` 0)", "paper": "the paper's term (`lambda_c` 0.1, `paper`)",
                  "x0": "the x0 term (`lambda_c` 0.1, `x0`)",
-                 "x0-sum": "the x0 term, phi started as the sum (`x0`, `model.merger_init sum`)"}
+                 "x0-sum": "the x0 term, phi started as the sum (`x0`, `model.merger_init sum`)",
+                 "linear": "the linear-light term (`lambda_c` 1.0, `linear`)"}
 
 
 def _spread(x: dict, digits: int, sign: str = "") -> str:
@@ -379,7 +380,8 @@ TABLES = {"memory-cpu": memory_cpu, "memory-cpu-ratios": memory_cpu_ratios, "mem
           "cpu-default-speed": cpu_default_speed,
           "default-run-cpu": default_run_cpu,
           "consistency-ablation-base": lambda: consistency_ablation("consistency-ablation-base.json"),
-          "consistency-ablation-shift": lambda: consistency_ablation("consistency-ablation-shift.json")}
+          "consistency-ablation-shift": lambda: consistency_ablation("consistency-ablation-shift.json"),
+          "consistency-ablation-linear": lambda: consistency_ablation("consistency-ablation-linear.json")}
 
 
 # ------------------------------------------------------------------------------------------------ cited numbers
