@@ -76,7 +76,7 @@ def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
 
 
 def decode_to_linear(vae, latents: torch.Tensor) -> torch.Tensor:
-    """(N, 4, h, w) scaled latents -> (N, 3, 8h, 8w) linear-light images (sRGB decoded, clipped to [0, 1], then
+    """(N, 4, h, w) scaled latents -> (N, 3, H, W) linear-light images (sRGB decoded, clipped to [0, 1], then
     linearised), with gradients to the latents: the space where light adds (objective.consistency linear)."""
     dtype = next(vae.parameters()).dtype
     srgb = (vae.decode((latents / vae.config.scaling_factor).to(dtype)).sample.float() + 1) / 2
