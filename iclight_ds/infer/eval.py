@@ -41,7 +41,7 @@ from ..data.imageio import GREY, linear_to_srgb, srgb_to_linear
 from ..data.synth import background_view
 from ..model.base import BaseModelError, load_base
 from ..model.formats import MODULES_FILE, UNET_FILE
-from ..model.frozen import encode_images, encode_text
+from ..model.frozen import decode_images, encode_images, encode_text
 from ..model.schedule import DEFAULT_SAMPLER
 from .images import to_pil
 from .metrics import (
@@ -177,11 +177,8 @@ def _score_chunk(unet, vae, text_encoder, env_encoder, chunk, *, steps, seed, gu
     target = (_stack(chunk, "target").float() + 1) / 2
     degraded = ((_stack(chunk, "foreground").float() + 1) * GREY / 255).clamp(0, 1)  # undo x / 127 - 1
     mask = _stack(chunk, "mask").float()
-    vae_dtype = next(vae.parameters()).dtype
     device = next(vae.parameters()).device
-    latents = encode_images(vae, _stack(chunk, "target").to(device))
-    recon = ((vae.decode((latents / vae.config.scaling_factor).to(vae_dtype)).sample.float() + 1) / 2)
-    recon = recon.clamp(0, 1).cpu()
+    recon = decode_images(vae, encode_images(vae, _stack(chunk, "target").to(device))).cpu()
     lin = srgb_to_linear
     cols = {
         "psnr": masked_psnr(relit, target, mask), "baseline_psnr": masked_psnr(degraded, target, mask),

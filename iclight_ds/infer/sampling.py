@@ -14,7 +14,7 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from diffusers.configuration_utils import FrozenDict
 
-from ..model.frozen import encode_images, encode_text
+from ..model.frozen import decode_images, encode_images, encode_text
 from ..model.schedule import DEFAULT_SAMPLER, make_scheduler
 
 DEMO_NEGATIVE_PROMPT = "lowres, bad anatomy, bad hands, cropped, worst quality"  # the official demo's default
@@ -117,9 +117,7 @@ def relight_images(
         cross_attention_kwargs={"concat_conds": concat},
         **start,
     ).images  # (B, 4, h, w)
-    vae_dtype = next(vae.parameters()).dtype
-    decoded = vae.decode(latents.to(vae_dtype) / vae.config.scaling_factor).sample  # (B, 3, H, W) in ~[-1, 1]
-    return ((decoded.float() + 1) / 2).clamp(0, 1).cpu()
+    return decode_images(vae, latents).cpu()  # (B, 3, H, W) in [0, 1]
 
 
 def prompt_embeddings(text_encoder, tokenizer, prompts: Sequence[str], env_tokens: torch.Tensor | None = None):

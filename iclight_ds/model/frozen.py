@@ -75,12 +75,17 @@ def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
     return vae.encode(images.to(dtype)).latent_dist.mode().float() * vae.config.scaling_factor
 
 
-def decode_to_linear(vae, latents: torch.Tensor) -> torch.Tensor:
-    """(N, 4, h, w) scaled latents -> (N, 3, H, W) linear-light images (sRGB decoded, clipped to [0, 1], then
-    linearised), with gradients to the latents: the space where light adds (objective.consistency linear)."""
+def decode_images(vae, latents: torch.Tensor) -> torch.Tensor:
+    """(N, 4, h, w) scaled latents -> (N, 3, H, W) sRGB images in [0, 1] (fp32, on the VAE's device): the inverse of
+    `encode_images`. Gradients reach the latents when the caller asks for them."""
     dtype = next(vae.parameters()).dtype
-    srgb = (vae.decode((latents / vae.config.scaling_factor).to(dtype)).sample.float() + 1) / 2
-    return srgb_to_linear(srgb, exposure=1.0)
+    return ((vae.decode((latents / vae.config.scaling_factor).to(dtype)).sample.float() + 1) / 2).clamp(0, 1)
+
+
+def decode_to_linear(vae, latents: torch.Tensor) -> torch.Tensor:
+    """(N, 4, h, w) scaled latents -> (N, 3, H, W) linear-light images (`decode_images`, then linearised), with
+    gradients to the latents: the space where light adds (objective.consistency linear)."""
+    return srgb_to_linear(decode_images(vae, latents), exposure=1.0)
 
 
 @torch.no_grad()
