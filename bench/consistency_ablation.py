@@ -2,7 +2,7 @@
 (phi started as the mean or as the sum), all else equal, over several seeds.
 
 python bench/consistency_ablation.py [--out bench/results/consistency-ablation-base.json] [--config PRESET|none]
-                                     [--steps 1000] [--seeds 0 1 2] [--arms vanilla paper x0 x0-sum linear] [--samples 32]
+                                     [--steps 1000] [--seeds 0 1 2] [--arms vanilla paper x0 x0-sum x0-sum-high linear] [--samples 32]
                                      [--target-shift S] [--keep DIR]
 
 Each arm trains through launch/train.sh --launcher python from the same config (by default the CPU default run's
@@ -13,6 +13,9 @@ seed, data, steps and LR schedule; only the objective differs:
     paper     objective.lambda_consistency 0.1, objective.consistency paper (phi merges eps_1 and eps_2)
     x0        objective.lambda_consistency 0.1, objective.consistency x0 (the merge done on the x0 estimates)
     x0-sum    the same with model.merger_init sum (phi starts as the sum of the two x0 estimates, not their mean)
+    x0-sum-high  x0-sum with objective.consistency_min_timestep 500 and objective.lambda_consistency 1.0: the term
+              only where the noise leaves the light open (t >= 500 of 1000 carries 4% of the Min-SNR-capped x0
+              weights, hence the larger lambda)
     linear    objective.lambda_consistency 1.0, objective.consistency linear (the x0 estimates decoded by the frozen
               VAE into linear light and summed there; its squared errors in [0, 1] images are about a tenth of the
               latent ones, hence lambda 1.0)
@@ -48,9 +51,10 @@ import torch  # noqa: E402
 
 from bench.provenance import cpu_name, provenance, write_result  # noqa: E402
 
-# arm -> (objective.lambda_consistency, objective.consistency, model.merger_init)
-ARMS = {"vanilla": ("0", "paper", "mean"), "paper": ("0.1", "paper", "mean"), "x0": ("0.1", "x0", "mean"),
-        "x0-sum": ("0.1", "x0", "sum"), "linear": ("1.0", "linear", "mean")}
+# arm -> (objective.lambda_consistency, objective.consistency, model.merger_init, objective.consistency_min_timestep)
+ARMS = {"vanilla": ("0", "paper", "mean", 0), "paper": ("0.1", "paper", "mean", 0), "x0": ("0.1", "x0", "mean", 0),
+        "x0-sum": ("0.1", "x0", "sum", 0), "x0-sum-high": ("1.0", "x0", "sum", 500),
+        "linear": ("1.0", "linear", "mean", 0)}
 METRICS = (("psnr", "PSNR fg (dB)", "higher"), ("ssim", "SSIM fg", "higher"),
            ("chroma_drift", "albedo chroma drift", "lower"), ("additivity_error", "additivity error", "lower"))
 PRESET = "iclight_ds/train/presets/default-cpu.yaml"
@@ -60,12 +64,12 @@ TARGET_RATIO = 0.7
 
 
 def train_run(out: Path, arm: str, seed: int, args: argparse.Namespace) -> float:
-    lambda_c, form, merger_init = ARMS[arm]
+    lambda_c, form, merger_init, min_timestep = ARMS[arm]
     cmd = ["bash", str(REPO / "launch" / "train.sh"), "--launcher", "python", "--output-dir", str(out)]
     if args.config != "none":
         cmd += ["--config", args.config]
     cmd += ["--objective.lambda_consistency", lambda_c, "--objective.consistency", form, "--model.merger_init",
-            merger_init, "--train.seed", str(seed),
+            merger_init, "--objective.consistency_min_timestep", str(min_timestep), "--train.seed", str(seed),
             "--train.steps", str(args.steps), "--logging.preview_every", "0", "--logging.eval_every", "0",
             "--logging.progress", "false", "--logging.wandb", "false", "--logging.every", "10",
             "--data.synth_target_shift", str(args.target_shift)]
@@ -112,7 +116,7 @@ def summarise(arms: dict[str, list[dict]]) -> dict:
     vanilla = {r["seed"]: r["eval"] for r in arms.get("vanilla", [])}
     for arm, runs in arms.items():
         entry = {"lambda_consistency": float(ARMS[arm][0]), "consistency": ARMS[arm][1], "merger_init": ARMS[arm][2],
-                 "runs": runs,
+                 "consistency_min_timestep": ARMS[arm][3], "runs": runs,
                  "metrics": {key: spread([r["eval"][key] for r in runs]) for key, _, _ in METRICS},
                  "train_seconds": spread([r["train_seconds"] for r in runs])}
         paired = [(r["eval"], vanilla[r["seed"]]) for r in runs if r["seed"] in vanilla]
@@ -127,7 +131,8 @@ def summarise(arms: dict[str, list[dict]]) -> dict:
     return out
 
 
-COLOURS = {"vanilla": "tab:orange", "paper": "tab:blue", "x0": "tab:green", "x0-sum": "tab:red", "linear": "tab:purple"}
+COLOURS = {"vanilla": "tab:orange", "paper": "tab:blue", "x0": "tab:green", "x0-sum": "tab:red",
+           "x0-sum-high": "tab:brown", "linear": "tab:purple"}
 
 
 def plot(result: dict, path: Path) -> None:

@@ -32,6 +32,7 @@ RESOLVED_FILE = "resolved.json"
 # what `model.base: tiny` loads
 AUTO_CACHE = "auto"  # data.cache: the trainer encodes its training set once (see DataConfig.cache)
 AUTO_CACHE_DIR = "latent_cache"  # its folder inside the run's output_dir
+NUM_TIMESTEPS = 1000  # the SD1.5 schedule's training timesteps (model/schedule.py builds the schedule)
 SHIPPED_TINY_BASE = Path(__file__).resolve().parent / "model" / "assets" / "tiny_base.safetensors"
 # model.lora_targets by default: the UNet layers kohya's sd-scripts and the diffusers examples put LoRA on. In every
 # transformer block the attention projections (to_q, to_k, to_v, to_out.0 of self- and cross-attention), the
@@ -184,6 +185,10 @@ class ObjectiveConfig:
     linear_samples: int = 8
     """objective.consistency linear: how many samples of each micro-batch the term decodes (0: all). Its VAE decodes
     with gradients cost more than the UNet's rows for small UNets; the term's gradient then comes from these."""
+    consistency_min_timestep: int = 0
+    """The consistency term counts only the samples whose timestep is >= this (of 1000; 0: every sample). At low
+    noise z_t, noised from the image under L, pins the clean estimates under L1 and L2 to that image whatever the
+    light, so there the term can only be met by a merge that averages; at high noise the light is still open."""
     split_cells: int = 4
     """The random complementary split of the illumination is drawn on a split_cells x (2*split_cells) grid."""
 
@@ -518,6 +523,9 @@ def validate(cfg: RunConfig) -> None:
                         "objective.consistency")
     if cfg.objective.linear_samples < 0:
         problems.append(f"objective.linear_samples={cfg.objective.linear_samples}: must be >= 0 (0: every sample)")
+    if not 0 <= cfg.objective.consistency_min_timestep < NUM_TIMESTEPS:
+        problems.append(f"objective.consistency_min_timestep={cfg.objective.consistency_min_timestep}: must be in "
+                        f"[0, {NUM_TIMESTEPS}) (0: every sample)")
     if cfg.model.merger_layers < 1 or cfg.model.merger_hidden < 1:
         problems.append("model.merger_layers / model.merger_hidden: must be >= 1")
     if cfg.model.env_input and cfg.model.env_tokens < 1:

@@ -1,5 +1,6 @@
 """The SD1.5 noise schedule (IC-Light keeps it), for training and for sampling: 1000 steps, scaled_linear betas
-0.00085 -> 0.012, epsilon prediction. The one place these numbers live."""
+0.00085 -> 0.012, epsilon prediction. The one place these numbers live, but the step count: config.NUM_TIMESTEPS,
+which the config's validation checks timesteps against."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
 )
 
-NUM_TIMESTEPS = 1000
+from ..config import NUM_TIMESTEPS
+
 SD15_SCHEDULE = dict(num_train_timesteps=NUM_TIMESTEPS, beta_start=0.00085, beta_end=0.012,
                      beta_schedule="scaled_linear", prediction_type="epsilon")
 DEFAULT_SAMPLER = "dpmpp_2m_sde_karras"  # the official demo's

@@ -91,6 +91,17 @@ def x0_consistency_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor
     return snr.clamp(max=gamma) if gamma > 0 else snr
 
 
+def high_noise_only(weights: torch.Tensor | None, timesteps: torch.Tensor, min_timestep: int) -> torch.Tensor | None:
+    """(B,) consistency weights (None: all 1) with the samples at t < min_timestep zeroed; min_timestep 0 returns
+    them unchanged. At low noise z_t, noised from the target under L, pins the clean estimates under L1 and L2 to that
+    one image, so there the term rewards a merge that averages and light-blind predictions. The zeroed samples still
+    count in the term's denominator."""
+    if min_timestep <= 0:
+        return weights
+    keep = (timesteps >= min_timestep).float()
+    return keep if weights is None else weights * keep.to(weights.device)
+
+
 def linear_consistency_loss(x0_1: torch.Tensor, x0_2: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                             to_linear: Callable[[torch.Tensor], torch.Tensor],
                             weights: torch.Tensor | None = None, samples: int = 0) -> torch.Tensor:
@@ -129,6 +140,7 @@ def iclight_losses(
     consistency: str = "paper",
     to_linear: Callable[[torch.Tensor], torch.Tensor] | None = None,
     linear_samples: int = 0,
+    consistency_min_timestep: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Vanilla + light-transport consistency (paper Sec. 3), the three UNet evaluations as ONE batched forward.
 
@@ -141,6 +153,7 @@ def iclight_losses(
     neither z_t nor t cannot express (docs/method.md); "linear" decodes those clean latents with `to_linear` (the
     frozen VAE decoder into linear light, where light adds: `linear_consistency_loss`) and compares the sum of the
     two parts' images with the target's, phi unused, for the first `linear_samples` of the batch (0: all).
+    consistency_min_timestep > 0: the consistency term counts only the samples at t >= it (`high_noise_only`).
     """
     weights = min_snr_weights(timesteps, alphas_cumprod, snr_gamma) if snr_gamma > 0 else None
     noisy = add_noise(batch.latents, noise, timesteps, alphas_cumprod)  # (B, 4, h, w)
@@ -156,7 +169,8 @@ def iclight_losses(
     if parts == 3 and consistency in ("x0", "linear"):
         x0_1, x0_2 = (x0_estimate(noisy, eps, timesteps, alphas_cumprod)
                       for eps in eps_all[batch.batch_size :].chunk(2, dim=0))
-        x0_weights = x0_consistency_weights(timesteps, alphas_cumprod, snr_gamma)
+        x0_weights = high_noise_only(x0_consistency_weights(timesteps, alphas_cumprod, snr_gamma), timesteps,
+                                     consistency_min_timestep)
         if consistency == "linear":
             if to_linear is None:
                 raise ValueError("consistency='linear' needs to_linear (latents -> linear-light images)")
@@ -167,7 +181,8 @@ def iclight_losses(
                                                          x0_weights)
     elif parts == 3:
         eps_1, eps_2 = eps_all[batch.batch_size :].chunk(2, dim=0)
-        terms["loss_consistency"] = consistency_loss(model.merge(eps_1, eps_2).float(), noise, batch.mask, weights)
+        terms["loss_consistency"] = consistency_loss(model.merge(eps_1, eps_2).float(), noise, batch.mask,
+                                                     high_noise_only(weights, timesteps, consistency_min_timestep))
     else:
         terms["loss_consistency"] = torch.zeros((), device=noise.device)
     terms["loss"] = lambda_vanilla * terms["loss_vanilla"] + lambda_consistency * terms["loss_consistency"]

@@ -1,6 +1,7 @@
 """Typed configuration: files, dotted overrides, and errors that name the key."""
 
 import json
+import re
 
 import pytest
 
@@ -48,11 +49,13 @@ def test_json_file_and_saved_config_round_trip(tmp_path):
          "objective.consistency=linear decodes with the frozen VAE, which a run from the latent cache "
          "data.cache=/some/latent_cache does not build"),
         (["--objective.linear_samples", "-1"], "objective.linear_samples=-1: must be >= 0"),
+        (["--objective.consistency_min_timestep", "1000"],
+         "objective.consistency_min_timestep=1000: must be in [0, 1000)"),
         (["lr", "1"], "unexpected argument 'lr'"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, parse_overrides(overrides))
 
 

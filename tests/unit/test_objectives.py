@@ -284,3 +284,32 @@ def test_the_linear_consistency_decodes_only_its_samples_and_needs_a_decoder():
     with pytest.raises(ValueError, match="to_linear"):
         iclight_losses(model, _batch("fc"), torch.randn(2, 4, 8, 8), torch.tensor([1, 2]),
                        alphas_cumprod=alphas_cumprod(), consistency="linear")
+
+
+@pytest.mark.parametrize("form", ["paper", "x0", "linear"])
+def test_the_high_noise_only_term_drops_the_low_noise_samples_and_keeps_the_rest(form):
+    """objective.consistency_min_timestep: each form's term at t = (300, 800) with the threshold at 500 equals the
+    term with the first sample's weight zeroed by hand (its denominator unchanged), differs from the whole term, and
+    is 0 when every sample is below it; the vanilla term does not change."""
+    ac = alphas_cumprod()
+    batch = _batch("fc")
+    model = SharesModel(batch.latents, ac, (1.0, 0.3, 0.6), "sum")
+    noise, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([300, 800])
+
+    def terms(min_t, timesteps=t):
+        return iclight_losses(model, batch, noise, timesteps, alphas_cumprod=ac, consistency=form, snr_gamma=5.0,
+                              to_linear=_radiance, consistency_min_timestep=min_t)
+
+    whole, high = terms(0), terms(500)
+    assert high["loss_consistency"].item() > 0
+    assert abs(high["loss_consistency"].item() - whole["loss_consistency"].item()) > 1e-4
+    torch.testing.assert_close(high["loss_vanilla"], whole["loss_vanilla"])
+    assert terms(500, torch.tensor([100, 499]))["loss_consistency"].item() == 0.0
+    # by hand: the second sample alone, over both samples' foreground
+    second = ConditionedBatch(**{k: (tuple(p[1:] for p in v) if isinstance(v, tuple) else v[1:])
+                                 for k, v in vars(batch).items() if v is not None})
+    model.z0 = batch.latents[1:]
+    one = iclight_losses(model, second, noise[1:], t[1:], alphas_cumprod=ac, consistency=form,
+                         snr_gamma=5.0, to_linear=_radiance)["loss_consistency"]
+    share = batch.mask[1:].sum() / batch.mask.sum()
+    torch.testing.assert_close(high["loss_consistency"], one * share)
