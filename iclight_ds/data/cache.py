@@ -33,7 +33,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -265,29 +265,47 @@ def encode_samples(batch: dict, vae, text_encoder, *, variant: str, split_varian
     return out
 
 
-def _frozen_models(*, base, size, seed, frozen_dtype, device, vae="auto"):
-    """(vae, text_encoder, tokenizer, identity entries) for a random base of `size` or real weights at `base`."""
+class FrozenModels(NamedTuple):
+    """Frozen encoders a caller already has, for `build_cache(frozen=...)` (the trainer's, with data.cache=auto)."""
+
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    identity: dict  # `frozen_identity` of them
+
+
+def frozen_identity(*, base, vae_model, text_encoder, real_tokenizer: bool, size: str, vae: str = "auto") -> dict:
+    """The cache identity entries of frozen encoders: for a random base its (size, vae); for real weights at `base`
+    the content hash of the VAE and text encoder, which `unet_hash` takes over fp32 values, so weights loaded in
+    fp32 hash as they were stored in fp16 or bf16 (hash them before they are cast to a frozen dtype)."""
+    if base is None:
+        return {"base": None, "base_hash": None, "size": size, "vae": vae_identity(size, vae), "tokenizer": "char"}
+    state = {f"vae.{k}": v for k, v in vae_model.state_dict().items()}
+    state.update({f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items()})
+    return {"base": str(Path(base).resolve()), "base_hash": unet_hash(state), "size": None,
+            "tokenizer": "base" if real_tokenizer else "char"}
+
+
+def _frozen_models(*, base, size, seed, frozen_dtype, device, vae="auto") -> FrozenModels:
+    """The frozen models of a random base of `size`, or of the real weights at `base` (loaded here)."""
 
     if base is None:
         tokenizer = build_char_tokenizer()  # what the trainer uses with random models
         vae_model, text_encoder = build_frozen(size, seed=seed, tokenizer=tokenizer, dtype=frozen_dtype,
                                                device=device, vae=vae)
-        return vae_model, text_encoder, tokenizer, {"base": None, "base_hash": None, "size": size,
-                                                    "vae": vae_identity(size, vae), "tokenizer": "char"}
+        return FrozenModels(vae_model, text_encoder, tokenizer, frozen_identity(
+            base=None, vae_model=vae_model, text_encoder=text_encoder, real_tokenizer=False, size=size, vae=vae))
     if vae != "auto":
         raise CacheError(f"--vae {vae}: with --base the base's own VAE is used (leave --vae auto)")
     path = Path(base).resolve()
     if path.is_dir() and is_run_dir(path):
         raise CacheError(f"--base {base} is an iclight-ds run folder; for a run with random weights use "
                          "--size <its model.size> --seed <its train.seed>, otherwise pass its model.base")
-    loaded = load_base(path, dtype=None)  # stored dtype: the hash is of the weights as stored
-    state = {f"vae.{k}": v for k, v in loaded.vae.state_dict().items()}
-    state.update({f"text_encoder.{k}": v for k, v in loaded.text_encoder.state_dict().items()})
-    vae = freeze(loaded.vae, frozen_dtype, device)
-    text_encoder = freeze(loaded.text_encoder, frozen_dtype, device)
-    return vae, text_encoder, loaded.tokenizer, {
-        "base": str(path), "base_hash": unet_hash(state), "size": None,
-        "tokenizer": "base" if loaded.real_tokenizer else "char"}
+    loaded = load_base(path, dtype=None)
+    identity = frozen_identity(base=path, vae_model=loaded.vae, text_encoder=loaded.text_encoder,
+                               real_tokenizer=loaded.real_tokenizer, size=size)
+    return FrozenModels(freeze(loaded.vae, frozen_dtype, device), freeze(loaded.text_encoder, frozen_dtype, device),
+                        loaded.tokenizer, identity)
 
 
 def _shard_is_complete(path: Path, ident: str, count: int) -> bool:
@@ -308,8 +326,12 @@ def build_cache(
     variant: str = "fc", light_input: str = "env", resolution: int = 64, env_shape: tuple[int, int] = DEFAULT_ENV_SHAPE,
     split_variants: int = 4, split_cells: int = 4, dtype: str = "bf16", batch_size: int = 8, shard_size: int = 256,
     num_workers: int = 0, device: str | None = None, validate: bool = True, progress: bool = True,
+    frozen: FrozenModels | None = None,
 ) -> dict:
     """Encode every sample of the dataset at `data` into the cache at `out` (resuming one that was interrupted).
+
+    frozen: the encoders to use, already built by the caller for these (base, size, vae, seed, frozen_dtype, device);
+    None builds them (and, for real weights, loads the whole base once more).
 
     Returns {"samples": encoded now, "skipped_shards": already complete, "encode_s": seconds spent encoding and
     writing (models not counted), "build_s": seconds building the frozen models, "samples_per_s"}.
@@ -337,7 +359,7 @@ def build_cache(
             raise CacheError(f"{data}: {len(bad)} problem(s), e.g. {bad[0].format()}; python -m "
                              f"iclight_ds.data.validate {data} lists them (--no-validate skips this check)")
     t0 = time.perf_counter()
-    vae, text_encoder, tokenizer, model_identity = _frozen_models(
+    vae, text_encoder, tokenizer, model_identity = frozen or _frozen_models(
         base=base, size=size, seed=seed, frozen_dtype=DTYPES[frozen_dtype], device=device, vae=vae)
     build_s = time.perf_counter() - t0
     identity = {**model_identity, **partial}

@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from ..config import AUTO_CACHE_DIR, RunConfig, builds_frozen_encoders, encodes_once
-from ..data.cache import CachedDataset, build_cache, run_expectations
+from ..data.cache import CachedDataset, FrozenModels, build_cache, frozen_identity, run_expectations
 from ..data.dataset import MANIFEST, DatasetError, RelightDataset
 from ..data.synth import generate, target_shift_of
 from ..data.validate import validate_dataset
@@ -98,26 +98,25 @@ def data_root(cfg: RunConfig, out_dir: Path) -> Path:
 AUTO_SPLIT_VARIANTS = 4
 
 
-def encode_once(cfg: RunConfig, run: ResolvedRun, out_dir: Path, device: torch.device, *,
-                is_main: bool) -> CachedDataset:
-    """data.cache=auto: rank 0 encodes the training set into <output_dir>/latent_cache (what `python -m
-    iclight_ds.cache` writes for this run; a complete one from an earlier launch is checked and reused), then every
-    rank reads it. Collective."""
+def encode_once(cfg: RunConfig, run: ResolvedRun, out_dir: Path, device: torch.device, frozen: FrozenModels | None,
+                *, is_main: bool) -> CachedDataset:
+    """data.cache=auto: rank 0 encodes the training set into <output_dir>/latent_cache with the run's own frozen
+    encoders (`frozen`, rank 0's: what `python -m iclight_ds.cache` writes for this run; a complete one from an
+    earlier launch is checked and reused), then every rank reads it. Collective."""
     cache_dir = out_dir / AUTO_CACHE_DIR
     if is_main:
-        frozen = dtype_name(run.torch_frozen_dtype)
+        frozen_dtype = dtype_name(run.torch_frozen_dtype)
         fbc_splits = cfg.model.variant == "fbc" and cfg.objective.lambda_consistency > 0
         stats = build_cache(
             data_root(cfg, out_dir), cache_dir, base=cfg.model.base, size=cfg.model.size, vae=cfg.model.vae,
-            seed=cfg.train.seed, frozen_dtype=frozen, variant=cfg.model.variant, light_input=cfg.model.light_input,
+            seed=cfg.train.seed, frozen_dtype=frozen_dtype, variant=cfg.model.variant, light_input=cfg.model.light_input,
             resolution=cfg.data.resolution, env_shape=tuple(cfg.model.env_shape),
             split_variants=AUTO_SPLIT_VARIANTS if fbc_splits else 0, split_cells=cfg.objective.split_cells,
-            dtype=frozen, batch_size=run.geometry.micro_batch, num_workers=cfg.data.num_workers, device=str(device),
-            validate=False, progress=cfg.logging.progress)  # data.path was validated as the dataset was built
+            dtype=frozen_dtype, batch_size=run.geometry.micro_batch, num_workers=cfg.data.num_workers,
+            device=str(device), validate=False,  # data.path was validated as the dataset was built
+            progress=cfg.logging.progress, frozen=frozen)
         log.info("latent cache %s: %d samples encoded in %.1f s (%d shard(s) already complete)", cache_dir,
                  stats["samples"], stats["encode_s"] + stats["build_s"], stats["skipped_shards"])
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # the cache builder's own copy of the frozen encoders
     eng.barrier()
     return CachedDataset(cache_dir, run_expectations(cfg, run.torch_dtype))
 
@@ -198,9 +197,33 @@ class Models:
     text_encoder: Any | None
 
 
-def build_models(cfg: RunConfig, run: ResolvedRun, base: BaseModel | None, tokenizer, device) -> Models:
-    """The trainable model inside DeepSpeed's engine (with its optimizer and LR schedule) and the frozen encoders.
-    Sets run.attention to the kernel the UNet uses."""
+def build_frozen_encoders(cfg: RunConfig, run: ResolvedRun, base: BaseModel | None, tokenizer, device, *,
+                          is_main: bool) -> FrozenModels | None:
+    """The run's frozen VAE and text encoder in the frozen dtype on `device`: the base's own (cast in place), or
+    random ones of model.size; None when a latent cache made beforehand holds their outputs. With data.cache=auto,
+    rank 0's carry their cache identity, hashed before the cast: the trainer's cache is encoded by these, not by a
+    second copy of the base."""
+    if not builds_frozen_encoders(cfg):
+        return None
+    identity = {}
+    if base is not None:
+        if encodes_once(cfg) and is_main:
+            identity = frozen_identity(base=cfg.model.base, vae_model=base.vae, text_encoder=base.text_encoder,
+                                       real_tokenizer=base.real_tokenizer, size=cfg.model.size)
+        vae = freeze(base.vae, run.torch_frozen_dtype, device)
+        text_encoder = freeze(base.text_encoder, run.torch_frozen_dtype, device)
+    else:  # built outside model_init_context: ZeRO-3 never partitions them
+        vae, text_encoder = build_frozen(cfg.model.size, seed=cfg.train.seed, tokenizer=tokenizer,
+                                         dtype=run.torch_frozen_dtype, device=device, vae=cfg.model.vae)
+        identity = frozen_identity(base=None, vae_model=vae, text_encoder=text_encoder, real_tokenizer=False,
+                                   size=cfg.model.size, vae=cfg.model.vae)
+    return FrozenModels(vae, text_encoder, tokenizer, identity)
+
+
+def build_models(cfg: RunConfig, run: ResolvedRun, base: BaseModel | None, frozen: FrozenModels | None,
+                 device) -> Models:
+    """The trainable model inside DeepSpeed's engine (with its optimizer and LR schedule), beside the frozen
+    encoders (`build_frozen_encoders`). Sets run.attention to the kernel the UNet uses."""
     dtype = run.torch_dtype
     if base is not None:  # the UNet exists already: deepspeed.initialize partitions it (ZeRO-3)
         model = build_initial_model(cfg.model, seed=cfg.train.seed, dtype=dtype, unet=base.unet)
@@ -226,17 +249,11 @@ def build_models(cfg: RunConfig, run: ResolvedRun, base: BaseModel | None, token
              "%.2fM of %.2fM", run.attention, "on" if run.gradient_checkpointing else "off",
              "on" if cfg.model.channels_last else "off", cfg.model.compile_backend if cfg.model.compile else "off",
              trainable / 1e6, count_parameters(model) / 1e6)
-    vae = text_encoder = None  # a latent cache made beforehand holds their outputs: not built at all
-    if builds_frozen_encoders(cfg) and base is not None:
-        vae = freeze(base.vae, run.torch_frozen_dtype, device)
-        text_encoder = freeze(base.text_encoder, run.torch_frozen_dtype, device)
-    elif builds_frozen_encoders(cfg):  # outside model_init_context: ZeRO-3 never partitions them
-        vae, text_encoder = build_frozen(cfg.model.size, seed=cfg.train.seed, tokenizer=tokenizer,
-                                         dtype=run.torch_frozen_dtype, device=device, vae=cfg.model.vae)
     optimizer = eng.build_optimizer(run.optimizer, [p for p in model.parameters() if p.requires_grad],
                                     lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, betas=cfg.train.betas)
     engine = eng.initialize(model, optimizer, lambda opt: lr_scheduler(opt, cfg.train), run.ds,
                             optimizer_name=run.optimizer)
+    vae, text_encoder = (frozen.vae, frozen.text_encoder) if frozen else (None, None)
     modules = {"model": engine.module, "vae": vae, "text_encoder": text_encoder}
     check_module_devices({k: m for k, m in modules.items() if m is not None}, device)
     return Models(engine, vae, text_encoder)

@@ -20,7 +20,7 @@ from ..model.frozen import decode_to_linear
 from ..model.schedule import NUM_TIMESTEPS, alphas_cumprod
 from . import checkpoint as ckpt
 from . import engine as eng
-from .build import build_dataset, build_models, encode_once, load_run_base, run_tokenizer
+from .build import build_dataset, build_frozen_encoders, build_models, encode_once, load_run_base, run_tokenizer
 from .checks import describe
 from .conditioning import condition_batch, condition_cached_batch
 from .ema import EMA_FILE, WeightsEMA
@@ -67,11 +67,12 @@ class Trainer:
         self.base = load_run_base(cfg, self.run, self.out_dir, is_main=self.is_main)
         self.tokenizer = run_tokenizer(cfg, self.base)
         self.dataset = build_dataset(cfg, self.run, self.out_dir, self.tokenizer, is_main=self.is_main)
-        # what the steps read: the dataset, or its latent cache (data.cache=auto); previews and evaluations decode
-        # the dataset's own samples
-        self.train_set = (encode_once(cfg, self.run, self.out_dir, self.acc.device, is_main=self.is_main)
+        frozen = build_frozen_encoders(cfg, self.run, self.base, self.tokenizer, self.acc.device, is_main=self.is_main)
+        # what the steps read: the dataset, or its latent cache (data.cache=auto) encoded by those frozen encoders;
+        # previews and evaluations decode the dataset's own samples
+        self.train_set = (encode_once(cfg, self.run, self.out_dir, self.acc.device, frozen, is_main=self.is_main)
                           if encodes_once(cfg) else self.dataset)
-        models = build_models(cfg, self.run, self.base, self.tokenizer, self.acc.device)
+        models = build_models(cfg, self.run, self.base, frozen, self.acc.device)
         self.engine, self.vae, self.text_encoder = models.engine, models.vae, models.text_encoder
         self._write_run_records()
         self.ema = self._build_ema()

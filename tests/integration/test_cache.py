@@ -17,7 +17,7 @@ from iclight_ds.data import cache as cache_mod
 from iclight_ds.data.cache import CacheError, CachedDataset, build_cache, run_expectations
 from iclight_ds.data.dataset import RelightDataset
 from iclight_ds.data.split import split_background
-from iclight_ds.dtypes import DTYPES
+from iclight_ds.dtypes import DTYPES, dtype_name
 from iclight_ds.model.frozen import build_frozen, encode_images
 from iclight_ds.model.tokenizer import build_char_tokenizer
 from iclight_ds.train.conditioning import condition_batch, condition_cached_batch
@@ -263,6 +263,42 @@ def test_cache_auto_encodes_once_and_trains_as_on_the_fly(data, synthetic, tmp_p
     other = synthetic(6, size=RES, seed=6, extras=False)
     with pytest.raises(CacheError, match="dataset_hash"):
         Trainer(_run_cfg(tmp_path / "b", "auto", **{"data.path": str(other)}))
+
+
+def test_cache_auto_with_real_weights_loads_the_base_once_and_writes_what_the_cache_command_writes(data, tmp_path,
+                                                                                                   monkeypatch):
+    """data.cache=auto with a base (VAE and text encoder stored in fp16; the trainer loads them in fp32): the trainer
+    loads the base once and encodes with its own frozen encoders, and its cache equals, identity hash and tensors,
+    the one `python -m iclight_ds.cache --base` writes for the same run from the weights as stored."""
+    from iclight_ds.model import base as base_mod
+    from iclight_ds.train.trainer import Trainer
+
+    unet, vae, text_encoder, tok = tiny_parts(seed=4)
+    base = write_base_folder(tmp_path / "sd15", (unet, vae.half(), text_encoder.half(), tok))
+    loads, load_base = [], base_mod.load_base
+
+    def counted(*a, **k):
+        loads.append(a[0])
+        return load_base(*a, **k)
+
+    patch_everywhere(monkeypatch, base_mod, "load_base", counted)
+    trainer = Trainer(_run_cfg(tmp_path / "b", "auto", **{"data.path": str(data), "model.base": str(base)}))
+    assert len(loads) == 1
+    frozen = dtype_name(next(trainer.vae.parameters()).dtype)
+    reference = tmp_path / "reference"
+    _cache(data, reference, base=str(base), seed=trainer.cfg.train.seed, frozen_dtype=frozen, dtype=frozen,
+           batch_size=trainer.run.geometry.micro_batch, shard_size=256)
+    auto = trainer.out_dir / "latent_cache"
+    ours, theirs = (json.loads((d / "cache.json").read_text()) for d in (auto, reference))
+    assert ours["identity"] == theirs["identity"] and ours["identity"]["base_hash"].startswith("sha256:")
+    assert [s["file"] for s in ours["shards"]] == [s["file"] for s in theirs["shards"]]
+    for shard in ours["shards"]:
+        with safe_open(str(auto / shard["file"]), "pt") as a, safe_open(str(reference / shard["file"]), "pt") as b:
+            assert sorted(a.keys()) == sorted(b.keys())
+            for key in a.keys():
+                assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+    trainer.train()  # and it trains from that cache, the frozen encoders kept for the final evaluation
+    assert any("eval/psnr" in m for m in metrics(trainer.out_dir))
 
 
 def test_cache_auto_is_refused_with_skip_bad(tmp_path):
