@@ -28,11 +28,11 @@ DEFAULT_ENV_SHAPE = (16, 32)
 # A run's resolved record: what every `auto` became (DeepSpeed config, batch geometry, dtype, optimizer, ...), written
 # by the trainer into the run folder and beside every checkpoint's config.json (iclight_ds/train/resolve.py)
 RESOLVED_FILE = "resolved.json"
-# The shipped tiny pretrained base (iclight_ds/model/tinybase.py, trained by `python -m iclight_ds.tools.tiny_base`):
-# what `model.base: tiny` loads
 AUTO_CACHE = "auto"  # data.cache: the trainer encodes its training set once (see DataConfig.cache)
 AUTO_CACHE_DIR = "latent_cache"  # its folder inside the run's output_dir
 NUM_TIMESTEPS = 1000  # the SD1.5 schedule's training timesteps (model/schedule.py builds the schedule)
+# The shipped tiny pretrained base (iclight_ds/model/tinybase.py, trained by `python -m iclight_ds.tools.tiny_base`):
+# what `model.base: tiny` loads
 SHIPPED_TINY_BASE = Path(__file__).resolve().parent / "model" / "assets" / "tiny_base.safetensors"
 # model.lora_targets by default: the UNet layers kohya's sd-scripts and the diffusers examples put LoRA on. In every
 # transformer block the attention projections (to_q, to_k, to_v, to_out.0 of self- and cross-attention), the

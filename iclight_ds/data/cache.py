@@ -271,7 +271,7 @@ class FrozenModels(NamedTuple):
     vae: Any
     text_encoder: Any
     tokenizer: Any
-    identity: dict  # `frozen_identity` of them
+    identity: dict  # `frozen_identity` of them (empty where no cache is written)
 
 
 def frozen_identity(*, base, vae_model, text_encoder, real_tokenizer: bool, size: str, vae: str = "auto") -> dict:

@@ -201,8 +201,8 @@ def build_frozen_encoders(cfg: RunConfig, run: ResolvedRun, base: BaseModel | No
                           is_main: bool) -> FrozenModels | None:
     """The run's frozen VAE and text encoder in the frozen dtype on `device`: the base's own (cast in place), or
     random ones of model.size; None when a latent cache made beforehand holds their outputs. With data.cache=auto,
-    rank 0's carry their cache identity, hashed before the cast: the trainer's cache is encoded by these, not by a
-    second copy of the base."""
+    rank 0's carry their cache identity (hashed before the cast; other ranks: empty) and encode the trainer's cache,
+    so the run holds one copy of the base."""
     if not builds_frozen_encoders(cfg):
         return None
     identity = {}

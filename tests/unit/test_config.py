@@ -51,6 +51,7 @@ def test_json_file_and_saved_config_round_trip(tmp_path):
         (["--objective.linear_samples", "-1"], "objective.linear_samples=-1: must be >= 0"),
         (["--objective.consistency_min_timestep", "1000"],
          "objective.consistency_min_timestep=1000: must be in [0, 1000)"),
+        (["--objective.consistency_min_timestep", "-1"], "objective.consistency_min_timestep=-1: must be in [0, 1000)"),
         (["lr", "1"], "unexpected argument 'lr'"),
     ],
 )

@@ -305,6 +305,7 @@ def test_the_high_noise_only_term_drops_the_low_noise_samples_and_keeps_the_rest
     assert abs(high["loss_consistency"].item() - whole["loss_consistency"].item()) > 1e-4
     torch.testing.assert_close(high["loss_vanilla"], whole["loss_vanilla"])
     assert terms(500, torch.tensor([100, 499]))["loss_consistency"].item() == 0.0
+    assert terms(500, torch.tensor([499, 500]))["loss_consistency"].item() > 0  # t = 500 counts
     # by hand: the second sample alone, over both samples' foreground
     second = ConditionedBatch(**{k: (tuple(p[1:] for p in v) if isinstance(v, tuple) else v[1:])
                                  for k, v in vars(batch).items() if v is not None})
