@@ -2,7 +2,7 @@
 (phi started as the mean or as the sum), all else equal, over several seeds.
 
 python bench/consistency_ablation.py [--out bench/results/consistency-ablation-base.json] [--config PRESET|none]
-                                     [--steps 1000] [--seeds 0 1 2] [--arms vanilla paper x0 x0-sum x0-sum-high linear] [--samples 32]
+                                     [--steps 1000] [--seeds 0 1 2] [--arms vanilla paper x0 x0-sum x0-sum-high x0-sum-high-5 linear] [--samples 32]
                                      [--target-shift S] [--keep DIR]
 
 Each arm trains through launch/train.sh --launcher python from the same config (by default the CPU default run's
@@ -16,6 +16,7 @@ seed, data, steps and LR schedule; only the objective differs:
     x0-sum-high  x0-sum with objective.consistency_min_timestep 500 and objective.lambda_consistency 1.0: the term
               only where the noise leaves the light open (t >= 500 of 1000 carries 4% of the Min-SNR-capped x0
               weights, hence the larger lambda)
+    x0-sum-high-5  the same with objective.lambda_consistency 5.0
     linear    objective.lambda_consistency 1.0, objective.consistency linear (the x0 estimates decoded by the frozen
               VAE into linear light and summed there; its squared errors in [0, 1] images are about a tenth of the
               latent ones, hence lambda 1.0)
@@ -54,7 +55,7 @@ from bench.provenance import cpu_name, provenance, write_result  # noqa: E402
 # arm -> (objective.lambda_consistency, objective.consistency, model.merger_init, objective.consistency_min_timestep)
 ARMS = {"vanilla": ("0", "paper", "mean", 0), "paper": ("0.1", "paper", "mean", 0), "x0": ("0.1", "x0", "mean", 0),
         "x0-sum": ("0.1", "x0", "sum", 0), "x0-sum-high": ("1.0", "x0", "sum", 500),
-        "linear": ("1.0", "linear", "mean", 0)}
+        "x0-sum-high-5": ("5.0", "x0", "sum", 500), "linear": ("1.0", "linear", "mean", 0)}
 METRICS = (("psnr", "PSNR fg (dB)", "higher"), ("ssim", "SSIM fg", "higher"),
            ("chroma_drift", "albedo chroma drift", "lower"), ("additivity_error", "additivity error", "lower"))
 PRESET = "iclight_ds/train/presets/default-cpu.yaml"
@@ -132,7 +133,7 @@ def summarise(arms: dict[str, list[dict]]) -> dict:
 
 
 COLOURS = {"vanilla": "tab:orange", "paper": "tab:blue", "x0": "tab:green", "x0-sum": "tab:red",
-           "x0-sum-high": "tab:brown", "linear": "tab:purple"}
+           "x0-sum-high": "tab:brown", "x0-sum-high-5": "tab:pink", "linear": "tab:purple"}
 
 
 def plot(result: dict, path: Path) -> None:

@@ -285,7 +285,8 @@ def prepare_speed() -> list[str]:
 ABLATION_ARMS = {"vanilla": "vanilla (`lambda_c` 0)", "paper": "the paper's term (`lambda_c` 0.1, `paper`)",
                  "x0": "the x0 term (`lambda_c` 0.1, `x0`)",
                  "x0-sum": "the x0 term, phi started as the sum (`x0`, `model.merger_init sum`)",
-                 "x0-sum-high": "the x0 term, phi started as the sum, at t >= 500 only (`lambda_c` 1.0, `consistency_min_timestep 500`)",
+                 "x0-sum-high": "the x0 term, phi started as the sum, at t >= 500 only (`lambda_c` 1.0)",
+                 "x0-sum-high-5": "the x0 term, phi started as the sum, at t >= 500 only (`lambda_c` 5.0)",
                  "linear": "the linear-light term (`lambda_c` 1.0, `linear`)"}
 
 
