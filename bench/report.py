@@ -383,7 +383,8 @@ TABLES = {"memory-cpu": memory_cpu, "memory-cpu-ratios": memory_cpu_ratios, "mem
           "default-run-cpu": default_run_cpu,
           "consistency-ablation-base": lambda: consistency_ablation("consistency-ablation-base.json"),
           "consistency-ablation-shift": lambda: consistency_ablation("consistency-ablation-shift.json"),
-          "consistency-ablation-linear": lambda: consistency_ablation("consistency-ablation-linear.json")}
+          "consistency-ablation-linear": lambda: consistency_ablation("consistency-ablation-linear.json"),
+          "consistency-ablation-high": lambda: consistency_ablation("consistency-ablation-high.json")}
 
 
 # ------------------------------------------------------------------------------------------------ cited numbers
