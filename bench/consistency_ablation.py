@@ -2,7 +2,8 @@
 (phi started as the mean or as the sum), all else equal, over several seeds.
 
 python bench/consistency_ablation.py [--out bench/results/consistency-ablation-base.json] [--config PRESET|none]
-                                     [--steps 1000] [--seeds 0 1 2] [--arms vanilla paper x0 x0-sum x0-sum-high x0-sum-high-5 linear] [--samples 32]
+                                     [--steps 1000] [--seeds 0 1 2] [--samples 32]
+                                     [--arms vanilla paper x0 x0-sum x0-sum-high x0-sum-high-5 linear]
                                      [--target-shift S] [--keep DIR]
 
 Each arm trains through launch/train.sh --launcher python from the same config (by default the CPU default run's

@@ -109,8 +109,8 @@ def encode_once(cfg: RunConfig, run: ResolvedRun, out_dir: Path, device: torch.d
         fbc_splits = cfg.model.variant == "fbc" and cfg.objective.lambda_consistency > 0
         stats = build_cache(
             data_root(cfg, out_dir), cache_dir, base=cfg.model.base, size=cfg.model.size, vae=cfg.model.vae,
-            seed=cfg.train.seed, frozen_dtype=frozen_dtype, variant=cfg.model.variant, light_input=cfg.model.light_input,
-            resolution=cfg.data.resolution, env_shape=tuple(cfg.model.env_shape),
+            seed=cfg.train.seed, frozen_dtype=frozen_dtype, variant=cfg.model.variant,
+            light_input=cfg.model.light_input, resolution=cfg.data.resolution, env_shape=tuple(cfg.model.env_shape),
             split_variants=AUTO_SPLIT_VARIANTS if fbc_splits else 0, split_cells=cfg.objective.split_cells,
             dtype=frozen_dtype, batch_size=run.geometry.micro_batch, num_workers=cfg.data.num_workers,
             device=str(device), validate=False,  # data.path was validated as the dataset was built
