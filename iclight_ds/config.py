@@ -513,19 +513,7 @@ def validate(cfg: RunConfig) -> None:
         problems.append("train.warmup_steps: must be >= 0")
     if cfg.data.synth_target_shift < 0:
         problems.append(f"data.synth_target_shift={cfg.data.synth_target_shift}: must be >= 0")
-    if cfg.objective.lambda_vanilla < 0 or cfg.objective.lambda_consistency < 0:
-        problems.append("objective.lambda_vanilla / objective.lambda_consistency: must be >= 0")
-    if cfg.objective.lambda_vanilla == 0 and cfg.objective.lambda_consistency == 0:
-        problems.append("objective.lambda_vanilla and objective.lambda_consistency are both 0: nothing to train")
-    if cfg.objective.consistency == "linear" and not builds_frozen_encoders(cfg):
-        problems.append(f"objective.consistency=linear decodes with the frozen VAE, which a run from the latent cache "
-                        f"data.cache={cfg.data.cache} does not build; use data.cache=auto (or none), or another "
-                        "objective.consistency")
-    if cfg.objective.linear_samples < 0:
-        problems.append(f"objective.linear_samples={cfg.objective.linear_samples}: must be >= 0 (0: every sample)")
-    if not 0 <= cfg.objective.consistency_min_timestep < NUM_TIMESTEPS:
-        problems.append(f"objective.consistency_min_timestep={cfg.objective.consistency_min_timestep}: must be in "
-                        f"[0, {NUM_TIMESTEPS}) (0: every sample)")
+    problems += _objective_problems(cfg)
     if cfg.model.merger_layers < 1 or cfg.model.merger_hidden < 1:
         problems.append("model.merger_layers / model.merger_hidden: must be >= 1")
     if cfg.model.env_input and cfg.model.env_tokens < 1:
@@ -535,10 +523,6 @@ def validate(cfg: RunConfig) -> None:
         problems.append(f"model.light_input={cfg.model.light_input}: applies to FC only (FBC sees the light in its "
                         "background); leave it at env")
     problems += _lora_problems(cfg.model)
-    if cfg.objective.snr_gamma < 0:
-        problems.append("objective.snr_gamma: must be >= 0 (0 disables Min-SNR weighting)")
-    if cfg.objective.split_cells < 1:
-        problems.append("objective.split_cells: must be >= 1")
     if cfg.train.keep < 0 or cfg.train.max_bad_steps < 0:
         problems.append("train.keep / train.max_bad_steps: must be >= 0")
     if cfg.logging.every < 1:
@@ -680,6 +664,30 @@ def help_text() -> str:
             lines.append(f"  --{section.name}.{f.name} {_type_name(hints[f.name])}  (default: {default!r})")
             lines.append(f"      {docs.get(f.name, '')}")
     return "\n".join(lines)
+
+
+def _objective_problems(cfg: RunConfig) -> list[str]:
+    """The objective section's bad values and combinations, naming the keys."""
+    problems = []
+    obj = cfg.objective
+    if obj.lambda_vanilla < 0 or obj.lambda_consistency < 0:
+        problems.append("objective.lambda_vanilla / objective.lambda_consistency: must be >= 0")
+    if obj.lambda_vanilla == 0 and obj.lambda_consistency == 0:
+        problems.append("objective.lambda_vanilla and objective.lambda_consistency are both 0: nothing to train")
+    if obj.consistency == "linear" and not builds_frozen_encoders(cfg):
+        problems.append(f"objective.consistency=linear decodes with the frozen VAE, which a run from the latent cache "
+                        f"data.cache={cfg.data.cache} does not build; use data.cache=auto (or none), or another "
+                        "objective.consistency")
+    if obj.linear_samples < 0:
+        problems.append(f"objective.linear_samples={obj.linear_samples}: must be >= 0 (0: every sample)")
+    if not 0 <= obj.consistency_min_timestep < NUM_TIMESTEPS:
+        problems.append(f"objective.consistency_min_timestep={obj.consistency_min_timestep}: must be in "
+                        f"[0, {NUM_TIMESTEPS}) (0: every sample)")
+    if obj.snr_gamma < 0:
+        problems.append("objective.snr_gamma: must be >= 0 (0 disables Min-SNR weighting)")
+    if obj.split_cells < 1:
+        problems.append("objective.split_cells: must be >= 1")
+    return problems
 
 
 def _lora_problems(model_cfg: ModelConfig) -> list[str]:
