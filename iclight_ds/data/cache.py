@@ -331,7 +331,7 @@ def build_cache(
     """Encode every sample of the dataset at `data` into the cache at `out` (resuming one that was interrupted).
 
     frozen: the encoders to use, already built by the caller for these (base, size, vae, seed, frozen_dtype, device);
-    None builds them (and, for real weights, loads the whole base once more).
+    None builds them here (for real weights by loading the base).
 
     Returns {"samples": encoded now, "skipped_shards": already complete, "encode_s": seconds spent encoding and
     writing (models not counted), "build_s": seconds building the frozen models, "samples_per_s"}.
