@@ -3,7 +3,8 @@
 
 python bench/consistency_ablation.py [--out bench/results/consistency-ablation-base.json] [--config PRESET|none]
                                      [--steps 1000] [--seeds 0 1 2] [--samples 32]
-                                     [--arms vanilla paper x0 x0-sum x0-sum-high x0-sum-high-5 linear]
+                                     [--arms vanilla paper x0 x0-sum x0-sum-high x0-sum-high-5 x0-sum-noise
+                                             x0-sum-noise-high linear]
                                      [--target-shift S] [--keep DIR]
 
 Each arm trains through launch/train.sh --launcher python from the same config (by default the CPU default run's
@@ -18,6 +19,10 @@ seed, data, steps and LR schedule; only the objective differs:
               only where the noise leaves the light open (t >= 500 of 1000 carries 4% of the Min-SNR-capped x0
               weights, hence the larger lambda)
     x0-sum-high-5  the same with objective.lambda_consistency 5.0
+    x0-sum-noise  x0-sum with objective.consistency_weighting noise (each sample weighs 1 - abar_t: a weight rising
+              with the noise instead of a step) at lambda_c 0.1, whose mean weight per sample (0.063) is about
+              x0-sum-high's (0.051)
+    x0-sum-noise-high  the same at t >= 500 only (mean weight 0.046)
     linear    objective.lambda_consistency 1.0, objective.consistency linear (the x0 estimates decoded by the frozen
               VAE into linear light and summed there; its squared errors in [0, 1] images are about a tenth of the
               latent ones, hence lambda 1.0)
@@ -53,10 +58,13 @@ import torch  # noqa: E402
 
 from bench.provenance import cpu_name, provenance, write_result  # noqa: E402
 
-# arm -> (objective.lambda_consistency, objective.consistency, model.merger_init, objective.consistency_min_timestep)
-ARMS = {"vanilla": ("0", "paper", "mean", 0), "paper": ("0.1", "paper", "mean", 0), "x0": ("0.1", "x0", "mean", 0),
-        "x0-sum": ("0.1", "x0", "sum", 0), "x0-sum-high": ("1.0", "x0", "sum", 500),
-        "x0-sum-high-5": ("5.0", "x0", "sum", 500), "linear": ("1.0", "linear", "mean", 0)}
+# arm -> (objective.lambda_consistency, objective.consistency, model.merger_init, objective.consistency_min_timestep,
+#         objective.consistency_weighting)
+ARMS = {"vanilla": ("0", "paper", "mean", 0, "snr"), "paper": ("0.1", "paper", "mean", 0, "snr"),
+        "x0": ("0.1", "x0", "mean", 0, "snr"), "x0-sum": ("0.1", "x0", "sum", 0, "snr"),
+        "x0-sum-high": ("1.0", "x0", "sum", 500, "snr"), "x0-sum-high-5": ("5.0", "x0", "sum", 500, "snr"),
+        "x0-sum-noise": ("0.1", "x0", "sum", 0, "noise"), "x0-sum-noise-high": ("0.1", "x0", "sum", 500, "noise"),
+        "linear": ("1.0", "linear", "mean", 0, "snr")}
 METRICS = (("psnr", "PSNR fg (dB)", "higher"), ("ssim", "SSIM fg", "higher"),
            ("chroma_drift", "albedo chroma drift", "lower"), ("additivity_error", "additivity error", "lower"))
 PRESET = "iclight_ds/train/presets/default-cpu.yaml"
@@ -66,12 +74,13 @@ TARGET_RATIO = 0.7
 
 
 def train_run(out: Path, arm: str, seed: int, args: argparse.Namespace) -> float:
-    lambda_c, form, merger_init, min_timestep = ARMS[arm]
+    lambda_c, form, merger_init, min_timestep, weighting = ARMS[arm]
     cmd = ["bash", str(REPO / "launch" / "train.sh"), "--launcher", "python", "--output-dir", str(out)]
     if args.config != "none":
         cmd += ["--config", args.config]
     cmd += ["--objective.lambda_consistency", lambda_c, "--objective.consistency", form, "--model.merger_init",
-            merger_init, "--objective.consistency_min_timestep", str(min_timestep), "--train.seed", str(seed),
+            merger_init, "--objective.consistency_min_timestep", str(min_timestep),
+            "--objective.consistency_weighting", weighting, "--train.seed", str(seed),
             "--train.steps", str(args.steps), "--logging.preview_every", "0", "--logging.eval_every", "0",
             "--logging.progress", "false", "--logging.wandb", "false", "--logging.every", "10",
             "--data.synth_target_shift", str(args.target_shift)]
@@ -118,7 +127,7 @@ def summarise(arms: dict[str, list[dict]]) -> dict:
     vanilla = {r["seed"]: r["eval"] for r in arms.get("vanilla", [])}
     for arm, runs in arms.items():
         entry = {"lambda_consistency": float(ARMS[arm][0]), "consistency": ARMS[arm][1], "merger_init": ARMS[arm][2],
-                 "consistency_min_timestep": ARMS[arm][3], "runs": runs,
+                 "consistency_min_timestep": ARMS[arm][3], "consistency_weighting": ARMS[arm][4], "runs": runs,
                  "metrics": {key: spread([r["eval"][key] for r in runs]) for key, _, _ in METRICS},
                  "train_seconds": spread([r["train_seconds"] for r in runs])}
         paired = [(r["eval"], vanilla[r["seed"]]) for r in runs if r["seed"] in vanilla]
@@ -134,7 +143,8 @@ def summarise(arms: dict[str, list[dict]]) -> dict:
 
 
 COLOURS = {"vanilla": "tab:orange", "paper": "tab:blue", "x0": "tab:green", "x0-sum": "tab:red",
-           "x0-sum-high": "tab:brown", "x0-sum-high-5": "tab:pink", "linear": "tab:purple"}
+           "x0-sum-high": "tab:brown", "x0-sum-high-5": "tab:pink", "x0-sum-noise": "tab:olive",
+           "x0-sum-noise-high": "tab:cyan", "linear": "tab:purple"}
 
 
 def plot(result: dict, path: Path) -> None:

@@ -287,6 +287,8 @@ ABLATION_ARMS = {"vanilla": "vanilla (`lambda_c` 0)", "paper": "the paper's term
                  "x0-sum": "the x0 term, phi started as the sum (`x0`, `model.merger_init sum`)",
                  "x0-sum-high": "the x0 term, phi started as the sum, at t >= 500 only (`lambda_c` 1.0)",
                  "x0-sum-high-5": "the x0 term, phi started as the sum, at t >= 500 only (`lambda_c` 5.0)",
+                 "x0-sum-noise": "the x0 term, phi started as the sum, weighted 1 - abar_t (`lambda_c` 0.1)",
+                 "x0-sum-noise-high": "the x0 term, phi started as the sum, weighted 1 - abar_t, at t >= 500 only",
                  "linear": "the linear-light term (`lambda_c` 1.0, `linear`)"}
 
 

@@ -189,6 +189,12 @@ class ObjectiveConfig:
     """The consistency term counts only the samples whose timestep is >= this (of 1000; 0: every sample). At low
     noise z_t, noised from the image under L, pins the clean estimates under L1 and L2 to that image whatever the
     light, so there the term can only be met by a merge that averages; at high noise the light is still open."""
+    consistency_weighting: Literal["snr", "noise"] = "snr"
+    """Per-sample weights of the consistency term. snr: the form's Min-SNR weights (paper: those of the vanilla term;
+    x0 and linear: min(SNR_t, snr_gamma), which make an x0 error cost what the same error in noise space costs, and
+    so weigh the low-noise samples most); noise: 1 - abar_t for every form, rising from about 0 at t = 0 to about 1
+    at t = 999, which weighs most the samples whose z_t leaves the light most open. objective.consistency_min_timestep
+    applies to either."""
     split_cells: int = 4
     """The random complementary split of the illumination is drawn on a split_cells x (2*split_cells) grid."""
 

@@ -102,6 +102,23 @@ def high_noise_only(weights: torch.Tensor | None, timesteps: torch.Tensor, min_t
     return keep if weights is None else weights * keep.to(weights.device)
 
 
+def consistency_weights(form: str, weighting: str, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor,
+                        gamma: float, min_timestep: int = 0) -> torch.Tensor | None:
+    """(B,) per-sample weights of the consistency term (None: all 1), zeroed below min_timestep (`high_noise_only`).
+    weighting "snr": the form's Min-SNR weights (paper: `min_snr_weights`, None when gamma is 0; x0 and linear:
+    `x0_consistency_weights`); "noise": 1 - abar_t for every form, small where z_t pins the clean image and near 1
+    where the noise leaves the light open."""
+    if weighting == "noise":
+        weights = 1 - alphas_cumprod.to(timesteps.device)[timesteps].float()
+    elif weighting != "snr":
+        raise ValueError(f"consistency weighting {weighting!r}: expected 'snr' or 'noise'")
+    elif form in ("x0", "linear"):
+        weights = x0_consistency_weights(timesteps, alphas_cumprod, gamma)
+    else:
+        weights = min_snr_weights(timesteps, alphas_cumprod, gamma) if gamma > 0 else None
+    return high_noise_only(weights, timesteps, min_timestep)
+
+
 def linear_consistency_loss(x0_1: torch.Tensor, x0_2: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                             to_linear: Callable[[torch.Tensor], torch.Tensor],
                             weights: torch.Tensor | None = None, samples: int = 0) -> torch.Tensor:
@@ -141,6 +158,7 @@ def iclight_losses(
     to_linear: Callable[[torch.Tensor], torch.Tensor] | None = None,
     linear_samples: int = 0,
     consistency_min_timestep: int = 0,
+    consistency_weighting: str = "snr",
 ) -> dict[str, torch.Tensor]:
     """Vanilla + light-transport consistency (paper Sec. 3), the three UNet evaluations as ONE batched forward.
 
@@ -153,7 +171,7 @@ def iclight_losses(
     neither z_t nor t cannot express (docs/method.md); "linear" decodes those clean latents with `to_linear` (the
     frozen VAE decoder into linear light, where light adds: `linear_consistency_loss`) and compares the sum of the
     two parts' images with the target's, phi unused, for the first `linear_samples` of the batch (0: all).
-    consistency_min_timestep > 0: the consistency term counts only the samples at t >= it (`high_noise_only`).
+    consistency_weighting and consistency_min_timestep: the term's per-sample weights (`consistency_weights`).
     """
     weights = min_snr_weights(timesteps, alphas_cumprod, snr_gamma) if snr_gamma > 0 else None
     noisy = add_noise(batch.latents, noise, timesteps, alphas_cumprod)  # (B, 4, h, w)
@@ -166,23 +184,22 @@ def iclight_losses(
     ).float()  # (parts * B, 4, h, w)
     eps_full = eps_all[: batch.batch_size]
     terms = {"loss_vanilla": vanilla_loss(eps_full, noise, weights)}
+    c_weights = consistency_weights(consistency, consistency_weighting, timesteps, alphas_cumprod, snr_gamma,
+                                    consistency_min_timestep)
     if parts == 3 and consistency in ("x0", "linear"):
         x0_1, x0_2 = (x0_estimate(noisy, eps, timesteps, alphas_cumprod)
                       for eps in eps_all[batch.batch_size :].chunk(2, dim=0))
-        x0_weights = high_noise_only(x0_consistency_weights(timesteps, alphas_cumprod, snr_gamma), timesteps,
-                                     consistency_min_timestep)
         if consistency == "linear":
             if to_linear is None:
                 raise ValueError("consistency='linear' needs to_linear (latents -> linear-light images)")
             terms["loss_consistency"] = linear_consistency_loss(x0_1, x0_2, batch.latents, batch.mask, to_linear,
-                                                                x0_weights, samples=linear_samples)
+                                                                c_weights, samples=linear_samples)
         else:
             terms["loss_consistency"] = consistency_loss(model.merge(x0_1, x0_2).float(), batch.latents, batch.mask,
-                                                         x0_weights)
+                                                         c_weights)
     elif parts == 3:
         eps_1, eps_2 = eps_all[batch.batch_size :].chunk(2, dim=0)
-        terms["loss_consistency"] = consistency_loss(model.merge(eps_1, eps_2).float(), noise, batch.mask,
-                                                     high_noise_only(weights, timesteps, consistency_min_timestep))
+        terms["loss_consistency"] = consistency_loss(model.merge(eps_1, eps_2).float(), noise, batch.mask, c_weights)
     else:
         terms["loss_consistency"] = torch.zeros((), device=noise.device)
     terms["loss"] = lambda_vanilla * terms["loss_vanilla"] + lambda_consistency * terms["loss_consistency"]

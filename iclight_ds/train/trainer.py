@@ -165,7 +165,8 @@ class Trainer:
                                lambda_consistency=cfg.objective.lambda_consistency if trains_consistency(cfg) else 0.0,
                                snr_gamma=cfg.objective.snr_gamma, consistency=cfg.objective.consistency,
                                to_linear=self._to_linear, linear_samples=cfg.objective.linear_samples,
-                               consistency_min_timestep=cfg.objective.consistency_min_timestep)
+                               consistency_min_timestep=cfg.objective.consistency_min_timestep,
+                               consistency_weighting=cfg.objective.consistency_weighting)
         if not self._all_finite(terms["loss"], batch):
             return {}
         self.engine.backward(terms["loss"])

@@ -52,6 +52,7 @@ def test_json_file_and_saved_config_round_trip(tmp_path):
         (["--objective.consistency_min_timestep", "1000"],
          "objective.consistency_min_timestep=1000: must be in [0, 1000)"),
         (["--objective.consistency_min_timestep", "-1"], "objective.consistency_min_timestep=-1: must be in [0, 1000)"),
+        (["--objective.consistency_weighting", "flat"], "objective.consistency_weighting: 'flat' is not one of"),
         (["lr", "1"], "unexpected argument 'lr'"),
     ],
 )

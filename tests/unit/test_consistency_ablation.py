@@ -35,8 +35,10 @@ def test_a_lower_ratio_bought_with_psnr_does_not_meet_the_target():
 def test_each_arm_trains_its_own_objective():
     args = ablation.parse_args([])
     assert args.seeds == [0, 1, 2] and args.arms == ["vanilla", "paper", "x0", "x0-sum", "x0-sum-high",
-                                                     "x0-sum-high-5", "linear"]
+                                                     "x0-sum-high-5", "x0-sum-noise", "x0-sum-noise-high", "linear"]
     assert {arm: ablation.ARMS[arm] for arm in args.arms} == {
-        "vanilla": ("0", "paper", "mean", 0), "paper": ("0.1", "paper", "mean", 0), "x0": ("0.1", "x0", "mean", 0),
-        "x0-sum": ("0.1", "x0", "sum", 0), "x0-sum-high": ("1.0", "x0", "sum", 500),
-        "x0-sum-high-5": ("5.0", "x0", "sum", 500), "linear": ("1.0", "linear", "mean", 0)}
+        "vanilla": ("0", "paper", "mean", 0, "snr"), "paper": ("0.1", "paper", "mean", 0, "snr"),
+        "x0": ("0.1", "x0", "mean", 0, "snr"), "x0-sum": ("0.1", "x0", "sum", 0, "snr"),
+        "x0-sum-high": ("1.0", "x0", "sum", 500, "snr"), "x0-sum-high-5": ("5.0", "x0", "sum", 500, "snr"),
+        "x0-sum-noise": ("0.1", "x0", "sum", 0, "noise"), "x0-sum-noise-high": ("0.1", "x0", "sum", 500, "noise"),
+        "linear": ("1.0", "linear", "mean", 0, "snr")}

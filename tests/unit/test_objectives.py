@@ -12,6 +12,7 @@ from iclight_ds.train.objectives import (
     ConditionedBatch,
     add_noise,
     consistency_loss,
+    consistency_weights,
     iclight_losses,
     min_snr_weights,
     vanilla_loss,
@@ -314,3 +315,42 @@ def test_the_high_noise_only_term_drops_the_low_noise_samples_and_keeps_the_rest
                          snr_gamma=5.0, to_linear=_radiance)["loss_consistency"]
     share = batch.mask[1:].sum() / batch.mask.sum()
     torch.testing.assert_close(high["loss_consistency"], one * share)
+
+
+@pytest.mark.parametrize("form", ["paper", "x0", "linear"])
+def test_the_noise_weighting_weighs_each_sample_by_its_noise(form):
+    """objective.consistency_weighting noise: each sample's term weighs 1 - abar_t, so at t = (100, 900) the term is
+    the two one-sample terms (unweighted) times those weights, over both samples' foreground; the threshold applies to
+    it; the vanilla term does not change; the snr weighting of the x0 forms weighs the t = 100 sample more."""
+    ac = alphas_cumprod()
+    batch = _batch("fc")
+    model = SharesModel(batch.latents, ac, (1.0, 0.3, 0.6), "sum")
+    noise, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4)), torch.tensor([100, 900])
+    w = consistency_weights(form, "noise", t, ac, 5.0)
+    torch.testing.assert_close(w, 1 - ac[t].float())
+    assert w[0] < 0.15 and w[1] > 0.95
+    if form != "paper":
+        snr = consistency_weights(form, "snr", t, ac, 5.0)
+        assert snr[0] > 1 > 0.1 > snr[1]  # min(SNR, 5): the low-noise sample weighs most
+    assert consistency_weights(form, "noise", t, ac, 5.0, min_timestep=500)[0].item() == 0.0
+
+    def terms(timesteps=t, weighting="noise", gamma=5.0, b=batch, n=noise, **kw):
+        return iclight_losses(model, b, n, timesteps, alphas_cumprod=ac, consistency=form, snr_gamma=gamma,
+                              to_linear=_radiance, consistency_weighting=weighting, **kw)
+
+    noisy = terms()
+    torch.testing.assert_close(noisy["loss_vanilla"], terms(weighting="snr")["loss_vanilla"])
+    assert abs(noisy["loss_consistency"].item() - terms(weighting="snr")["loss_consistency"].item()) > 1e-4
+    by_hand = 0.0
+    for i in range(2):
+        one = ConditionedBatch(**{k: (tuple(p[i:i + 1] for p in v) if isinstance(v, tuple) else v[i:i + 1])
+                                  for k, v in vars(batch).items() if v is not None})
+        model.z0 = batch.latents[i:i + 1]
+        unweighted = terms(t[i:i + 1], weighting="snr", gamma=0.0, b=one, n=noise[i:i + 1])["loss_consistency"]
+        if form != "paper":  # gamma 0 leaves the x0 forms weighted by SNR_t: divide it out
+            unweighted = unweighted / (ac[t[i]] / (1 - ac[t[i]]))
+        by_hand = by_hand + unweighted * w[i] * batch.mask[i].sum() / batch.mask.sum()
+    model.z0 = batch.latents
+    torch.testing.assert_close(noisy["loss_consistency"], by_hand, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="'flat'"):
+        consistency_weights(form, "flat", t, ac, 5.0)
