@@ -184,8 +184,8 @@ def iclight_losses(
     ).float()  # (parts * B, 4, h, w)
     eps_full = eps_all[: batch.batch_size]
     terms = {"loss_vanilla": vanilla_loss(eps_full, noise, weights)}
-    c_weights = consistency_weights(consistency, consistency_weighting, timesteps, alphas_cumprod, snr_gamma,
-                                    consistency_min_timestep)
+    c_weights = (consistency_weights(consistency, consistency_weighting, timesteps, alphas_cumprod, snr_gamma,
+                                     consistency_min_timestep) if parts == 3 else None)
     if parts == 3 and consistency in ("x0", "linear"):
         x0_1, x0_2 = (x0_estimate(noisy, eps, timesteps, alphas_cumprod)
                       for eps in eps_all[batch.batch_size :].chunk(2, dim=0))
